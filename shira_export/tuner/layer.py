@@ -1,0 +1,148 @@
+"""The SHiRA layer over nn.Linear or transformers' GPT-2 Conv1D.
+
+Per adapter: values are a dense 1-D Parameter, indices an int64 [2, nnz] buffer in
+(out, in) orientation (row 0 = output index), sorted row-major. The unmerged forward
+adds the sparse delta on the activations (cost ~ nnz per token): the base weight is
+never copied. Merging scatters values into the base weight in place and keeps the
+original entries at the support, so unmerging restores the weight bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from shira_export.tuner.masks import layer_shape
+from shira_export.tuner.sparse_ops import SparsePlan, sparse_linear_delta
+
+
+class _BufferDict(nn.Module):
+    """Named buffers that follow .to()/.cuda() with the module (indices per adapter)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=False)
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def keys(self) -> Iterable[str]:
+        return self._buffers.keys()
+
+
+class ShiraLayer(nn.Module):
+    """A base linear layer plus any number of named sparse adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.out_features, self.in_features = layer_shape(base_layer)
+        # Conv1D stores its weight as (in, out): index it with (col, row).
+        self.transposed_storage = not isinstance(base_layer, nn.Linear)
+        self.shira_weight = nn.ParameterDict()
+        self.shira_indices = _BufferDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
+        self.disable_adapters = False
+        self._plans: dict[str, SparsePlan] = {}
+        self._saved_entries: dict[str, torch.Tensor] = {}
+
+    # ---- adapters ----------------------------------------------------------------
+    def add_adapter(self, name: str, indices: torch.Tensor, values: torch.Tensor, *, trainable: bool) -> None:
+        """Install adapter `name` from validated, row-major sorted (out, in) indices."""
+        if name in self.shira_weight:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = self.base_layer.weight
+        indices = indices.to(device=weight.device, dtype=torch.int64).contiguous()
+        self.shira_indices[name] = indices
+        self.shira_weight[name] = nn.Parameter(
+            values.detach().to(device=weight.device, dtype=values.dtype).clone(), requires_grad=trainable
+        )
+        self.scaling[name] = 1.0
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting it")
+        del self.shira_weight[name]
+        del self.shira_indices[name]
+        self.scaling.pop(name, None)
+        self._plans.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def nnz(self, name: str) -> int:
+        return int(self.shira_weight[name].numel())
+
+    def plan(self, name: str) -> SparsePlan:
+        indices = self.shira_indices[name]
+        plan = self._plans.get(name)
+        if plan is None or plan.rows.device != indices.device:
+            plan = SparsePlan.build(indices, (self.out_features, self.in_features))
+            self._plans[name] = plan
+        return plan
+
+    # ---- merge / unmerge ------------------------------------------------------------
+    def _storage_index(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, cols = self.shira_indices[name]
+        return (cols, rows) if self.transposed_storage else (rows, cols)
+
+    def delta_values(self, name: str) -> torch.Tensor:
+        return self.shira_weight[name].detach() * self.scaling[name]
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters or name not in self.shira_weight:
+                continue
+            index = self._storage_index(name)
+            saved = weight[index].clone()
+            merged = (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights: the adapter is broken")
+            weight.index_put_(index, merged)
+            self._saved_entries[name] = saved
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight.index_put_(self._storage_index(name), self._saved_entries.pop(name))
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def dense_delta(self, name: str) -> torch.Tensor:
+        """The (out, in) dense delta (for tests and exports; never used in forward)."""
+        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.base_layer.weight.device)
+        rows, cols = self.shira_indices[name]
+        delta[rows, cols] = self.delta_values(name).to(torch.float32)
+        return delta
+
+    # ---- forward ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.shira_weight:
+                continue
+            values = self.shira_weight[name] * self.scaling[name]
+            result = result + sparse_linear_delta(x, values, self.plan(name)).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: nnz={self.nnz(n)}, scale={self.scaling[n]}" for n in self.shira_weight.keys()]
+        return "adapters=[" + "; ".join(parts) + "]"
