@@ -35,7 +35,7 @@ def train_adapter(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

@@ -19,10 +19,10 @@ from torch import nn
 
 from shira_export.errors import ShiraInputError
 from shira_export.tuner.checkpoint import AdapterCheckpoint, SparseDelta, read_adapter_dir, write_adapter_dir
-from shira_export.tuner.config import MaskType, ShiraConfig
+from shira_export.tuner.config import ShiraConfig
 from shira_export.tuner.fusion import fuse_deltas
 from shira_export.tuner.layer import ShiraLayer
-from shira_export.tuner.masks import mask_to_indices, num_shira_weights, random_mask
+from shira_export.tuner.injection import draw_deltas
 from shira_export.tuner.modules_to_save import ModulesToSaveWrapper
 from shira_export.tuner.targets import resolve_target_modules
 
@@ -41,16 +41,6 @@ class _ForwardToModel:
 
     def __call__(self, *args, **kwargs):
         return self.owner.model(*args, **kwargs)
-
-
-def _mask_fn_for(config: ShiraConfig):
-    if config.mask_fn is not None:
-        return config.mask_fn
-    if config.mask_type is MaskType.RANDOM:
-        return random_mask
-    from shira_export.tuner.masks import get_mask_fn
-
-    return get_mask_fn(config.mask_type)
 
 
 class ShiraModel(nn.Module):
@@ -114,37 +104,6 @@ class ShiraModel(nn.Module):
             names += [h for h in _SEQ_CLS_HEADS if h not in names]
         return names
 
-    def _build_deltas(
-        self, config: ShiraConfig, mask_grads: Optional[dict[str, torch.Tensor]]
-    ) -> dict[str, SparseDelta]:
-        mask_fn = _mask_fn_for(config)
-        modules = dict(self.model.named_modules())
-        deltas: dict[str, SparseDelta] = {}
-        for path in resolve_target_modules(self.model, config):
-            base = getattr(modules[path], "base_layer", modules[path])
-            layer = modules[path] if isinstance(modules[path], ShiraLayer) else ShiraLayer(base)
-            out_f, in_f = layer.out_features, layer.in_features
-            nnz = num_shira_weights(config.r, out_f, in_f)
-            if nnz > out_f * in_f:
-                raise ShiraInputError(
-                    f"module {path!r}: r={config.r} asks for {nnz} weights but the layer has only "
-                    f"{out_f}x{in_f}={out_f * in_f} (use r <= {out_f * in_f // (out_f + in_f)})"
-                )
-            kwargs = {"random_seed": config.random_seed}
-            if mask_grads is not None and path in mask_grads:
-                kwargs["grad"] = mask_grads[path]
-            mask = mask_fn(base, config.r, **kwargs)
-            if tuple(mask.shape) != (out_f, in_f):
-                raise ShiraInputError(f"module {path!r}: mask has shape {tuple(mask.shape)}, expected ({out_f}, {in_f})")
-            ones = int((mask != 0).sum())
-            if ones != nnz or not bool(((mask == 0) | (mask == 1)).all()):
-                raise ShiraInputError(
-                    f"module {path!r}: mask must be 0/1 with exactly r*(in+out)={nnz} ones, found {ones} nonzeros"
-                )
-            values = torch.zeros(nnz) if config.init_weights else torch.randn(nnz)
-            deltas[path] = SparseDelta(indices=mask_to_indices(mask), values=values)
-        return deltas
-
     def add_adapter(
         self, adapter_name: str, config: ShiraConfig, *, mask_grads: Optional[dict[str, torch.Tensor]] = None
     ) -> None:
@@ -156,7 +115,7 @@ class ShiraModel(nn.Module):
 
             config.target_modules = default_targets(self.model)
         config.modules_to_save = self._heads_to_save(config) or None
-        deltas = self._build_deltas(config, mask_grads)
+        deltas = draw_deltas(self.model, config, mask_grads)
         heads = {p: {} for p in self._resolve_heads(config.modules_to_save or [])}
         self._install(AdapterCheckpoint(config=config, deltas=deltas, modules_to_save=heads, name=adapter_name),
                       trainable=not config.inference_mode)
@@ -356,7 +315,10 @@ class ShiraModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             if name not in self.peft_config:
                 raise ShiraInputError(f"no adapter {name!r}; loaded: {sorted(self.peft_config)}")
-            write_adapter_dir(self._checkpoint(name), root if name == "default" else root / name)
+            ckpt = self._checkpoint(name)
+            ckpt.config = copy.copy(ckpt.config)
+            ckpt.config.inference_mode = True  # as PEFT writes it
+            write_adapter_dir(ckpt, root if name == "default" else root / name)
 
     def load_adapter(self, path: Union[str, os.PathLike], adapter_name: str = "default", *, is_trainable: bool = False) -> None:
         """Load a PEFT-layout adapter folder (ours or PEFT's). Every check runs before
