@@ -2,7 +2,7 @@
 
 Each subcommand lives in `shira_export._cli.<name>` with `register(subparsers)` (which
 adds its parser and sets `func`) and keeps heavy imports inside its handler.
-Exit codes: 0 success, 1 parity failure, 2 usage or input error.
+Exit codes: 0 success, 1 parity failure, 2 usage or input error, 3 internal error.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import traceback
 from typing import Optional, Sequence
 
 from shira_export import __version__
@@ -47,6 +48,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ShiraInputError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, TypeError) as exc:
         print(f"shira-export: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # a bug, not a verdict: never exit 1 (parity failure) for it
+        traceback.print_exc()
+        print("shira-export: internal error (please report it with the traceback above)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
