@@ -128,25 +128,26 @@ class ShiraModel(nn.Module):
                     found.append(path)
         return found
 
+    def _locate(self, path: str) -> tuple[nn.Module, str]:
+        parent_path, _, child = path.rpartition(".")
+        return (self.model.get_submodule(parent_path) if parent_path else self.model), child
+
+    def _wrapped(self, path: str, wrapper_cls: type) -> nn.Module:
+        """The module at `path`, wrapped in `wrapper_cls` in place if it is not yet."""
+        parent, child = self._locate(path)
+        module = getattr(parent, child)
+        if not isinstance(module, wrapper_cls):
+            module = wrapper_cls(module)
+            setattr(parent, child, module)
+        return module
+
     def _install(self, ckpt: AdapterCheckpoint, *, trainable: bool) -> None:
         """Put a validated checkpoint into the model (all checks are done before this)."""
         name = ckpt.name
         for path, delta in ckpt.deltas.items():
-            parent_path, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            module = getattr(parent, child)
-            if not isinstance(module, ShiraLayer):
-                module = ShiraLayer(module)
-                setattr(parent, child, module)
-            module.add_adapter(name, delta.indices, delta.values, trainable=trainable)
+            self._wrapped(path, ShiraLayer).add_adapter(name, delta.indices, delta.values, trainable=trainable)
         for path, state in ckpt.modules_to_save.items():
-            parent_path, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
-            wrapper = getattr(parent, child)
-            if not isinstance(wrapper, ModulesToSaveWrapper):
-                wrapper = ModulesToSaveWrapper(wrapper)
-                setattr(parent, child, wrapper)
-            replica = wrapper.add_adapter(name, trainable=trainable)
+            replica = self._wrapped(path, ModulesToSaveWrapper).add_adapter(name, trainable=trainable)
             if state:
                 replica.load_state_dict(state, strict=True)
         self.peft_config[name] = ckpt.config
@@ -239,8 +240,7 @@ class ShiraModel(nn.Module):
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         for path, module in list(self.shira_layers()) + list(self._wrappers()):
-            parent_path, _, child = path.rpartition(".")
-            parent = self.model.get_submodule(parent_path) if parent_path else self.model
+            parent, child = self._locate(path)
             if isinstance(module, ShiraLayer):
                 setattr(parent, child, module.base_layer)
             else:
@@ -325,7 +325,8 @@ class ShiraModel(nn.Module):
         the model is touched: a failed load leaves it as it was."""
         self._check_new_name(adapter_name)
         folder = Path(path)
-        if not (folder / "adapter_config.json").exists() and (folder / adapter_name / "adapter_config.json").exists():
+        # save_pretrained puts non-default adapters in NAME/: a root folder plus a name means that subfolder.
+        if adapter_name != "default" and (folder / adapter_name / "adapter_config.json").exists():
             folder = folder / adapter_name
         ckpt = read_adapter_dir(folder, name=adapter_name)
         ckpt.validate_against(self.model)
