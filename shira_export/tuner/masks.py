@@ -20,12 +20,12 @@ from shira_export.tuner.config import MaskType
 
 __all__ = [
     "MaskFn",
+    "base_weight_out_in",
     "get_mask_fn",
     "gradient_mask",
     "layer_shape",
-    "base_weight_out_in",
-    "needs_gradient",
     "mask_to_indices",
+    "needs_gradient",
     "num_shira_weights",
     "random_mask",
     "snip_mask",

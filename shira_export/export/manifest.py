@@ -1,0 +1,90 @@
+"""`OUT_DIR/shira_export.json` for sparse exports: what the folder holds and how to run it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from shira_export._io import atomic_write_text
+from shira_export.errors import ShiraInputError
+from shira_export.export.graph_delta import DEFAULT_TOKEN_THRESHOLD, TargetSite
+
+__all__ = ["MANIFEST_NAME", "MODEL_NAME", "ADAPTER_DIR", "SparseManifest", "read_sparse_manifest"]
+
+MANIFEST_NAME = "shira_export.json"
+MODEL_NAME = "model.onnx"
+ADAPTER_DIR = "adapters"
+_OWN_KEYS = {"schema", "kind", "format", "task", "package_version", "base_fingerprint", "model", "token_threshold",
+             "adapters", "targets", "unused_targets"}
+
+
+@dataclass
+class SparseManifest:
+    folder: Path
+    task: str
+    base_fingerprint: str
+    targets: list[TargetSite]
+    adapters: dict[str, dict] = field(default_factory=dict)  # name -> {"file", "source", "nnz"}
+    token_threshold: int = DEFAULT_TOKEN_THRESHOLD
+    package_version: str = ""
+    unused_targets: list[str] = field(default_factory=list)  # targeted, but no exported output depends on them
+    extra: dict = field(default_factory=dict)  # keys later stages add (e.g. "quantization"), kept on rewrite
+
+    @property
+    def quantization(self):
+        return self.extra.get("quantization")
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_NAME
+
+    def adapter_path(self, name: str) -> Path:
+        return self.folder / self.adapters[name]["file"]
+
+    def to_json(self) -> dict:
+        return {
+            "schema": 1,
+            "kind": "sparse",
+            "format": "onnx",
+            "task": self.task,
+            "package_version": self.package_version,
+            "base_fingerprint": self.base_fingerprint,
+            "model": MODEL_NAME,
+            "token_threshold": self.token_threshold,
+            "adapters": self.adapters,
+            "targets": [dict(t.to_json(), digest=t.digest) for t in self.targets],
+            "unused_targets": self.unused_targets,
+            **self.extra,
+        }
+
+    def write(self, folder: Union[str, Path, None] = None) -> Path:
+        return atomic_write_text(Path(folder or self.folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def read_sparse_manifest(folder: Union[str, Path]) -> SparseManifest:
+    """Parse `folder/shira_export.json` of a sparse export; errors name the file and key."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise ShiraInputError(f"{path}: manifest not found (expected a folder written by `shira-export sparse`)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShiraInputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if raw.get("schema") != 1 or raw.get("kind") != "sparse":
+        raise ShiraInputError(f"{path}: expected schema 1 and kind 'sparse', found schema {raw.get('schema')!r}, "
+                              f"kind {raw.get('kind')!r}")
+    try:
+        targets = [
+            TargetSite(t["module"], t["node"], t["initializer"], int(t["out_features"]), int(t["in_features"]),
+                       t["weight_layout"] == "out_in", t["digest"])
+            for t in raw["targets"]
+        ]
+        return SparseManifest(folder, str(raw["task"]), str(raw["base_fingerprint"]), targets,
+                              dict(raw.get("adapters", {})), int(raw.get("token_threshold", DEFAULT_TOKEN_THRESHOLD)),
+                              str(raw.get("package_version", "")), list(raw.get("unused_targets", [])),
+                              {k: v for k, v in raw.items() if k not in _OWN_KEYS})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ShiraInputError(f"{path}: malformed sparse manifest ({type(exc).__name__}: {exc})") from None

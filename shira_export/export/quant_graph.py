@@ -1,0 +1,226 @@
+"""Graph checks and the quantizer calls behind `export.quantize`, on in-memory ONNX models.
+
+- `check_not_quantized`: a graph that already holds quantized ops or integer weights.
+- `computed_weight_matmuls`: MatMul/Gemm nodes whose weight is computed in the graph
+  (e.g. ScatterND into W). ORT's quantizers skip those silently (ANCHORS 6), so callers
+  raise instead of shipping an fp32 layer inside an "int8" model.
+- `run_int8` / `run_int4`: onnxruntime's dynamic int8 and MatMulNBits quantizers, with
+  their logging muted and the counts of quantized vs quantizable ops returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import onnx
+from onnx import TensorProto
+
+from shira_export.errors import ShiraInputError
+
+__all__ = [
+    "QUANTIZED_OPS",
+    "OpCounts",
+    "check_not_quantized",
+    "computed_weight_matmuls",
+    "count_quantizable",
+    "fold_transposed_weights",
+    "run_int8",
+    "run_int4",
+]
+
+# Ops a quantizer leaves behind; one of them in the input means "already quantized".
+QUANTIZED_OPS = frozenset({
+    "MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QLinearMatMul",
+    "MatMulIntegerToFloat", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "QGemm",
+    "ConvInteger", "QLinearConv", "DynamicQuantizeLSTM", "QAttention",
+})
+_INT_WEIGHTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
+_FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_MIN_WEIGHT = 256  # elements; smaller 2-D initializers are shapes/biases, not weights
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    """Quantizable ops before and quantized ops after one quantizer run."""
+
+    matmuls_expected: int  # MatMul (and Gemm for int8) nodes with a constant 2-D float weight
+    matmuls_quantized: int
+    gathers_expected: int  # Gather nodes over a constant 2-D float table (embeddings)
+    gathers_quantized: int
+    missed: tuple[str, ...]  # quantizable nodes still in fp32 after the run
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+def check_not_quantized(model: onnx.ModelProto, where: str) -> None:
+    """Raise ShiraInputError when `model` already holds quantized ops or integer weights."""
+    ops = sorted({n.op_type for n in _all_nodes(model.graph)} & QUANTIZED_OPS)
+    ints = [i.name for i in model.graph.initializer
+            if i.data_type in _INT_WEIGHTS and len(i.dims) >= 2 and _numel(i) >= _MIN_WEIGHT]
+    if ops or ints:
+        found = f"ops {ops}" if ops else f"integer weights {ints[:3]}{' ...' if len(ints) > 3 else ''}"
+        raise ShiraInputError(f"{where}: graph is already quantized ({found}); expected an fp32/fp16 graph "
+                              f"(quantize the original export, not its quantized copy)")
+
+
+def _numel(init: TensorProto) -> int:
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    return {i.name: i for i in model.graph.initializer
+            if i.data_type in _FLOAT and len(i.dims) == 2 and _numel(i) >= _MIN_WEIGHT}
+
+
+def computed_weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm nodes (subgraphs included) whose B is computed from a weight initializer
+    by other nodes (no activation involved): quantizers skip these without a word."""
+    weights = _weights(model)
+    overridable = {i.name for i in model.graph.input} & {i.name for i in model.graph.initializer}
+    consts = {i.name for i in model.graph.initializer} - ({i.name for i in model.graph.input} - overridable)
+    derived: dict[str, bool] = {}  # tensor -> reads a weight; present only for constant-only tensors
+    for name in consts:
+        derived[name] = name in weights
+    found: list[str] = []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            subgraphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            for g in subgraphs:
+                visit(g)
+            if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+                b = node.input[1]
+                if b not in weights and derived.get(b):
+                    found.append(node.name or f"<{node.op_type} -> {node.output[0]}>")
+            inputs = [i for i in node.input if i]
+            if node.op_type == "Constant" or (inputs and all(i in derived for i in inputs) and not subgraphs):
+                flag = any(derived[i] for i in inputs)
+                for out in node.output:
+                    derived[out] = flag
+
+    visit(model.graph)
+    return found
+
+
+def fold_transposed_weights(model: onnx.ModelProto) -> list[str]:
+    """Give MatMuls that read `Transpose(weight)` (tied LM heads, e.g. OPT's lm_head) their
+    own transposed initializer, in place, so the quantizer sees a constant B. Returns the nodes."""
+    from onnx import numpy_helper
+
+    weights = _weights(model)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    folded: list[str] = []
+    for node in model.graph.node:
+        src = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if src is None or src.op_type != "Transpose" or src.input[0] not in weights:
+            continue
+        perm = [list(a.ints) for a in src.attribute if a.name == "perm"]
+        if perm not in ([], [[1, 0]]):
+            continue
+        name = f"{src.input[0]}_transposed"
+        if name not in {i.name for i in model.graph.initializer}:
+            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[src.input[0]]).T.copy(), name))
+        node.input[1] = name
+        folded.append(node.name)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.op_type == "Transpose" and n.output[0] not in used]
+    for n in dead:  # else the fp32 table stays in the file through the unused Transpose
+        model.graph.node.remove(n)
+    return folded
+
+
+def count_quantizable(model: onnx.ModelProto, *, gemm: bool) -> tuple[list[str], list[str]]:
+    """(MatMul[/Gemm] nodes, Gather nodes) of the main graph reading a constant 2-D float weight."""
+    weights = _weights(model)
+    ops = ("MatMul", "Gemm") if gemm else ("MatMul",)
+    matmuls = [n.name for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in weights]
+    gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights]
+    return matmuls, gathers
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """ORT's quantizers log one INFO line per node (some on the root logger)."""
+    names = ("", "onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _missed(model: onnx.ModelProto, expected: Sequence[str]) -> tuple[str, ...]:
+    """Expected nodes whose weight is still a float initializer (int8 keeps a quantized
+    Gather's name, so the name alone does not tell)."""
+    weights = _weights(model)
+    slot = {"MatMul": 1, "Gemm": 1, "Gather": 0}
+    left = {n.name for n in model.graph.node
+            if n.op_type in slot and len(n.input) > slot[n.op_type] and n.input[slot[n.op_type]] in weights}
+    return tuple(name for name in expected if name in left)
+
+
+def run_int8(model: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, embeddings: bool,
+             exclude: Sequence[str] = (), external: bool = False) -> tuple[onnx.ModelProto, OpCounts]:
+    """Dynamic int8 (weights int8 offline, activations uint8 per call) of MatMul/Gemm, and of
+    embedding Gathers when `embeddings`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    matmuls, gathers = count_quantizable(model, gemm=True)
+    ops = ["MatMul", "Gemm"] + (["Gather"] if embeddings else [])
+    with tempfile.TemporaryDirectory(prefix="shira_q8_") as tmp, _quiet():
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=ops, per_channel=per_channel, reduce_range=reduce_range,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), use_external_data_format=external,
+                         extra_options={"MatMulConstBOnly": True})
+        result = onnx.load(str(out), load_external_data=True)
+    counts = Counter(n.op_type for n in result.graph.node)
+    expected = [m for m in matmuls if m not in exclude]
+    gathers = [g for g in gathers if g not in exclude] if embeddings else []
+    missed = _missed(result, expected + gathers)
+    return result, OpCounts(len(expected), counts["MatMulInteger"] + counts["DynamicQuantizeMatMul"],
+                            len(gathers), len(gathers) - sum(1 for m in missed if m in gathers), missed)
+
+
+def run_int4(model: onnx.ModelProto, *, block_size: int, symmetric: bool, accuracy_level: Optional[int],
+             embeddings: bool, exclude: Sequence[str] = ()) -> tuple[onnx.ModelProto, OpCounts]:
+    """Weight-only 4-bit blocks (`MatMulNBits`; embeddings as `GatherBlockQuantized`)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    matmuls, gathers = count_quantizable(model, gemm=False)
+    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    axes = (("MatMul", 0), ("Gather", 1)) if embeddings else (("MatMul", 0),)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the quantizer edits its input in place
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(copy, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
+                                         op_types_to_quantize=ops, quant_axes=axes)
+        quantizer.process()
+    result = quantizer.model.model
+    counts = Counter(n.op_type for n in result.graph.node)
+    expected = [m for m in matmuls if m not in exclude]
+    gathers = [g for g in gathers if g not in exclude] if embeddings else []
+    missed = _missed(result, expected + gathers)
+    return result, OpCounts(len(expected), counts["MatMulNBits"], len(gathers),
+                            len(gathers) - sum(1 for m in missed if m in gathers), missed)

@@ -1,0 +1,198 @@
+"""The candidate side: an export folder described by `OUT_DIR/shira_export.json`.
+
+Merged ONNX folders run in ONNX Runtime through optimum's ORTModel classes (greedy
+generation with the KV cache through `.generate`); merged safetensors folders load with
+transformers; sparse folders run through `shira_export.runtime` with the adapter chosen
+per call.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Union
+
+import numpy as np
+
+from shira_export.errors import ShiraInputError
+from shira_export.verify.inputs import InputBatch
+from shira_export.verify.reference import OUTPUTS, TaskFamily, TorchRunner, greedy_generate, task_family
+
+__all__ = ["MANIFEST_NAME", "Kind", "Manifest", "AdapterEntry", "read_manifest", "open_candidate", "session_options", "CandidateRunner"]
+
+MANIFEST_NAME = "shira_export.json"
+
+
+class Kind(str, enum.Enum):
+    MERGED = "merged"
+    SPARSE = "sparse"
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    source: Optional[str]  # adapter dir it was built from (None: base model, no adapter)
+    file: Optional[str] = None  # sparse: relative path of its .onnx_adapter
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: Path
+    kind: Kind
+    task: str
+    family: TaskFamily
+    format: str = "onnx"
+    dtype: Optional[str] = None
+    quantization: Optional[str] = None
+    adapters: tuple[AdapterEntry, ...] = ()
+    raw: dict = field(default_factory=dict)
+
+
+def read_manifest(folder: Union[str, Path]) -> Manifest:
+    """Parse and check `folder/shira_export.json`; errors name the file and key."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ShiraInputError(f"{folder}: --candidate must be an export folder (not found or not a folder)")
+    if not path.is_file():
+        raise ShiraInputError(f"{path}: manifest not found (expected the {MANIFEST_NAME} an export writes)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShiraInputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    def need(key: str, kind: type):
+        if not isinstance(raw.get(key), kind):
+            raise ShiraInputError(f"{path}: key {key!r} expected {kind.__name__}, found {raw.get(key)!r}")
+        return raw[key]
+
+    if raw.get("schema") != 1:
+        raise ShiraInputError(f"{path}: key 'schema' expected 1, found {raw.get('schema')!r}")
+    try:
+        kind = Kind(need("kind", str))
+    except ValueError:
+        raise ShiraInputError(f"{path}: key 'kind' expected one of {[k.value for k in Kind]}, found {raw['kind']!r}") from None
+    task = need("task", str)
+    family = task_family(task, where=f"{path}: key 'task'")
+    quantization = raw.get("quantization")
+    if quantization not in (None, "int8", "int4"):
+        raise ShiraInputError(f"{path}: key 'quantization' expected 'int8' or 'int4', found {quantization!r}")
+    if kind is Kind.MERGED:
+        fmt = need("format", str)
+        if fmt not in ("onnx", "safetensors"):
+            raise ShiraInputError(f"{path}: key 'format' expected 'onnx' or 'safetensors', found {fmt!r}")
+        adapter = raw.get("adapter")
+        if adapter is None:
+            entries: tuple[AdapterEntry, ...] = (AdapterEntry("base", None),)
+        elif isinstance(adapter, dict) and isinstance(adapter.get("name"), str):
+            entries = (AdapterEntry(adapter["name"], adapter.get("source")),)
+        else:
+            raise ShiraInputError(f"{path}: key 'adapter' expected {{'name': str, 'source': str}} or null, found {adapter!r}")
+    else:
+        fmt = "onnx"
+        adapters = need("adapters", dict)
+        entries = []
+        for name, entry in adapters.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise ShiraInputError(f"{path}: key 'adapters.{name}' expected {{'file': str, 'source': str}}, found {entry!r}")
+            if not (folder / entry["file"]).is_file():
+                raise ShiraInputError(f"{path}: adapters.{name}.file {entry['file']!r} not found in {folder}")
+            entries.append(AdapterEntry(name, entry.get("source"), entry["file"]))
+        entries = tuple(entries)
+    return Manifest(folder, kind, task, family, fmt, raw.get("dtype"), quantization, entries, raw)
+
+
+class CandidateRunner(Protocol):
+    """Runs the candidate. `variants` are suffixes of the ways it runs (e.g. "" and "@dense"):
+    `forward` returns each output under `name + suffix`, `generate` new tokens per suffix."""
+
+    variants: tuple[str, ...]
+
+    def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]: ...
+
+    def generate(self, batch: InputBatch, n_tokens: int, adapter: AdapterEntry) -> dict[str, np.ndarray]: ...
+
+
+def session_options(threads: Optional[int]):
+    """ORT session options with `threads` intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # overridable initializers are intended in sparse graphs
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+class _MergedOrt:
+    variants = ("",)
+
+    def __init__(self, manifest: Manifest, threads: Optional[int] = None) -> None:
+        import onnx
+        from optimum.onnxruntime import (
+            ORTModelForCausalLM,
+            ORTModelForFeatureExtraction,
+            ORTModelForSequenceClassification,
+        )
+
+        onnx_files = sorted(manifest.folder.glob("*.onnx"))
+        if not onnx_files:
+            raise ShiraInputError(f"{manifest.folder}: merged ONNX export without a .onnx file")
+        if not (manifest.folder / "config.json").is_file():
+            raise ShiraInputError(f"{manifest.folder}: merged ONNX export without config.json (optimum needs it to load)")
+        name = "model.onnx" if (manifest.folder / "model.onnx").is_file() else onnx_files[0].name
+        self.family = manifest.family
+        if self.family is TaskFamily.CAUSAL_LM:
+            graph_inputs = [i.name for i in onnx.load(manifest.folder / name, load_external_data=False).graph.input]
+            has_past = any(n.startswith("past_key_values") for n in graph_inputs)
+            self.model = ORTModelForCausalLM.from_pretrained(manifest.folder, file_name=name, use_cache=has_past,
+                                                             session_options=session_options(threads))
+        elif self.family is TaskFamily.FEATURE_EXTRACTION:
+            self.model = ORTModelForFeatureExtraction.from_pretrained(
+                manifest.folder, file_name=name, session_options=session_options(threads))
+        else:
+            self.model = ORTModelForSequenceClassification.from_pretrained(
+                manifest.folder, file_name=name, session_options=session_options(threads))
+
+    def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]:
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if self.family is TaskFamily.CAUSAL_LM:
+            kwargs["use_cache"] = False
+        elif "token_type_ids" in self.model.input_names:
+            import torch
+
+            kwargs["token_type_ids"] = torch.zeros_like(batch.input_ids)
+        out = self.model(**kwargs)
+        return {name: np.asarray(getattr(out, name), dtype=np.float32) for name in OUTPUTS[self.family]}
+
+    def generate(self, batch: InputBatch, n_tokens: int, adapter: AdapterEntry) -> dict[str, np.ndarray]:
+        # a graph without past_key_values inputs regenerates the whole prefix each step
+        return {"": greedy_generate(self.model, batch, n_tokens, use_cache=self.model.can_use_cache)}
+
+
+class _MergedTorch:
+    variants = ("",)
+
+    def __init__(self, manifest: Manifest) -> None:
+        from shira_export.verify.reference import load_base_model
+
+        # the export's own dtype (fp16 stays fp16), unlike the fp32 reference
+        self._runner = TorchRunner(load_base_model(manifest.folder, manifest.family, dtype="auto"), manifest.family)
+
+    def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]:
+        return self._runner.forward(batch)
+
+    def generate(self, batch: InputBatch, n_tokens: int, adapter: AdapterEntry) -> dict[str, np.ndarray]:
+        return {"": self._runner.generate(batch, n_tokens)}
+
+
+def open_candidate(manifest: Manifest, *, threads: Optional[int] = None) -> CandidateRunner:
+    """A runner for the export described by `manifest` (`threads`: ORT intra-op threads)."""
+    if manifest.kind is Kind.MERGED:
+        return _MergedOrt(manifest, threads) if manifest.format == "onnx" else _MergedTorch(manifest)
+    from shira_export.verify.sparse import open_sparse
+
+    return open_sparse(manifest, threads=threads)

@@ -1,0 +1,166 @@
+"""The PyTorch side: base model with one adapter merged, run on the same inputs."""
+
+from __future__ import annotations
+
+import copy
+import enum
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from shira_export.errors import ShiraInputError
+from shira_export.verify.inputs import InputBatch
+from shira_export.verify.metrics import ArgmaxKind
+
+__all__ = ["TaskFamily", "task_family", "load_base_model", "merged_reference", "TorchRunner", "OUTPUTS"]
+
+
+class TaskFamily(str, enum.Enum):
+    CAUSAL_LM = "causal-lm"
+    FEATURE_EXTRACTION = "feature-extraction"
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+
+
+_TASKS = {
+    "text-generation": TaskFamily.CAUSAL_LM,
+    "text-generation-with-past": TaskFamily.CAUSAL_LM,
+    "causal-lm": TaskFamily.CAUSAL_LM,
+    "causal-lm-with-past": TaskFamily.CAUSAL_LM,
+    "feature-extraction": TaskFamily.FEATURE_EXTRACTION,
+    "default": TaskFamily.FEATURE_EXTRACTION,
+    "text-classification": TaskFamily.SEQUENCE_CLASSIFICATION,
+    "sequence-classification": TaskFamily.SEQUENCE_CLASSIFICATION,
+}
+
+# the outputs compared per family, and what their argmax means
+OUTPUTS: dict[TaskFamily, dict[str, ArgmaxKind]] = {
+    TaskFamily.CAUSAL_LM: {"logits": ArgmaxKind.TOP1},
+    TaskFamily.FEATURE_EXTRACTION: {"last_hidden_state": ArgmaxKind.NONE},
+    TaskFamily.SEQUENCE_CLASSIFICATION: {"logits": ArgmaxKind.LABEL},
+}
+
+
+def task_family(task: str, *, where: str = "task") -> TaskFamily:
+    try:
+        return _TASKS[task]
+    except KeyError:
+        raise ShiraInputError(f"{where}: expected one of {sorted(_TASKS)}, found {task!r}") from None
+
+
+def load_base_model(model_dir: Union[str, Path], family: TaskFamily, *, dtype: Union[torch.dtype, str] = torch.float32) -> torch.nn.Module:
+    """The HF model in `model_dir` (fp32 unless `dtype`, e.g. "auto"), eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ShiraInputError(f"{model_dir}: --model must be a Hugging Face model folder (config.json not found)")
+    auto = {
+        TaskFamily.CAUSAL_LM: AutoModelForCausalLM,
+        TaskFamily.FEATURE_EXTRACTION: AutoModel,
+        TaskFamily.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
+    }[family]
+    with _quiet_transformers():
+        model = auto.from_pretrained(model_dir, dtype=dtype)
+    return model.eval()
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence load-time notices (e.g. "newly initialized" heads the adapter replaces)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def merged_reference(
+    base: torch.nn.Module, adapter_dir: Optional[Union[str, Path]], *, model_dir: Optional[Union[str, Path]] = None
+) -> torch.nn.Module:
+    """A copy of `base` with the adapter at `adapter_dir` merged (or `base` itself for None).
+
+    A classifier adapter may carry a head for another label count than the base config's;
+    then the base is reloaded from `model_dir` with that many labels (fresh head, replaced
+    by the adapter's)."""
+    if adapter_dir is None:
+        return base
+    from shira_export.tuner import ShiraModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ShiraInputError(f"{adapter_dir}: not an adapter folder (adapter_config.json not found)")
+    model = None
+    labels = _head_labels(base, adapter_dir)
+    if labels is not None and model_dir is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        with _quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, dtype=torch.float32, num_labels=labels, ignore_mismatched_sizes=True
+            ).eval()
+    shira = ShiraModel.from_pretrained(model if model is not None else copy.deepcopy(base), adapter_dir)
+    return shira.merge_and_unload().eval()
+
+
+def _head_labels(base: torch.nn.Module, adapter_dir: Path) -> Optional[int]:
+    """The adapter's label count when its saved classification head has another than `base`'s."""
+    num_labels = getattr(base.config, "num_labels", None)
+    if "ForSequenceClassification" not in type(base).__name__ or not isinstance(num_labels, int):
+        return None
+    from shira_export.tuner.checkpoint import read_adapter_dir
+
+    modules = dict(base.named_modules())
+    for path, state in read_adapter_dir(adapter_dir).modules_to_save.items():
+        weight = state.get("weight")
+        current = getattr(modules.get(path), "weight", None)
+        if weight is None or current is None or weight.dim() != 2 or current.dim() != 2:
+            continue
+        if current.shape[0] == num_labels and weight.shape[0] != num_labels and weight.shape[1] == current.shape[1]:
+            return int(weight.shape[0])
+    return None
+
+
+class TorchRunner:
+    """Forward passes and greedy generation of a transformers model (reference or candidate)."""
+
+    def __init__(self, model: torch.nn.Module, family: TaskFamily) -> None:
+        self.model = model
+        self.family = family
+        self._dtype = next(model.parameters()).dtype
+
+    @torch.inference_mode()
+    def forward(self, batch: InputBatch) -> dict[str, np.ndarray]:
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        if self.family is TaskFamily.CAUSAL_LM:
+            kwargs["use_cache"] = False
+        out = self.model(**kwargs)
+        return {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.family]}
+
+    @torch.inference_mode()
+    def generate(self, batch: InputBatch, n_tokens: int) -> np.ndarray:
+        return greedy_generate(self.model, batch, n_tokens)
+
+
+def greedy_generate(model, batch: InputBatch, n_tokens: int, *, use_cache: bool = True) -> np.ndarray:
+    """`n_tokens` greedy tokens per row, KV cache on by default (EOS suppressed so lengths match)."""
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    out = model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=n_tokens,
+        min_new_tokens=n_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=use_cache,
+        pad_token_id=pad,
+    )
+    return np.asarray(out[:, batch.input_ids.shape[1]:])

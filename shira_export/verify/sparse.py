@@ -1,0 +1,84 @@
+"""Sparse exports: one base graph, one `.onnx_adapter` per adapter, adapter chosen per call.
+
+Each check runs both ways `shira_export.runtime` offers: the folder as plain onnxruntime
+runs it (`Mode.PORTABLE`: the graph's own sparse-delta branch, adapters activated through
+`RunOptions`; outputs named as usual) and the runtime's default `Mode.DENSE` (merged
+weights fed per call; outputs suffixed "@dense").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from shira_export.errors import ShiraInputError
+from shira_export.verify.inputs import InputBatch
+from shira_export.verify.reference import OUTPUTS, TaskFamily
+
+__all__ = ["SparseRunner", "open_sparse"]
+
+DENSE_SUFFIX = "@dense"
+
+
+class SparseRunner:
+    """`CandidateRunner` over `shira_export.runtime` (base model = adapter None)."""
+
+    variants = ("", DENSE_SUFFIX)
+
+    def __init__(self, manifest, threads: Optional[int] = None) -> None:
+        from shira_export.runtime import Mode, ShiraORTModelForCausalLM, ShiraSession
+        from shira_export.verify.candidates import session_options
+
+        self.family = manifest.family
+        self.sessions = {
+            "": ShiraSession(manifest.folder, mode=Mode.PORTABLE, session_options=session_options(threads)),
+        }
+        if manifest.quantization is None:  # dense mode feeds fp32 merged weights: not for quantized bases
+            self.sessions[DENSE_SUFFIX] = ShiraSession(manifest.folder, mode=Mode.DENSE,
+                                                       session_options=session_options(threads))
+        self.variants = tuple(self.sessions)
+        self.lms = ({v: ShiraORTModelForCausalLM(s) for v, s in self.sessions.items()}
+                    if self.family is TaskFamily.CAUSAL_LM else {})
+        self.config = next(iter(self.lms.values())).config if self.lms else None
+
+    @staticmethod
+    def _name(adapter) -> Optional[str]:
+        return None if adapter.source is None and adapter.file is None else adapter.name
+
+    def forward(self, batch: InputBatch, adapter) -> dict[str, np.ndarray]:
+        name = self._name(adapter)
+        ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
+        out = {}
+        for v, session in self.sessions.items():
+            if self.lms:
+                out["logits" + v] = np.asarray(self.lms[v].forward(ids, mask, adapter=name).logits, np.float32)
+                continue
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in session.input_names:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            feeds = {k: x for k, x in feeds.items() if k in session.input_names}
+            names = list(OUTPUTS[self.family])
+            result = session.run(feeds, adapter=name, output_names=names)
+            out.update({n + v: np.asarray(result[n], np.float32) for n in names})
+        return out
+
+    def generate(self, batch: InputBatch, n_tokens: int, adapter) -> dict[str, np.ndarray]:
+        name = self._name(adapter)
+        config = self.config
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        prompt = batch.input_ids.shape[1]
+        return {
+            v: np.asarray(lm.generate(batch.input_ids, batch.attention_mask, adapter=name, max_new_tokens=n_tokens,
+                                      min_new_tokens=n_tokens, do_sample=False, pad_token_id=pad))[:, prompt:]
+            for v, lm in self.lms.items()
+        }
+
+
+def open_sparse(manifest, *, threads: Optional[int] = None) -> SparseRunner:
+    """A runner for a sparse export folder."""
+    try:
+        import shira_export.runtime  # noqa: F401
+    except ImportError as exc:
+        raise ShiraInputError(f"{manifest.folder}: verifying sparse exports needs shira_export.runtime ({exc})") from None
+    return SparseRunner(manifest, threads)

@@ -1,0 +1,242 @@
+"""export.quantize: int8 / int4 of merged and sparse exports of a tiny BERT, adapters
+kept exact on the quantized sparse graph, and bad input refused with nothing written."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from shira_export import ShiraConfig, ShiraModel, get_shira_model
+from shira_export.errors import ShiraInputError
+from shira_export.export.quantize import quantize_onnx_model
+from tiny_models import VOCAB, tiny_bert
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Base folder, two adapters, fp32 merged and sparse exports, and their int8/int4 copies."""
+    from shira_export.export.merged import export_merged
+    from shira_export.export.sparse import export_sparse
+
+    root = tmp_path_factory.mktemp("quant")
+    base = tiny_bert()
+    base.save_pretrained(root / "base")
+    for name, seed in (("a", 1), ("b", 2)):
+        model = get_shira_model(copy.deepcopy(base), ShiraConfig(r=4, target_modules=["query", "value"],
+                                                                 init_weights=False, random_seed=seed))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "shira_weight" in n:
+                    p.mul_(0.3)  # a delta of the size training gives, not randn's
+        model.save_pretrained(root / name)
+    export_merged(root / "base", root / "a", root / "merged", task="feature-extraction", verify=False)
+    export_sparse(root / "base", {"a": root / "a", "b": root / "b"}, root / "sparse", task="feature-extraction",
+                  verify=False)
+    reports = {}
+    for kind in ("merged", "sparse"):
+        for mode in ("int8", "int4"):
+            reports[kind, mode] = quantize_onnx_model(root / kind, root / f"{kind}_{mode}", mode=mode, block_size=32)
+    return root, base, reports
+
+
+def _feeds(batch: int = 2, tokens: int = 11, seed: int = 0) -> dict:
+    ids = np.random.default_rng(seed).integers(1, VOCAB, (batch, tokens)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
+def _torch_hidden(base, adapter_dir, feeds) -> np.ndarray:
+    model = base if adapter_dir is None else ShiraModel.from_pretrained(copy.deepcopy(base), adapter_dir).merge_and_unload()
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+
+
+def _cos_min(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+def _session_run(folder, feeds, adapter=None):
+    from shira_export.runtime import ShiraSession
+
+    session = ShiraSession(folder, mode="portable")
+    return session.run({k: v for k, v in feeds.items() if k in session.input_names}, adapter=adapter,
+                       output_names=["last_hidden_state"])["last_hidden_state"]
+
+
+@pytest.mark.parametrize("mode, min_cos", [("int8", 0.99), ("int4", 0.97)])
+def test_merged_quantized_counts_size_and_parity(exports, mode, min_cos):
+    root, base, reports = exports
+    report = reports["merged", mode]
+    counts = report.files["model.onnx"]
+    assert counts["matmuls"][0] == counts["matmuls"][1] == 12  # 2 layers x (q, k, v, o, up, down)
+    assert counts["gathers"][0] == counts["gathers"][1] == 2  # word + position tables (token type: 2 rows, too small)
+    assert report.quantized_bytes < 0.8 * report.fp32_bytes  # tiny graph: node overhead dominates (MiniLM: bench)
+    manifest = json.loads((root / f"merged_{mode}" / "shira_export.json").read_text())
+    assert manifest["quantization"] == mode and manifest["kind"] == "merged"
+    feeds = _feeds(tokens=13)  # not the traced length
+    out = ort.InferenceSession(str(root / f"merged_{mode}" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
+    assert _cos_min(out, _torch_hidden(base, root / "a", feeds)) >= min_cos
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_sparse_quantized_switches_adapters_and_keeps_files(exports, mode):
+    root, base, reports = exports
+    folder = root / f"sparse_{mode}"
+    assert reports["sparse", mode].sparse_sites == 4
+    for name in ("a", "b"):  # adapters are copied byte for byte: still fp32, still valid
+        rel = f"adapters/{name}.onnx_adapter"
+        assert (folder / rel).read_bytes() == (root / "sparse" / rel).read_bytes()
+    graph = onnx.load(str(folder / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops and "MatMul" in ops  # attention stays fp32
+    feeds = _feeds(tokens=7)
+    outs = {name: _session_run(folder, feeds, name) for name in ("a", "b", None)}
+    assert np.abs(outs["a"] - outs["b"]).max() > 1e-3
+    np.testing.assert_array_equal(outs["a"], _session_run(folder, feeds, "a"))
+    for name in ("a", "b"):
+        ref = _torch_hidden(base, root / name, feeds)
+        assert _cos_min(outs[name], ref) >= (0.99 if mode == "int8" else 0.97)
+    # with no adapter the sparse graph is exactly the quantized base (same weights, empty delta)
+    if mode == "int4":  # int4 is weight-only: deterministic, so compare with the merged-free base
+        base_q = root / "base_int4.onnx"
+        if not base_q.exists():
+            stripped = _base_onnx(root)
+            quantize_onnx_model(stripped, base_q, mode="int4", block_size=32)
+        ref = ort.InferenceSession(str(base_q)).run(["last_hidden_state"], feeds)[0]
+        np.testing.assert_allclose(outs[None], ref, atol=1e-5)
+
+
+def _base_onnx(root):
+    from shira_export.export.manifest import read_sparse_manifest
+    from shira_export.export.quant_delta import strip_sparse_deltas
+
+    model = onnx.load(str(root / "sparse" / "model.onnx"))
+    strip_sparse_deltas(model, read_sparse_manifest(root / "sparse").targets)
+    onnx.save(model, str(root / "base_fp32.onnx"))
+    return root / "base_fp32.onnx"
+
+
+def test_short_and_long_delta_branches_agree(exports):
+    """The activation-side delta is exact either way: threshold 0 (dense delta MatMul) and
+    a huge threshold (gather/scatter) give the same outputs on the same quantized graph."""
+    from shira_export.export.manifest import read_sparse_manifest
+    from shira_export.export.quant_delta import attach_quantized_deltas, strip_sparse_deltas
+    from shira_export.export.quant_graph import run_int4
+
+    root, _, _ = exports
+    targets = read_sparse_manifest(root / "sparse").targets
+    model = onnx.load(str(root / "sparse" / "model.onnx"))
+    io = strip_sparse_deltas(model, targets)
+    quantized, _ = run_int4(model, block_size=32, symmetric=False, accuracy_level=None, embeddings=True)
+    lora = ort.LoraAdapter()
+    lora.Load(str(root / "sparse" / "adapters" / "a.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(lora)
+    feeds = _feeds(tokens=9)
+    outs = []
+    for threshold in (0, 10**6):
+        graph = onnx.ModelProto()
+        graph.CopyFrom(quantized)
+        attach_quantized_deltas(graph, targets, io, threshold=threshold)
+        outs.append(ort.InferenceSession(graph.SerializeToString()).run(["last_hidden_state"], feeds, options)[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
+
+
+def test_int8_saturation_probe_is_reported(exports):
+    root, _, reports = exports
+    report = reports["merged", "int8"]
+    probe = report.probe
+    assert probe["weights_probed"] >= 1 and probe["use_reduce_range"] == report.reduce_range
+    assert probe["max_rel_error"]["full_range"] < 0.5  # finite and measured
+    forced = quantize_onnx_model(root / "merged", root / "merged_int8_rr", mode="int8", reduce_range=True)
+    assert forced.reduce_range is True and forced.probe is None
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"mode": "int3"}, "expected one of ['int8', 'int4']"),
+    ({"mode": "int4", "block_size": 48}, "block_size: expected one of"),
+    ({"mode": "int8", "reduce_range": "yes"}, "reduce_range"),
+])
+def test_bad_options_write_nothing(exports, tmp_path, kwargs, fragment):
+    root, _, _ = exports
+    with pytest.raises(ShiraInputError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        quantize_onnx_model(root / "merged", tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_already_quantized_and_computed_weights_are_refused(exports, tmp_path):
+    root, _, _ = exports
+    with pytest.raises(ShiraInputError, match="already quantized"):
+        quantize_onnx_model(root / "merged_int8", tmp_path / "again", mode="int4")
+    with pytest.raises(ShiraInputError, match="already quantized"):
+        quantize_onnx_model(root / "merged_int4" / "model.onnx", tmp_path / "again.onnx", mode="int8")
+    # the fp32 sparse graph as a bare file: its ScatterND-into-W branch would stay fp32 silently
+    with pytest.raises(ShiraInputError, match="computed in the graph"):
+        quantize_onnx_model(root / "sparse" / "model.onnx", tmp_path / "sparse.onnx", mode="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cli_merged_quantize_verifies_with_matching_profile(exports, tmp_path, mode):
+    from shira_export.cli import main
+
+    root, _, _ = exports
+    out = tmp_path / f"q{mode}"
+    code = main(["merged", "--model", str(root / "base"), "--adapter", str(root / "a"), "--format", "onnx",
+                 "--task", "feature-extraction", "--quantize", mode, "--block-size", "32", "--output", str(out)])
+    assert code == 0
+    manifest = json.loads((out / "shira_export.json").read_text())
+    assert manifest["quantization"] == mode
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["profile"]["name"] == mode and parity["verdict"] == "pass"
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--quantize", "int3"], None), (["--quantize", "int4", "--block-size", "48"], "block_size"),
+                                             (["--quantize", "int8", "--dtype", "fp16"], "needs format='onnx' and dtype='fp32'")])
+def test_cli_merged_quantize_bad_options_exit_2(exports, tmp_path, capsys, extra, fragment):
+    from shira_export.cli import main
+
+    root, _, _ = exports
+    out = tmp_path / "bad"
+    try:
+        code = main(["merged", "--model", str(root / "base"), "--adapter", str(root / "a"), "--format", "onnx",
+                     "--output", str(out), *extra])
+    except SystemExit as exc:  # argparse rejects a value outside the choices
+        code = exc.code
+    assert code == 2
+    assert not out.exists()
+    if fragment:
+        assert fragment in capsys.readouterr().err
+
+
+def test_cli_sparse_quantize_keeps_adapters_exact_and_runs_portable(exports, tmp_path):
+    from shira_export.cli import main
+    from shira_export.runtime import Mode, ShiraSession
+
+    root, base, _ = exports
+    out = tmp_path / "sq"
+    code = main(["sparse", "--model", str(root / "base"), "--adapter", f"a={root / 'a'}", "--adapter",
+                 f"b={root / 'b'}", "--task", "feature-extraction", "--quantize", "int8", "--output", str(out)])
+    assert code == 0
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["verdict"] == "pass" and parity["profile"]["name"] == "int8"
+    assert {r["adapter"] for r in parity["records"]} == {"a", "b", "base"}
+    assert not any(r["output"].endswith("@dense") for r in parity["records"])  # no fp32 weights to feed
+    session = ShiraSession(out)
+    assert session.mode is Mode.PORTABLE
+    with pytest.raises(ShiraInputError, match="quantized"):
+        ShiraSession(out, mode="dense")
+    # the adapter still changes the output, and its file is byte for byte the fp32 export's
+    feeds = _feeds()
+    with_a = session.run(feeds, adapter="a", output_names=["last_hidden_state"])["last_hidden_state"]
+    plain = session.run(feeds, adapter=None, output_names=["last_hidden_state"])["last_hidden_state"]
+    assert np.abs(with_a - plain).max() > 1e-3
+    assert (out / "adapters" / "a.onnx_adapter").read_bytes() == (root / "sparse" / "adapters" / "a.onnx_adapter").read_bytes()

@@ -1,0 +1,165 @@
+"""`shira-export verify` must catch broken exports: each test breaks a real export on purpose
+and expects exit code 1 with the failure named in the reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from shira_export.cli import main as cli_main
+from tiny_models import VOCAB, tiny_opt
+from verify_helpers import export_merged_onnx, make_adapter, write_manifest
+
+TASK = "text-generation-with-past"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """Tiny OPT base + adapter + merged ONNX export that passes verification."""
+    root = tmp_path_factory.mktemp("catches")
+    tiny_opt().save_pretrained(root / "base")
+    merged = make_adapter(tiny_opt, root / "adapter", targets=["q_proj", "v_proj"], seed=1)
+    export_merged_onnx(merged, root / "merged_hf", root / "onnx", task=TASK, source=root / "adapter")
+    return root
+
+
+def _verify(root, candidate, tmp_path, *extra: str) -> tuple[int, dict, ET.Element]:
+    rc = cli_main(["verify", "--model", str(root / "base"), "--candidate", str(candidate), "--quiet",
+                   "--report-dir", str(tmp_path), "--junit", str(tmp_path / "junit.xml"),
+                   "--markdown", str(tmp_path / "summary.md"), *extra])
+    report = json.loads((tmp_path / "parity.json").read_text())
+    return rc, report, ET.parse(tmp_path / "junit.xml").getroot()
+
+
+def _failed(report: dict) -> set[tuple[str, str, str]]:
+    return {(r["adapter"], r["output"], r["metric"]) for r in report["records"] if r["passed"] is False}
+
+
+def _copy(good, tmp_path, name):
+    out = tmp_path / name
+    shutil.copytree(good / "onnx", out)
+    return out
+
+
+def test_the_unbroken_export_passes(good, tmp_path):
+    rc, report, junit = _verify(good, good / "onnx", tmp_path)
+    assert rc == 0 and report["verdict"] == "pass" and junit.get("failures") == "0"
+
+
+def test_one_weight_perturbed_by_1e_2(good, tmp_path):
+    cand = _copy(good, tmp_path, "perturbed")
+    model = onnx.load(cand / "model.onnx")
+    node = next(n for n in model.graph.node if n.name == "/decoder/layers.1/self_attn/v_proj/MatMul")
+    init = next(t for t in model.graph.initializer if t.name in node.input)
+    weight = numpy_helper.to_array(init).copy()
+    weight[3, 5] += 1e-2
+    init.CopyFrom(numpy_helper.from_array(weight, init.name))
+    onnx.save(model, cand / "model.onnx")
+
+    rc, report, junit = _verify(good, cand, tmp_path)
+    assert rc == 1 and report["verdict"] == "fail"
+    assert ("default", "logits", "max_abs") in _failed(report)
+    rec = next(r for r in report["records"] if r["metric"] == "max_abs")
+    assert 1e-4 < rec["value"] < 1e-1  # one weight moved: a small but real miss
+    failure = junit.find(".//testcase[@name='max_abs']/failure")
+    assert failure is not None and "rule <= 1.000e-04" in failure.get("message")
+
+
+def test_nan_injected_into_logits(good, tmp_path):
+    cand = _copy(good, tmp_path, "nan")
+    model = onnx.load(cand / "model.onnx")
+    for node in model.graph.node:
+        node.output[:] = ["logits_clean" if o == "logits" else o for o in node.output]
+    bias = np.zeros(VOCAB, np.float32)
+    bias[7] = np.nan  # one vocabulary entry turns NaN at every position
+    model.graph.initializer.append(numpy_helper.from_array(bias, "nan_bias"))
+    model.graph.node.append(helper.make_node("Add", ["logits_clean", "nan_bias"], ["logits"], name="inject_nan"))
+    onnx.checker.check_model(model)
+    onnx.save(model, cand / "model.onnx")
+
+    rc, report, _ = _verify(good, cand, tmp_path)
+    assert rc == 1
+    assert ("default", "logits", "nan_count") in _failed(report)
+    rec = next(r for r in report["records"] if r["metric"] == "nan_count")
+    positions = sum(b * s for b, s in (i["shape"] for i in report["inputs"]))
+    assert rec["value"] == positions  # exactly one NaN per position
+    assert "Failures" in (tmp_path / "summary.md").read_text()
+
+
+def test_graph_with_a_shape_frozen_by_tracing(good, tmp_path):
+    """`torch.onnx.export(dynamo=False)` traced at 1 x 16 tokens with the sequence axis left
+    static: it runs only at the traced shape, which verify never uses."""
+    cand = tmp_path / "traced"
+    cand.mkdir()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(good / "merged_hf").eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model).eval(), (ids, torch.ones_like(ids)), cand / "model.onnx", dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}, opset_version=17)
+    model.config.save_pretrained(cand)
+    write_manifest(cand, task="text-generation", source=good / "adapter")
+
+    rc, report, junit = _verify(good, cand, tmp_path)
+    assert rc == 1
+    assert ("default", "(run)", "run_errors") in _failed(report)
+    rec = next(r for r in report["records"] if r["metric"] == "run_errors")
+    assert rec["value"] == len(report["inputs"])  # no untraced shape runs
+    assert "seeded-1x1" in rec["message"] and "Expected: 16" in rec["message"]
+    assert len(rec["details"]["errors"]) == len(report["inputs"])
+    assert junit.find(".//testcase[@name='run_errors']/failure") is not None
+
+
+def test_adapter_file_swapped_for_another_adapters(tmp_path):
+    """Sparse export of two adapters; b's .onnx_adapter replaced by a's."""
+    from shira_export.export.sparse import export_sparse
+
+    tiny_opt().save_pretrained(tmp_path / "base")
+    make_adapter(tiny_opt, tmp_path / "a", targets=["q_proj", "v_proj"], seed=1)
+    make_adapter(tiny_opt, tmp_path / "b", targets=["q_proj", "v_proj"], seed=2)
+    out = tmp_path / "sparse"
+    export_sparse(tmp_path / "base", {"a": tmp_path / "a", "b": tmp_path / "b"}, out, verify=False)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+
+    rc, report, _ = _verify(tmp_path, out, reports)
+    assert rc == 0, _failed(report)
+    assert [a["name"] for a in report["adapters"]] == ["a", "b", "base"]
+    assert {r["output"] for r in report["records"]} >= {"logits", "logits@dense", "generate", "generate@dense"}
+
+    manifest = json.loads((out / "shira_export.json").read_text())
+    shutil.copy(out / manifest["adapters"]["a"]["file"], out / manifest["adapters"]["b"]["file"])
+    rc, report, _ = _verify(tmp_path, out, reports)
+    assert rc == 1
+    failed = _failed(report)
+    assert {a for a, _, _ in failed} == {"b"}  # a and the base model still pass
+    assert {("b", "logits", "max_abs"), ("b", "logits@dense", "max_abs"), ("b", "generate", "greedy_prefix")} <= failed
+
+
+def test_a_model_file_that_does_not_load_is_a_failure_not_a_crash(good, tmp_path):
+    cand = _copy(good, tmp_path, "corrupt")
+    (cand / "model.onnx").write_bytes(b"not an onnx model")
+    rc, report, _ = _verify(good, cand, tmp_path)
+    assert rc == 1
+    assert _failed(report) == {("default", "(run)", "run_errors")}
+    assert "candidate failed to load" in next(r["message"] for r in report["records"] if r["passed"] is False)
