@@ -240,3 +240,29 @@ def test_cli_sparse_quantize_keeps_adapters_exact_and_runs_portable(exports, tmp
     plain = session.run(feeds, adapter=None, output_names=["last_hidden_state"])["last_hidden_state"]
     assert np.abs(with_a - plain).max() > 1e-3
     assert (out / "adapters" / "a.onnx_adapter").read_bytes() == (root / "sparse" / "adapters" / "a.onnx_adapter").read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
+    """OPT has Gemm layers (fc1/fc2) and a head tied to the embedding table: every weight
+    must end up quantized, and the fp32 originals must not stay in the file."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from shira_export.export.merged import export_merged
+
+    torch.manual_seed(0)  # big enough that weights, not graph structure, make up the file
+    base = OPTForCausalLM(OPTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
+                                    vocab_size=2000, max_position_embeddings=64, word_embed_proj_dim=128)).eval()
+    base.save_pretrained(tmp_path / "base")
+    get_shira_model(base, ShiraConfig(r=2, init_weights=False)).save_pretrained(tmp_path / "ad")
+    export_merged(tmp_path / "base", tmp_path / "ad", tmp_path / "fp32", verify=False)
+    report = quantize_onnx_model(tmp_path / "fp32", tmp_path / mode, mode=mode, block_size=32)
+    graph = onnx.load(str(tmp_path / mode / "model.onnx")).graph
+    big_floats = [t.name for t in graph.initializer
+                  if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1000
+                  and not t.name.endswith(("_scale", "_scales"))]  # per-channel scales are fp32 by design
+    assert big_floats == []
+    quantized, expected = report.files["model.onnx"]["matmuls"]
+    assert quantized == expected >= 2 * 6 + 1  # q/k/v/out/fc1/fc2 per layer + the tied head
+    # the tied head needs its own transposed copy of the (quantized) table, hence above 0.25 / 0.125
+    assert report.size_ratio < (0.4 if mode == "int8" else 0.3)

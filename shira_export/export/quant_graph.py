@@ -146,6 +146,41 @@ def fold_transposed_weights(model: onnx.ModelProto) -> list[str]:
     return folded
 
 
+def gemms_to_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Rewrite `Gemm(A, W, C)` with a constant W (alpha = beta = 1, no transA) as
+    `MatMul(A, W') + C`, in place, keeping the output name. MatMulNBits quantizes MatMul
+    only: without this, the Gemm layers (e.g. OPT's fc1/fc2) would stay fp32."""
+    from onnx import helper, numpy_helper
+
+    weights = _weights(model)
+    graph = model.graph
+    rewritten: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    names = {i.name for i in graph.initializer}
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in weights
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
+            new_nodes.append(node)
+            continue
+        w = node.input[1]
+        if attrs.get("transB", 0):
+            name = f"{w}_transposed"
+            if name not in names:
+                graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[w]).T.copy(), name))
+                names.add(name)
+            w = name
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], w], [product], name=f"{node.name}_matmul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        rewritten.append(node.name)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return rewritten
+
+
 def count_quantizable(model: onnx.ModelProto, *, gemm: bool) -> tuple[list[str], list[str]]:
     """(MatMul[/Gemm] nodes, Gather nodes) of the main graph reading a constant 2-D float weight."""
     weights = _weights(model)
@@ -224,3 +259,36 @@ def run_int4(model: onnx.ModelProto, *, block_size: int, symmetric: bool, accura
     missed = _missed(result, expected + gathers)
     return result, OpCounts(len(expected), counts["MatMulNBits"], len(gathers),
                             len(gathers) - sum(1 for m in missed if m in gathers), missed)
+
+
+def _referenced_names(graph: onnx.GraphProto, names: set) -> None:
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:  # If/Loop bodies read outer-scope values by name
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _referenced_names(attr.g, names)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _referenced_names(sub, names)
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> int:
+    """Remove nodes whose outputs nothing reads, then initializers no node reads: the
+    quantizers leave the fp32 originals (and e.g. a tied head's Transpose of the
+    embedding table) behind, which would keep the file near fp32 size. ONNX ops have no
+    side effects, so a node with unread outputs is dead. Returns how many initializers went."""
+    graph = model.graph
+    while True:
+        used: set = {o.name for o in graph.output}
+        _referenced_names(graph, used)
+        live = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(live) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(live)
+    keep = [t for t in graph.initializer if t.name in used]
+    dropped = len(graph.initializer) - len(keep)
+    if dropped:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return dropped

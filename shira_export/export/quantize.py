@@ -194,6 +194,7 @@ def _quantize(model: onnx.ModelProto, report: QuantizeReport, where: str, opts: 
         q, counts = quant_graph.run_int8(model, per_channel=opts["per_channel"], reduce_range=bool(rr),
                                          embeddings=opts["embeddings"], exclude=opts["exclude"], external=external)
     else:
+        quant_graph.gemms_to_matmuls(model)
         q, counts = quant_graph.run_int4(model, block_size=opts["block_size"], symmetric=opts["symmetric"],
                                          accuracy_level=opts["accuracy_level"], embeddings=opts["embeddings"],
                                          exclude=opts["exclude"])
@@ -203,6 +204,7 @@ def _quantize(model: onnx.ModelProto, report: QuantizeReport, where: str, opts: 
             f"{counts.matmuls_expected + counts.gathers_expected} quantizable nodes in fp32 ({list(counts.missed[:3])}); "
             f"expected all of them (exclude nodes on purpose with nodes_to_exclude)"
         )
+    quant_graph.drop_unused_initializers(q)
     report.files[where] = {"matmuls": [counts.matmuls_quantized, counts.matmuls_expected],
                            "gathers": [counts.gathers_quantized, counts.gathers_expected]}
     return q

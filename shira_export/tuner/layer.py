@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from shira_export.tuner.masks import layer_shape
-from shira_export.tuner.sparse_ops import SparsePlan, sparse_linear_delta
+from shira_export.tuner.sparse_ops import (
+    SparsePlan,
+    gather_flat,
+    scatter_flat_,
+    sparse_linear_delta,
+    storage_index,
+    transient_merged_linear,
+)
 
 
 class _BufferDict(nn.Module):
@@ -53,6 +60,7 @@ class ShiraLayer(nn.Module):
         self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
         self.disable_adapters = False
         self._plans: dict[str, SparsePlan] = {}
+        self._flat: dict[str, torch.Tensor] = {}  # per adapter: positions in the weight's storage
         self._saved_entries: dict[str, torch.Tensor] = {}
 
     # ---- adapters ----------------------------------------------------------------
@@ -75,6 +83,7 @@ class ShiraLayer(nn.Module):
         del self.shira_indices[name]
         self.scaling.pop(name, None)
         self._plans.pop(name, None)
+        self._flat.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -90,9 +99,15 @@ class ShiraLayer(nn.Module):
         return plan
 
     # ---- merge / unmerge ------------------------------------------------------------
-    def _storage_index(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, cols = self.shira_indices[name]
-        return (cols, rows) if self.transposed_storage else (rows, cols)
+    def _storage_index(self, name: str) -> torch.Tensor:
+        """Flat positions of the adapter's entries in the weight's storage (1-D scatter
+        and index_select are 3-5x faster on CPU than 2-D advanced indexing)."""
+        indices = self.shira_indices[name]
+        flat = self._flat.get(name)
+        if flat is None or flat.device != indices.device:
+            flat = storage_index(indices, (self.out_features, self.in_features), transposed=self.transposed_storage)
+            self._flat[name] = flat
+        return flat
 
     def delta_values(self, name: str) -> torch.Tensor:
         return self.shira_weight[name].detach() * self.scaling[name]
@@ -105,11 +120,11 @@ class ShiraLayer(nn.Module):
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue
             index = self._storage_index(name)
-            saved = weight[index].clone()
+            saved = gather_flat(weight, index)
             merged = (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights: the adapter is broken")
-            weight.index_put_(index, merged)
+            scatter_flat_(weight, index, merged)
             self._saved_entries[name] = saved
             self.merged_adapters.append(name)
 
@@ -118,7 +133,7 @@ class ShiraLayer(nn.Module):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.index_put_(self._storage_index(name), self._saved_entries.pop(name))
+            scatter_flat_(weight, self._storage_index(name), self._saved_entries.pop(name))
 
     @property
     def merged(self) -> bool:
@@ -132,10 +147,29 @@ class ShiraLayer(nn.Module):
         return delta
 
     # ---- forward ----------------------------------------------------------------------
+    def _training_adapter(self) -> Optional[str]:
+        """The one adapter this call trains, when the fast merged path applies."""
+        if not torch.is_grad_enabled() or self.merged_adapters or len(self.active_adapters) != 1:
+            return None
+        name = self.active_adapters[0]
+        if name not in self.shira_weight or not self.shira_weight[name].requires_grad:
+            return None
+        return name
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        name = self._training_adapter()
+        if name is not None:
+            # Training: S is scattered into W for the matmul only and W is restored right
+            # after, so the step costs a base layer plus O(nnz) work, and W gets no gradient.
+            base = self.base_layer
+            values = self.shira_weight[name] * self.scaling[name]
+            return transient_merged_linear(x, base.weight, base.bias, values, self.plan(name),
+                                           self._storage_index(name), transposed=self.transposed_storage)
+        # Inference (or several adapters): the delta on the activations; W is only read,
+        # so concurrent calls on one model are safe.
+        result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue

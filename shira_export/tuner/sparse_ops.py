@@ -8,10 +8,10 @@ Two training formulations (measured: tools/bench_train.py, --ops for one layer):
    BLAS on CPU, cuSPARSE on GPU; the transpose's structure is precomputed in the plan);
    grad-values is `sparse_values_grad`. (A gather/index_add form materialises a
    [tokens, nnz] temporary, 100 MB per 768x768 layer at 512 tokens, 50-100x slower.)
-2. `merged_sparse_linear`: the caller keeps W + S in the weight itself (scattered in
-   place, O(nnz), with `scatter_flat_`); forward and grad-x are the base layer's own
-   F.linear, so the adapter adds only grad-values. The same arithmetic as PEFT's
-   clone-and-add forward, at the cost of a base layer plus nnz dot products.
+2. `transient_merged_linear` (training): S is scattered into W in place (O(nnz)) for
+   the duration of each matmul and the original entries are put back right after, so
+   forward and grad-x are the base layer's own F.linear and the adapter adds only
+   grad-values. The same arithmetic as PEFT's clone-and-add forward, with no clone.
 
 `sparse_values_grad`: d loss / d values = (gy^T @ x) sampled at the support
 (torch.sparse.sampled_addmm): nnz dot products of length `tokens`, no dense gradient.
@@ -28,7 +28,7 @@ import torch
 __all__ = [
     "SparsePlan",
     "gather_flat",
-    "merged_sparse_linear",
+    "transient_merged_linear",
     "scatter_flat_",
     "sparse_linear_delta",
     "sparse_values_grad",
@@ -172,50 +172,72 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
     return torch.empty_like(grad_tcsr).index_copy_(0, plan.t_perm, grad_tcsr)
 
 
-class _MergedLinear(torch.autograd.Function):
-    """F.linear over a weight that already holds W + S; backward gives x the gradient
-    through that weight and the values their sampled gradient. The frozen weight gets
-    none, so the adapter's only extra work is nnz dot products per step."""
+@torch.no_grad()
+def _merged_weight(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Scatter W + S into `weight` in place (fp32 sum, cast once, as merge() does);
+    returns the original entries, which `scatter_flat_` puts back bit for bit."""
+    saved = gather_flat(weight, flat)
+    scatter_flat_(weight, flat, saved.to(torch.float32) + values.detach().to(torch.float32))
+    return saved
+
+
+def _linear(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
+    return torch.nn.functional.linear(x2, weight.t() if transposed else weight, bias)
+
+
+class _TransientMergedLinear(torch.autograd.Function):
+    """y = x @ (W + S)^T + b with S merged into W only for the duration of each matmul
+    (forward and grad-x) and restored right after: the layer costs what the base layer
+    costs plus O(nnz) scatters and the values' sampled gradient. W itself gets none."""
 
     @staticmethod
-    def forward(ctx, x2, csr_values, weight, bias, plan, transposed):
-        ctx.plan, ctx.transposed = plan, transposed
-        ctx.save_for_backward(x2, weight)
-        w = weight.t() if transposed else weight
-        return torch.nn.functional.linear(x2, w, bias)
+    def forward(ctx, x2, values, weight, bias, flat, plan, transposed):
+        ctx.weight, ctx.flat, ctx.plan, ctx.transposed = weight, flat, plan, transposed
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, values)
+        saved = _merged_weight(weight, flat, values)
+        try:
+            return _linear(x2, weight, bias, transposed)
+        finally:
+            scatter_flat_(weight, flat, saved)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, weight = ctx.saved_tensors
+        x2, values = ctx.saved_tensors
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ (weight.t() if ctx.transposed else weight)
+            weight = ctx.weight
+            saved = _merged_weight(weight, ctx.flat, values)
+            try:
+                grad_x = grad_out @ (weight.t() if ctx.transposed else weight)
+            finally:
+                scatter_flat_(weight, ctx.flat, saved)
         if ctx.needs_input_grad[1]:
-            grad_values = sparse_values_grad(grad_out, x2, ctx.plan)
-        if ctx.needs_input_grad[3]:
+            grad_csr = sparse_values_grad(grad_out, x2, ctx.plan).to(values.dtype)
+            order = ctx.plan.order
+            grad_values = grad_csr if order is None else torch.empty_like(grad_csr).index_copy_(0, order, grad_csr)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum(0)
-        return grad_x, grad_values, None, grad_bias, None, None
+        return grad_x, grad_values, None, grad_bias, None, None, None
 
 
-def merged_sparse_linear(
+def transient_merged_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     values: torch.Tensor,
     plan: SparsePlan,
+    flat: torch.Tensor,
     *,
     transposed: bool = False,
 ) -> torch.Tensor:
-    """y = x @ (W + S)^T + b where `weight` ALREADY holds W + S (the caller scatters the
-    current values in place, O(nnz), whenever they change); `values` (scale applied,
-    caller's order) only carry the gradient. `transposed`: weight stored (in, out), as
-    transformers' Conv1D does. Forward and grad-x cost exactly the base layer's."""
+    """The training forward of a SHiRA layer: x @ (W + S)^T + b, differentiable in x and
+    `values` (scale applied, in the order of the plan's indices). `flat` = storage_index
+    of those indices. W holds W + S only inside each matmul, so the op is not safe
+    against another thread using the same weight at the same moment (training is not)."""
     out_f, in_f = plan.shape
     lead = x.shape[:-1]
-    csr_values = values.to(_COMPUTE_DTYPE)
-    if plan.order is not None:
-        csr_values = csr_values[plan.order]
-    y = _MergedLinear.apply(x.reshape(-1, in_f), csr_values, weight, bias, plan.to(x.device), transposed)
+    y = _TransientMergedLinear.apply(x.reshape(-1, in_f), values, weight, bias, flat, plan.to(x.device), transposed)
     return y.reshape(*lead, out_f)
 
 
