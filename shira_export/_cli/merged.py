@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from shira_export._cli import add_output_options
+
 FORMATS = ("onnx", "safetensors")
 TASKS = ("auto", "text-generation-with-past", "text-generation", "feature-extraction", "text-classification")
 DTYPES = ("fp32", "fp16")
@@ -26,12 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="auto", choices=TASKS)
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: optimum's for the model)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="quantize the weights with ONNX Runtime (int8: dynamic; int4: MatMulNBits); ONNX only")
-    p.add_argument("--block-size", type=int, default=32, metavar="N",
-                   help="int4 block size: 16, 32, 64, 128 or 256 (default: 32)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    add_output_options(p, quantize_help="quantize the weights with ONNX Runtime (int8: dynamic; int4: MatMulNBits); ONNX only")
     p.set_defaults(func=_run)
 
 

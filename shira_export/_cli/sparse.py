@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from shira_export._cli import add_output_options
+
 TASKS = ("auto", "text-generation-with-past", "feature-extraction", "text-classification")
 
 
@@ -39,12 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--task", default="auto", choices=TASKS)
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset, >= 16 (default 18)")
-    p.add_argument("--quantize", choices=("int8", "int4"),
-                   help="quantize the constant base weights (int8: dynamic; int4: MatMulNBits); deltas stay fp32")
-    p.add_argument("--block-size", type=int, default=32, metavar="N",
-                   help="int4 block size: 16, 32, 64, 128 or 256 (default: 32)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the parity check")
+    add_output_options(p, quantize_help="quantize the constant base weights (int8: dynamic; int4: MatMulNBits); deltas stay fp32")
     p.set_defaults(func=_run)
 
 
