@@ -63,16 +63,25 @@ class SparseManifest:
         return atomic_write_text(Path(folder or self.folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
 
-def read_sparse_manifest(folder: Union[str, Path]) -> SparseManifest:
-    """Parse `folder/shira_export.json` of a sparse export; errors name the file and key."""
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
+def load_manifest_json(folder: Union[str, Path], *, expected: str) -> tuple[Path, dict]:
+    """(path, parsed JSON object) of `folder/shira_export.json`; `expected` says what
+    should have written it, for the error when it is missing."""
+    path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise ShiraInputError(f"{path}: manifest not found (expected a folder written by `shira-export sparse`)")
+        raise ShiraInputError(f"{path}: manifest not found (expected {expected})")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ShiraInputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ShiraInputError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return path, raw
+
+
+def read_sparse_manifest(folder: Union[str, Path]) -> SparseManifest:
+    """Parse `folder/shira_export.json` of a sparse export; errors name the file and key."""
+    folder = Path(folder)
+    path, raw = load_manifest_json(folder, expected="a folder written by `shira-export sparse`")
     if raw.get("schema") != 1 or raw.get("kind") != "sparse":
         raise ShiraInputError(f"{path}: expected schema 1 and kind 'sparse', found schema {raw.get('schema')!r}, "
                               f"kind {raw.get('kind')!r}")

@@ -9,7 +9,6 @@ per call.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Union
@@ -17,12 +16,12 @@ from typing import Optional, Protocol, Union
 import numpy as np
 
 from shira_export.errors import ShiraInputError
+from shira_export.export.manifest import MANIFEST_NAME, load_manifest_json
 from shira_export.verify.inputs import InputBatch
 from shira_export.verify.reference import OUTPUTS, TaskFamily, TorchRunner, greedy_generate, task_family
 
 __all__ = ["MANIFEST_NAME", "Kind", "Manifest", "AdapterEntry", "read_manifest", "open_candidate", "session_options", "CandidateRunner"]
 
-MANIFEST_NAME = "shira_export.json"
 
 
 class Kind(str, enum.Enum):
@@ -53,15 +52,9 @@ class Manifest:
 def read_manifest(folder: Union[str, Path]) -> Manifest:
     """Parse and check `folder/shira_export.json`; errors name the file and key."""
     folder = Path(folder)
-    path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ShiraInputError(f"{folder}: --candidate must be an export folder (not found or not a folder)")
-    if not path.is_file():
-        raise ShiraInputError(f"{path}: manifest not found (expected the {MANIFEST_NAME} an export writes)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShiraInputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    path, raw = load_manifest_json(folder, expected=f"the {MANIFEST_NAME} an export writes")
 
     def need(key: str, kind: type):
         if not isinstance(raw.get(key), kind):
