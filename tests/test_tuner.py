@@ -200,3 +200,27 @@ def test_merge_and_unload_returns_plain_model(tmp_path):
     reloaded = type(base).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert (reloaded(**X).logits - expected).abs().max() < 1e-5
+
+
+def test_switch_sees_base_weight_written_elsewhere():
+    """Switching reuses cached base entries; a write to the weight by anything else must
+    invalidate them, or the old base value would be scattered back."""
+    base = tiny_opt()
+    model = get_shira_model(copy.deepcopy(base), ShiraConfig(r=3, init_weights=False, random_seed=1))
+    model.add_adapter("b", ShiraConfig(r=3, init_weights=False, random_seed=2))
+    model.merge_adapter()
+    model.switch_adapter("b")
+    model.switch_adapter("default")
+    model.unmerge_adapter()
+    layer = dict(model.shira_layers())["model.decoder.layers.0.self_attn.q_proj"]
+    row, col = (int(v) for v in layer.shira_indices["b"][:, 0])
+    with torch.no_grad():
+        layer.base_layer.weight[row, col] += 1.0  # e.g. a user's edit or load_state_dict
+        base.model.decoder.layers[0].self_attn.q_proj.weight[row, col] += 1.0
+    model.merge_adapter()
+    model.switch_adapter("b")
+    expected = _weights(_dense_reference(base, model, "b"))
+    got = _weights(model.model)
+    assert max((got[k] - expected[k]).abs().max().item() for k in got) <= 1e-6
+    model.unmerge_adapter()
+    assert torch.equal(layer.base_layer.weight, base.model.decoder.layers[0].self_attn.q_proj.weight)

@@ -62,6 +62,10 @@ class ShiraLayer(nn.Module):
         self._plans: dict[str, SparsePlan] = {}
         self._flat: dict[str, torch.Tensor] = {}  # per adapter: positions in the weight's storage
         self._saved_entries: dict[str, torch.Tensor] = {}
+        # Base entries at each adapter's support, read once, so that a switch only writes.
+        # Valid while the weight's version is the one our own last write left.
+        self._base_entries: dict[str, torch.Tensor] = {}
+        self._own_version: Optional[int] = None
 
     # ---- adapters ----------------------------------------------------------------
     def add_adapter(self, name: str, indices: torch.Tensor, values: torch.Tensor, *, trainable: bool) -> None:
@@ -84,6 +88,7 @@ class ShiraLayer(nn.Module):
         self.scaling.pop(name, None)
         self._plans.pop(name, None)
         self._flat.pop(name, None)
+        self._base_entries.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -120,20 +125,37 @@ class ShiraLayer(nn.Module):
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue
             index = self._storage_index(name)
-            saved = gather_flat(weight, index)
+            saved = self._base_entries_of(name) if not self.merged_adapters else gather_flat(weight, index)
             merged = (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights: the adapter is broken")
             scatter_flat_(weight, index, merged)
+            self._own_version = weight._version
             self._saved_entries[name] = saved
             self.merged_adapters.append(name)
+
+    def _base_entries_of(self, name: str) -> torch.Tensor:
+        """The base weight's entries at the adapter's support (no adapter merged now).
+        Cached: a switch then costs two scatters. Anything else that writes the weight
+        bumps its version, which drops the cache."""
+        weight = self.base_layer.weight
+        if weight._version != self._own_version:
+            self._base_entries.clear()
+        entries = self._base_entries.get(name)
+        if entries is None:
+            entries = self._base_entries[name] = gather_flat(weight, self._storage_index(name))
+            self._own_version = weight._version
+        return entries
 
     @torch.no_grad()
     def unmerge(self) -> None:
         weight = self.base_layer.weight
+        cache_valid = weight._version == self._own_version
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             scatter_flat_(weight, self._storage_index(name), self._saved_entries.pop(name))
+        if cache_valid:  # our own restore: the cached base entries still hold
+            self._own_version = weight._version
 
     @property
     def merged(self) -> bool:
