@@ -114,14 +114,17 @@ def main() -> None:
 
     # -- train -------------------------------------------------------------------------
     # no task_type: SEQ_CLS would add the head to modules_to_save, which a sparse export cannot switch
-    config = ShiraConfig(r=args.r, target_modules=["query", "value"], random_seed=0)
-    model = get_shira_model(copy.deepcopy(base), config)
-    enc = tokenizer(train_texts, padding=True, return_tensors="pt")
-    batch = {**enc, "labels": torch.tensor(train_labels)}
-    losses = train_adapter(model, [batch], steps=args.steps, lr=args.lr)
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
+    losses = [float("nan")]
+    # the exports below are reused when present, so the adapter they came from is reused too
+    if not (adapter_dir / "adapter_config.json").is_file():
+        config = ShiraConfig(r=args.r, target_modules=["query", "value"], random_seed=0)
+        model = get_shira_model(copy.deepcopy(base), config)
+        enc = tokenizer(train_texts, padding=True, return_tensors="pt")
+        batch = {**enc, "labels": torch.tensor(train_labels)}
+        losses = train_adapter(model, [batch], steps=args.steps, lr=args.lr)
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        model.save_pretrained(adapter_dir)
 
     feeds = encode(tokenizer, test_texts)
     torch_feeds = {k: torch.from_numpy(v) for k, v in feeds.items()}

@@ -112,6 +112,34 @@ def test_sparse_quantized_switches_adapters_and_keeps_files(exports, mode):
         np.testing.assert_allclose(outs[None], ref, atol=1e-5)
 
 
+def _nbits(path) -> dict:
+    """MatMulNBits node name -> its `bits` attribute."""
+    nodes = onnx.load(str(path)).graph.node
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
+
+
+def test_int4_keeps_the_last_third_of_matmuls_at_8_bits(exports, tmp_path):
+    root, base, reports = exports
+    report = reports["merged", "int4"]
+    assert report.int8_tail == pytest.approx(1 / 3) and report.matmuls_8bit == 4  # ceil(12 / 3)
+    bits = _nbits(root / "merged_int4" / "model.onnx")
+    eight = sorted(name for name, b in bits.items() if b == 8)
+    assert len(bits) == 12 and len(eight) == 4 and all("layer.1/" in name for name in eight)  # the last layer
+    levels = {n.name: [a.i for a in n.attribute if a.name == "accuracy_level"]
+              for n in onnx.load(str(root / "merged_int4" / "model.onnx")).graph.node if n.name in eight}
+    assert all(v == [4] for v in levels.values())  # the fast int8 kernel (ORT's fallback is 26x slower)
+    plain = quantize_onnx_model(root / "merged", tmp_path / "all4", mode="int4", block_size=32, int8_tail=0)
+    assert plain.matmuls_8bit == 0 and set(_nbits(tmp_path / "all4" / "model.onnx").values()) == {4}
+    assert plain.files["model.onnx"]["matmuls"] == [12, 12] == report.files["model.onnx"]["matmuls"]
+    assert plain.quantized_bytes < report.quantized_bytes
+    feeds = _feeds(tokens=9)
+    ref = _torch_hidden(base, root / "a", feeds)
+    mixed = ort.InferenceSession(str(root / "merged_int4" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
+    all4 = ort.InferenceSession(str(tmp_path / "all4" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
+    assert _cos_min(mixed, ref) >= 0.97 and _cos_min(all4, ref) >= 0.97
+    assert np.abs(mixed - ref).mean() < np.abs(all4 - ref).mean()
+
+
 def _base_onnx(root):
     from shira_export.export.manifest import read_sparse_manifest
     from shira_export.export.quant_delta import strip_sparse_deltas
@@ -161,6 +189,7 @@ def test_int8_saturation_probe_is_reported(exports):
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"mode": "int3"}, "expected one of ['int8', 'int4']"),
     ({"mode": "int4", "block_size": 48}, "block_size: expected one of"),
+    ({"mode": "int4", "int8_tail": 1.5}, "int8_tail: expected a fraction in [0, 1]"),
     ({"mode": "int8", "reduce_range": "yes"}, "reduce_range"),
 ])
 def test_bad_options_write_nothing(exports, tmp_path, kwargs, fragment):
@@ -264,5 +293,10 @@ def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
     assert big_floats == []
     quantized, expected = report.files["model.onnx"]["matmuls"]
     assert quantized == expected >= 2 * 6 + 1  # q/k/v/out/fc1/fc2 per layer + the tied head
-    # the tied head needs its own transposed copy of the (quantized) table, hence above 0.25 / 0.125
-    assert report.size_ratio < (0.4 if mode == "int8" else 0.3)
+    if mode == "int4":  # the head writes a graph output: it stays at 4 bits, the last layer gets 8
+        heads = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
+        bits = _nbits(tmp_path / mode / "model.onnx")
+        assert len(heads) == 1 and bits[heads[0]] == 4 and report.matmuls_8bit == 4  # ceil(12 / 3)
+    # the tied head and the embedding lookup share one quantized table
+    assert report.tied_tables_shared == 1
+    assert report.size_ratio < (0.3 if mode == "int8" else 0.25), report.size_ratio  # int4: 1/3 of MatMuls at 8 bits

@@ -5,9 +5,14 @@ switching on the quantized sparse graph.
     python tools/bench_quantized.py --minilm /tmp/minilm [--opt] [--rounds 7]
 
 MiniLM (real weights): one 1 x 64-token call per run. `--opt`: an OPT-125m-shaped decoder
-built from a config (random weights), merged export with a SHiRA r=8 q/v adapter, prefill
-(1 x 128 tokens) and decode (1 token over a 128-token cache). Medians of interleaved rounds
-(the CPU is shared); ratios are to fp32 in the same run. Writes tools/results/bench_quantized.json.
+built from a config (random weights) with a SHiRA r=8 q/v adapter, merged and sparse exports
+at fp32/int8/int4: prefill (1 x 128 tokens) and decode (1 token over a 128-token cache)
+latency, and quality against fp32 PyTorch with the adapter merged through `verify` with the
+mode's profile: top-1 agreement of the logits, identical greedy prefix over `--tokens`
+tokens (KV cache on; shortest and mean, as a fraction of the tokens). Random weights are
+harsher than trained ones: reported, not tuned to. Medians of interleaved rounds (the CPU
+is shared); ratios are to fp32 of the same kind in the same run. Writes
+tools/results/bench_quantized.json. About 6 minutes with --opt on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tqdm import tqdm
 
 from shira_export.export.quantize import quantize_onnx_model
 
@@ -84,12 +91,28 @@ def bench_minilm(root: Path, rounds: int) -> list[dict]:
     return rows
 
 
-def bench_opt(work: Path, rounds: int) -> list[dict]:
+def _quality(base: Path, folder: Path, mode: str, tokens: int) -> dict:
+    """Top-1 agreement of the logits and identical greedy prefix (KV cache on) against fp32
+    PyTorch with the adapter merged, through `verify` with the mode's profile."""
+    from shira_export.verify import verify
+
+    report = verify(model=base, candidate=folder, profile=mode, overrides={"greedy_tokens": tokens}, progress=False)
+    out = {"passed": report.passed}
+    for r in report.records:
+        if r.metric in ("top1_agreement", "greedy_prefix", "greedy_prefix_mean", "cosine") and r.value is not None:
+            key = r.metric if r.metric.startswith("greedy") else f"{r.metric}_{r.output}"
+            out[key] = round(min(out.get(key, r.value), r.value), 4)
+    return out
+
+
+def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
     from shira_export import ShiraConfig, get_shira_model
     from shira_export.export.merged import export_merged
+    from shira_export.export.sparse import export_sparse
+    from shira_export.runtime import ShiraSession
 
     torch.manual_seed(0)
     cfg = OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, vocab_size=50272,
@@ -98,11 +121,24 @@ def bench_opt(work: Path, rounds: int) -> list[dict]:
     base.save_pretrained(work / "base")
     get_shira_model(copy.deepcopy(base), ShiraConfig(r=8, init_weights=False, random_seed=1)).save_pretrained(work / "adapter")
     del base
-    export_merged(work / "base", work / "adapter", work / "merged", task="text-generation-with-past", verify=False)
-    for mode in ("int8", "int4"):
-        quantize_onnx_model(work / "merged", work / f"merged_{mode}", mode=mode, block_size=32)
-    sessions = {m: ort.InferenceSession(str(work / (f"merged_{m}" if m != "fp32" else "merged") / "model.onnx"), _options())
-                for m in ("fp32", "int8", "int4")}
+    task = "text-generation-with-past"
+    export_merged(work / "base", work / "adapter", work / "merged", task=task, verify=False)
+    export_sparse(work / "base", {"a": work / "adapter"}, work / "sparse", task=task, verify=False)
+    folders = {f"{k} fp32": work / k for k in ("merged", "sparse")}
+    for kind in ("merged", "sparse"):
+        for mode in ("int8", "int4"):
+            folders[f"{kind} {mode}"] = work / f"{kind}_{mode}"
+            quantize_onnx_model(work / kind, folders[f"{kind} {mode}"], mode=mode)
+    quality = {name: _quality(work / "base", folder, name.split()[1], tokens)
+               for name, folder in tqdm(folders.items(), desc="verify", file=sys.stderr) if "fp32" not in name}
+    runners = {}
+    for name, folder in folders.items():
+        if name.startswith("merged"):
+            s = ort.InferenceSession(str(folder / "model.onnx"), _options())
+            runners[name] = (s, lambda f, s=s: s.run(["logits"], f))
+        else:
+            sess = ShiraSession(folder, mode="portable", session_options=_options())
+            runners[name] = (sess.session, lambda f, s=sess: s.run(f, adapter="a", output_names=["logits"]))
 
     def feeds(session, tokens: int, past: int) -> dict:
         out = {}
@@ -118,13 +154,14 @@ def bench_opt(work: Path, rounds: int) -> list[dict]:
         return out
 
     rows = []
-    for phase, tokens, past in (("prefill 1x128", 128, 0), ("decode 1 @128", 1, 128)):
-        fns = {m: (lambda s=s, f=feeds(s, tokens, past): s.run(["logits"], f)) for m, s in sessions.items()}
-        ms = _median_ms(fns, rounds, 2 if tokens > 1 else 10)
-        for m, value in ms.items():
-            folder = work / (f"merged_{m}" if m != "fp32" else "merged")
-            rows.append({"model": "OPT-125m-shaped", "variant": f"merged {m}", "phase": phase, "mb": _mb(folder),
-                         "ms": value, "ratio": round(value / ms["fp32"], 3)})
+    for phase, n, past in (("prefill 1x128", 128, 0), ("decode 1 @128", 1, 128)):
+        fns = {name: (lambda fn=fn, f=feeds(s, n, past): fn(f)) for name, (s, fn) in runners.items()}
+        ms = _median_ms(fns, rounds, 2 if n > 1 else 10)
+        for name, value in ms.items():
+            kind = name.split()[0]
+            rows.append({"model": "OPT-125m-shaped", "variant": name, "phase": phase, "mb": _mb(folders[name]),
+                         "size_ratio": round(_mb(folders[name]) / _mb(folders[f"{kind} fp32"]), 3),
+                         "ms": value, "ratio": round(value / ms[f"{kind} fp32"], 3), **quality.get(name, {})})
     return rows
 
 
@@ -133,13 +170,14 @@ def main() -> None:
     parser.add_argument("--minilm", type=Path, help="output folder of examples/train_minilm_classifier.py")
     parser.add_argument("--opt", action="store_true", help="also build and time an OPT-125m-shaped decoder")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt in the OPT quality check")
     args = parser.parse_args()
     rows = []
     if args.minilm:
         rows += bench_minilm(args.minilm, args.rounds)
     if args.opt:
         with tempfile.TemporaryDirectory(prefix="bench_quant_") as tmp:
-            rows += bench_opt(Path(tmp), args.rounds)
+            rows += bench_opt(Path(tmp), args.rounds, args.tokens)
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items() if v is not None))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@
   raise instead of shipping an fp32 layer inside an "int8" model.
 - `run_int8` / `run_int4`: onnxruntime's dynamic int8 and MatMulNBits quantizers, with
   their logging muted and the counts of quantized vs quantizable ops returned.
+- `share_tied_embeddings` (export.quant_tied): after quantization, a tied LM head and its
+  embedding lookup read one quantized table instead of two copies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import onnx
 from onnx import TensorProto
 
 from shira_export.errors import ShiraInputError
+from shira_export.export.quant_tied import share_tied_embeddings
 
 __all__ = [
     "QUANTIZED_OPS",
@@ -32,6 +35,7 @@ __all__ = [
     "fold_transposed_weights",
     "run_int8",
     "run_int4",
+    "share_tied_embeddings",
 ]
 
 # Ops a quantizer leaves behind; one of them in the input means "already quantized".
@@ -292,3 +296,4 @@ def drop_unused_initializers(model: onnx.ModelProto) -> int:
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return dropped
+
