@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -47,7 +49,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         model = _new_model()
         _train(torch.nn.parallel.DistributedDataParallel(model), lambda loss: loss.backward(), rank)
@@ -66,6 +68,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         if accelerator.is_main_process:
             model.save_pretrained(os.path.join(out_dir, "accelerate"))
         dist.barrier()
+        open(os.path.join(out_dir, f"done_{rank}"), "w").close()
     finally:
         dist.destroy_process_group()
 
@@ -76,8 +79,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_workers(out_dir) -> None:
+    """Spawn the ranks; once every rank has marked its work done, give them a few seconds
+    to exit, then stop them (gloo's destroy_process_group can hang after a peer left)."""
+    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline, done_since = time.monotonic() + 300, None
+    while not context.join(timeout=2):
+        if all((out_dir / f"done_{r}").exists() for r in range(WORLD)):
+            done_since = done_since or time.monotonic()
+        if (done_since and time.monotonic() - done_since > 15) or time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            assert done_since, "DDP workers did not finish within 300 s"
+            return
+
+
 def test_ddp_and_accelerate_two_cpu_ranks_agree_and_adapter_loads(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    _run_workers(tmp_path)
     initial = _values(_new_model())
     for mode in ("ddp", "accelerate"):
         v0 = torch.load(tmp_path / f"{mode}_0.pt")
