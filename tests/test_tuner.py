@@ -82,9 +82,14 @@ def test_training_step_restores_base_weight_and_reaches_values_only():
         version = w._version
         model(**X)  # inference: the weight is only read
         assert w._version == version
+    with torch.enable_grad():
+        model(**X)  # eval mode with grad enabled: still only read (concurrent inference is safe)
+        assert w._version == version
+    model.train()
     out = model(**X, labels=X["input_ids"])
     out.loss.backward()
-    assert torch.equal(w, before) and w.grad is None  # merged for each matmul, restored bit for bit
+    assert w._version > version  # the training path scattered S into W for the matmuls ...
+    assert torch.equal(w, before) and w.grad is None  # ... and restored it bit for bit
     assert layer.shira_weight["default"].grad is not None
     assert layer.shira_weight["default"].grad.abs().sum() > 0
 

@@ -60,6 +60,7 @@ class ShiraLayer(nn.Module):
         self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
         self.disable_adapters = False
         self._plans: dict[str, SparsePlan] = {}
+        self.train(base_layer.training)  # a new wrapper follows the model's train/eval mode
         self._flat: dict[str, torch.Tensor] = {}  # per adapter: positions in the weight's storage
         self._saved_entries: dict[str, torch.Tensor] = {}
         # Base entries at each adapter's support, read once, so that a switch only writes.
@@ -170,8 +171,9 @@ class ShiraLayer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------
     def _training_adapter(self) -> Optional[str]:
-        """The one adapter this call trains, when the fast merged path applies."""
-        if not torch.is_grad_enabled() or self.merged_adapters or len(self.active_adapters) != 1:
+        """The one adapter this call trains, when the fast merged path applies: train mode
+        with grad enabled (eval mode never writes W, so concurrent inference stays safe)."""
+        if not (self.training and torch.is_grad_enabled()) or self.merged_adapters or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
         if name not in self.shira_weight or not self.shira_weight[name].requires_grad:

@@ -16,6 +16,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.disable_adapters = False
+        self.train(original_module.training)
 
     def add_adapter(self, name: str, *, trainable: bool) -> nn.Module:
         replica = copy.deepcopy(self.original_module)
