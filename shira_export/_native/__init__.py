@@ -1,0 +1,181 @@
+"""Native fp32 CPU kernels for the tuner's O(nnz) training ops, with torch as the fallback.
+
+The values' gradient (an SDDMM: one dot product of length `tokens` per nonzero) and the
+transient merge of a training step are memory-bound gathers that torch runs as several
+passes plus copies; three small C loops (kernels.c) do each in one pass (measured in
+tools/bench_train.py --ops). They are compiled once per machine with the system C
+compiler (`$CC`, else `cc`/`gcc`) into `$SHIRA_EXPORT_CACHE` (default
+~/.cache/shira_export) and called through ctypes, which releases the GIL. No compiler,
+a failed build or `SHIRA_EXPORT_NATIVE=0`: the torch ops run instead, same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "loaded", "sddmm", "swap_in_", "scatter_", "status", "transpose"]
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-fPIC", "-shared"]
+# Best first; OpenMP shares torch's libgomp pool, -fopenmp-simd alone runs serially.
+_VARIANTS = (["-fopenmp", "-march=native"], ["-fopenmp"], ["-fopenmp-simd", "-march=native"], ["-fopenmp-simd"])
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict = {"lib": None, "tried": False, "why": "not loaded yet"}
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SHIRA_EXPORT_CACHE") or Path.home() / ".cache" / "shira_export")
+
+
+def _cpu_signature() -> str:
+    """-march=native code is only valid on the CPU that built it: key the cache on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cc: str) -> Path:
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + cc.encode() + repr((_FLAGS, _VARIANTS)).encode() + _cpu_signature().encode()).hexdigest()
+    target = _cache_dir() / f"kernels-{key[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: ranks of a DDP job may build at the same time.
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        errors = []
+        for extra in _VARIANTS:  # some compilers lack OpenMP, some arches refuse -march=native
+            done = subprocess.run([cc, *_FLAGS, *extra, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(done.stderr.strip()[-500:])
+        raise RuntimeError(f"{cc} could not build {_SOURCE}: {errors[-1]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    if os.environ.get("SHIRA_EXPORT_NATIVE", "1") == "0":
+        _state["why"] = "disabled by SHIRA_EXPORT_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _state["why"] = "no C compiler found ($CC, cc, gcc, clang): using torch ops"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError) as exc:
+        _state["why"] = f"native kernels unavailable ({exc}): using torch ops"
+        _log.warning(_state["why"])
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.shira_sddmm_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.shira_swap_in_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.shira_transpose_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    _state["why"] = f"loaded from {lib._name}"
+    return lib
+
+
+def _lib() -> Optional[ctypes.CDLL]:
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                _state["lib"] = _load()
+                _state["tried"] = True
+    return _state["lib"]
+
+
+def status() -> str:
+    """Why the native kernels are (not) in use, for benchmarks and bug reports."""
+    _lib()
+    return _state["why"]
+
+
+def _reset_for_tests() -> None:
+    _state.update(lib=None, tried=False, why="not loaded yet")
+
+
+def _fits(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def loaded() -> bool:
+    """True when the kernels are built and loaded (they serve fp32 CPU tensors)."""
+    return _lib() is not None
+
+
+def available(weight_or_input: torch.Tensor) -> bool:
+    """True when the native kernels can serve this fp32 CPU tensor."""
+    return weight_or_input.dtype == torch.float32 and weight_or_input.device.type == "cpu" and _lib() is not None
+
+
+def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """out[k] = a[row(k)] . b[col[k]] for a CSR pattern (crow, col) over a's rows:
+    a [rows, T], b [n, T] fp32 contiguous; returns [nnz] fp32 in CSR order."""
+    lib = _lib()
+    assert lib is not None and _fits(a, b, crow, col) and a.dtype == b.dtype == torch.float32
+    out = torch.empty(col.numel(), dtype=torch.float32)
+    lib.shira_sddmm_f32(a.data_ptr(), b.data_ptr(), a.shape[1], crow.data_ptr(), col.data_ptr(),
+                        a.shape[0], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def swap_in_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One pass: saved = w[flat]; w[flat] = saved + values (fp32 sum). Returns saved.
+    Unlike torch's in-place ops this does not bump weight._version: callers restore the
+    weight before anyone else reads it (the transient merge of a training step)."""
+    lib = _lib()
+    assert lib is not None and _fits(weight, flat, values) and weight.dtype == values.dtype == torch.float32
+    saved = torch.empty(flat.numel(), dtype=torch.float32)
+    lib.shira_swap_in_f32(weight.data_ptr(), flat.data_ptr(), values.data_ptr(), saved.data_ptr(), flat.numel(),
+                          torch.get_num_threads())
+    return saved
+
+
+def scatter_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
+    """w[flat] = values in place."""
+    lib = _lib()
+    assert lib is not None and _fits(weight, flat, values) and weight.dtype == values.dtype == torch.float32
+    lib.shira_scatter_f32(weight.data_ptr(), flat.data_ptr(), values.data_ptr(), flat.numel(), torch.get_num_threads())
+
+
+def transpose(src: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """src [R, C] fp32 contiguous -> [C, R] contiguous (into `out` when given: reusing a
+    buffer spares the page faults of a fresh multi-MB allocation, most of the cost)."""
+    lib = _lib()
+    assert lib is not None and _fits(src) and src.dim() == 2 and src.dtype == torch.float32
+    rows, cols = src.shape
+    if out is None:
+        out = torch.empty(cols, rows, dtype=torch.float32)
+    assert out.shape == (cols, rows) and out.is_contiguous() and out.dtype == torch.float32
+    lib.shira_transpose_f32(src.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,112 @@
+"""The native kernels against the torch ops they replace, and the fallback when they
+cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_export import ShiraConfig, _native, get_shira_model
+from shira_export.tuner import sparse_ops
+from shira_export.tuner.sparse_ops import SparsePlan, sparse_values_grad
+from tiny_models import tiny_opt
+
+pytestmark = pytest.mark.skipif(_native._lib() is None, reason=f"native kernels: {_native.status()}")
+
+
+def _plan(out_f: int, in_f: int, nnz: int, seed: int) -> SparsePlan:
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(out_f * in_f, generator=g)[:nnz].sort().values
+    return SparsePlan.build(torch.stack([flat // in_f, flat % in_f]), (out_f, in_f))
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (40, 96), (7, 300)], ids=["tall", "wide", "few_rows"])
+@pytest.mark.parametrize("tokens", [1, 13, 130])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sddmm_equals_sampled_addmm(shape, tokens, threads, monkeypatch):
+    out_f, in_f = shape
+    plan = _plan(out_f, in_f, nnz=(out_f * in_f) // 5, seed=tokens)  # some rows/columns empty
+    g = torch.Generator().manual_seed(1)
+    grad_out, x = torch.randn(tokens, out_f, generator=g), torch.randn(tokens, in_f, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the rows are split between this many threads
+    try:
+        native = sparse_values_grad(grad_out, x, plan)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setitem(_native._state, "lib", None)
+    reference = sparse_values_grad(grad_out, x, plan)
+    exact = (grad_out.t().double() @ x.double())[plan.rows, plan.cols]  # plan's order = CSR order here
+    assert native.shape == reference.shape == (plan.nnz,)
+    torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_swap_in_and_restore_are_bit_exact():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 80, generator=g)
+    before = weight.clone()
+    flat = torch.randperm(64 * 80, generator=g)[:900]  # any order: positions unique
+    values = torch.randn(900, generator=g) * 1e-3
+    saved = _native.swap_in_(weight, flat, values)
+    expected = before.view(-1).clone()
+    expected[flat] = before.view(-1)[flat] + values
+    assert torch.equal(saved, before.view(-1)[flat])
+    assert torch.equal(weight.view(-1), expected)  # the same fp32 sum as the torch path
+    _native.scatter_(weight, flat, saved)
+    assert torch.equal(weight, before)
+
+
+def _train_step(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    torch.manual_seed(seed)
+    base = tiny_opt()
+    model = get_shira_model(base, ShiraConfig(r=2, init_weights=False, random_seed=3)).train()
+    ids = torch.randint(0, base.config.vocab_size, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    weights = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if not p.requires_grad])
+    return grads, weights
+
+
+def test_training_gradients_equal_the_torch_path(monkeypatch):
+    grads, weights = _train_step()  # the kernels
+    monkeypatch.setitem(_native._state, "lib", None)
+    ref_grads, ref_weights = _train_step()  # the torch ops
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert torch.equal(weights, ref_weights)  # the base restored bit for bit on both paths
+
+
+def test_build_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
+    monkeypatch.setenv("SHIRA_EXPORT_CACHE", str(tmp_path))
+    _native._reset_for_tests()
+    try:
+        assert not _native.available(torch.zeros(1))
+        assert "could not build" in _native.status() and "using torch ops" in _native.status()
+        assert "could not build" in caplog.text
+        grads, _ = _train_step()  # training still works, on the torch ops
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".kernels-*"))  # no half-built file
+    finally:
+        monkeypatch.undo()
+        _native._reset_for_tests()
+    assert _native.available(torch.zeros(1))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("SHIRA_EXPORT_NATIVE", "0")
+    _native._reset_for_tests()
+    try:
+        assert _native.status() == "disabled by SHIRA_EXPORT_NATIVE=0"
+        assert not _native.available(torch.zeros(1))
+    finally:
+        monkeypatch.undo()
+        _native._reset_for_tests()
+
+
+def test_other_dtypes_use_torch_ops():
+    assert not _native.available(torch.zeros(1, dtype=torch.float16))
+    assert not _native.available(torch.zeros(1, dtype=torch.bfloat16))
+    assert sparse_ops._native is _native
