@@ -14,6 +14,12 @@ from tiny_models import tiny_opt
 pytestmark = pytest.mark.skipif(_native._lib() is None, reason=f"native kernels: {_native.status()}")
 
 
+def _kernels_off(monkeypatch) -> None:
+    """Run the torch fallback even though the kernels are built."""
+    monkeypatch.setitem(_native._state, "lib", None)
+    monkeypatch.setitem(_native._state, "tried", True)  # or the next call would load them again
+
+
 def _plan(out_f: int, in_f: int, nnz: int, seed: int) -> SparsePlan:
     g = torch.Generator().manual_seed(seed)
     flat = torch.randperm(out_f * in_f, generator=g)[:nnz].sort().values
@@ -34,7 +40,7 @@ def test_sddmm_equals_sampled_addmm(shape, tokens, threads, monkeypatch):
         native = sparse_values_grad(grad_out, x, plan)
     finally:
         torch.set_num_threads(before)
-    monkeypatch.setitem(_native._state, "lib", None)
+    _kernels_off(monkeypatch)
     reference = sparse_values_grad(grad_out, x, plan)
     exact = (grad_out.t().double() @ x.double())[plan.rows, plan.cols]  # plan's order = CSR order here
     assert native.shape == reference.shape == (plan.nnz,)
@@ -70,7 +76,7 @@ def _train_step(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 
 def test_training_gradients_equal_the_torch_path(monkeypatch):
     grads, weights = _train_step()  # the kernels
-    monkeypatch.setitem(_native._state, "lib", None)
+    _kernels_off(monkeypatch)
     ref_grads, ref_weights = _train_step()  # the torch ops
     assert grads.keys() == ref_grads.keys() and grads
     for name, grad in grads.items():
@@ -110,3 +116,31 @@ def test_other_dtypes_use_torch_ops():
     assert not _native.available(torch.zeros(1, dtype=torch.float16))
     assert not _native.available(torch.zeros(1, dtype=torch.bfloat16))
     assert sparse_ops._native is _native
+
+
+def test_switch_in_one_pass_is_exact_and_visible_to_autograd(monkeypatch):
+    """Overlapping supports (r=6 on 16x16 layers: ~75% dense), the blocked pass used once
+    the base entries are cached, and the result equal to unmerge + merge, bit for bit."""
+    calls = []
+    real_switch = _native.switch_
+    monkeypatch.setattr(_native, "switch_", lambda *a, **k: calls.append(1) or real_switch(*a, **k))
+    torch.manual_seed(0)
+    base = tiny_opt()
+    fast = get_shira_model(base, ShiraConfig(r=6, init_weights=False, random_seed=1))
+    fast.add_adapter("b", ShiraConfig(r=5, init_weights=False, random_seed=2))
+    fast.merge_adapter()
+    weights = {p: layer.base_layer.weight for p, layer in fast.shira_layers()}
+    expected = {}
+    for name in ("b", "default"):  # reference: the two-scatter path (kernels off)
+        with monkeypatch.context() as off:
+            _kernels_off(off)
+            fast.switch_adapter(name)
+            expected[name] = {p: w.clone() for p, w in weights.items()}
+    assert not calls
+    for name in ["b", "default", "b", "b", "default"] * 2:
+        versions = {p: w._version for p, w in weights.items()}
+        fast.switch_adapter(name)
+        assert all(torch.equal(w, expected[name][p]) for p, w in weights.items()), name
+        assert all(w._version > versions[p] for p, w in weights.items())  # a write autograd can see
+    assert len(calls) == 8 * len(weights)  # every switch to another adapter went through the kernel
+

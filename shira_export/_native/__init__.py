@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "loaded", "sddmm", "swap_in_", "scatter_", "status", "transpose"]
+__all__ = ["available", "loaded", "sddmm", "swap_in_", "scatter_", "status", "switch_", "transpose"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-fPIC", "-shared"]
@@ -100,6 +100,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.shira_sddmm_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.shira_swap_in_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.shira_switch_f32.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
     lib.shira_transpose_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     _state["why"] = f"loaded from {lib._name}"
     return lib
@@ -179,3 +180,14 @@ def transpose(src: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Te
     assert out.shape == (cols, rows) and out.is_contiguous() and out.dtype == torch.float32
     lib.shira_transpose_f32(src.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tensor, new_flat: torch.Tensor,
+            new_values: torch.Tensor, *, block: int = 8192) -> None:
+    """w[old_flat] = old_values, then w[new_flat] = new_values, in one pass over the
+    weight (both position lists ascending). The caller bumps weight._version."""
+    lib = _lib()
+    assert lib is not None and _fits(weight, old_flat, old_values, new_flat, new_values)
+    assert weight.dtype == old_values.dtype == new_values.dtype == torch.float32
+    lib.shira_switch_f32(weight.data_ptr(), old_flat.data_ptr(), old_values.data_ptr(), old_flat.numel(),
+                         new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block)

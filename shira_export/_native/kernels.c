@@ -102,6 +102,21 @@ int shira_scatter_f32(float *w, const int64_t *idx, const float *vals, int64_t n
     return 0;
 }
 
+/* ---- switch: restore one adapter's entries and write another's, block by block --------
+ * Both position lists ascending. For each block of `block` weight elements, the old
+ * support's saved entries are written back, then the new support's merged entries: the
+ * block's cache lines are fetched once for both (two whole scatters fetch them twice,
+ * the second time from L3 or memory). A position in both lists ends with the new value. */
+int shira_switch_f32(float *w, const int64_t *old_idx, const float *old_vals, int64_t n_old,
+                     const int64_t *new_idx, const float *new_vals, int64_t n_new, int64_t block) {
+    int64_t i = 0, j = 0;
+    for (int64_t end = block; i < n_old || j < n_new; end += block) {
+        for (; i < n_old && old_idx[i] < end; ++i) w[old_idx[i]] = old_vals[i];
+        for (; j < n_new && new_idx[j] < end; ++j) w[new_idx[j]] = new_vals[j];
+    }
+    return 0;
+}
+
 /* dst [cols, rows] = src [rows, cols]^T through a 32x32 tile on the stack: each row
  * segment is read and written once, contiguously (transposing in place across rows
  * whose stride is a multiple of 4 KiB thrashes L1's sets: 512x3072 ran 25x slower). */

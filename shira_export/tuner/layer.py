@@ -13,7 +13,9 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
+from shira_export import _native
 from shira_export.tuner.masks import layer_shape
 from shira_export.tuner.sparse_ops import (
     SparsePlan,
@@ -66,6 +68,7 @@ class ShiraLayer(nn.Module):
         # Base entries at each adapter's support, read once, so that a switch only writes.
         # Valid while the weight's version is the one our own last write left.
         self._base_entries: dict[str, torch.Tensor] = {}
+        self._merged_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._own_version: Optional[int] = None
 
     # ---- adapters ----------------------------------------------------------------
@@ -90,6 +93,7 @@ class ShiraLayer(nn.Module):
         self._plans.pop(name, None)
         self._flat.pop(name, None)
         self._base_entries.pop(name, None)
+        self._merged_cache.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -126,14 +130,32 @@ class ShiraLayer(nn.Module):
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue
             index = self._storage_index(name)
-            saved = self._base_entries_of(name) if not self.merged_adapters else gather_flat(weight, index)
-            merged = (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
+            if self.merged_adapters:  # stacked on another adapter: W's current entries
+                saved = gather_flat(weight, index)
+                merged = self._merged_entries(name, saved)
+            else:
+                saved = self._base_entries_of(name)
+                merged = self._cached_merged_entries(name, saved)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights: the adapter is broken")
             scatter_flat_(weight, index, merged)
             self._own_version = weight._version
             self._saved_entries[name] = saved
             self.merged_adapters.append(name)
+
+    def _merged_entries(self, name: str, saved: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
+
+    def _cached_merged_entries(self, name: str, base_entries: torch.Tensor) -> torch.Tensor:
+        """base + scale * values at the support, kept while neither the cached base
+        entries nor the values (a new version after an optimizer step) nor the scale changed."""
+        values = self.shira_weight[name]
+        key = (id(base_entries), id(values), values._version, self.scaling[name])
+        cached = self._merged_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._merged_cache[name] = (key, self._merged_entries(name, base_entries))
+        return cached[1]
 
     def _base_entries_of(self, name: str) -> torch.Tensor:
         """The base weight's entries at the adapter's support (no adapter merged now).
@@ -147,6 +169,32 @@ class ShiraLayer(nn.Module):
             entries = self._base_entries[name] = gather_flat(weight, self._storage_index(name))
             self._own_version = weight._version
         return entries
+
+    @torch.no_grad()
+    def switch_merged(self, name: str) -> None:
+        """Unmerge what is merged and merge `name` if this layer has it. With one adapter
+        merged and the native kernels available, both happen in one blocked pass over
+        the weight (the new support's entries are written right after the old one's are
+        restored, block by block, while the block's cache lines are still in L1/L2)."""
+        weight = self.base_layer.weight
+        old = self.merged_adapters[0] if len(self.merged_adapters) == 1 else None
+        # The new adapter's base entries must be cached already: read now, they would
+        # include the old adapter's values where the supports overlap.
+        if (old is not None and old != name and name in self._base_entries and not self.transposed_storage
+                and weight._version == self._own_version and weight.is_contiguous() and _native.available(weight)):
+            base = self._base_entries[name]
+            merged = self._cached_merged_entries(name, base)
+            _native.switch_(weight.view(-1), self._storage_index(old), self._saved_entries.pop(old),
+                            self._storage_index(name), merged)
+            increment_version(weight)  # W changed: autograd and our caches must see a write
+            self._own_version = weight._version
+            self._saved_entries[name] = base
+            self.merged_adapters = [name]
+            self.active_adapters = [name]
+            return
+        self.unmerge()
+        self.active_adapters = [name] if name in self.shira_weight else []
+        self.merge()
 
     @torch.no_grad()
     def unmerge(self) -> None:

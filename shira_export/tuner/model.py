@@ -70,15 +70,25 @@ class ShiraModel(nn.Module):
             return getattr(self.model, name)
 
     # ---- introspection ----------------------------------------------------------------
+    def _module_index(self) -> tuple[list[tuple[str, ShiraLayer]], list[tuple[str, ModulesToSaveWrapper]]]:
+        """(SHiRA layers, modules_to_save wrappers) with their paths, found once: walking
+        a 7B model's modules costs more than a switch. Our wrapping and unwrapping drop it."""
+        index = self.__dict__.get("_index")
+        if index is None:
+            layers, wrappers = [], []
+            for path, module in self.model.named_modules():
+                if isinstance(module, ShiraLayer):
+                    layers.append((path, module))
+                elif isinstance(module, ModulesToSaveWrapper):
+                    wrappers.append((path, module))
+            index = self.__dict__["_index"] = (layers, wrappers)
+        return index
+
     def shira_layers(self) -> Iterator[tuple[str, ShiraLayer]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, ShiraLayer):
-                yield path, module
+        return iter(self._module_index()[0])
 
     def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield path, module
+        return iter(self._module_index()[1])
 
     def get_base_model(self) -> nn.Module:
         return self.model
@@ -139,6 +149,7 @@ class ShiraModel(nn.Module):
         if not isinstance(module, wrapper_cls):
             module = wrapper_cls(module)
             setattr(parent, child, module)
+            self.__dict__.pop("_index", None)
         return module
 
     def _install(self, ckpt: AdapterCheckpoint, *, trainable: bool) -> None:
@@ -188,9 +199,7 @@ class ShiraModel(nn.Module):
             raise ShiraInputError(f"no adapter {adapter_name!r}; loaded: {sorted(self.peft_config)}")
         with torch.no_grad():
             for _, layer in self.shira_layers():
-                layer.unmerge()
-                layer.active_adapters = [adapter_name] if adapter_name in layer.shira_weight else []
-                layer.merge()
+                layer.switch_merged(adapter_name)
         for _, wrapper in self._wrappers():
             wrapper.set_adapter(adapter_name)
         self.active_adapter = adapter_name
@@ -245,6 +254,7 @@ class ShiraModel(nn.Module):
                 setattr(parent, child, module.base_layer)
             else:
                 setattr(parent, child, module.active_module() if merge else module.original_module)
+        self.__dict__.pop("_index", None)
         self.peft_config.clear()
         self.active_adapter = None
         return self.model
