@@ -144,3 +144,16 @@ def test_switch_in_one_pass_is_exact_and_visible_to_autograd(monkeypatch):
         assert all(w._version > versions[p] for p, w in weights.items())  # a write autograd can see
     assert len(calls) == 8 * len(weights)  # every switch to another adapter went through the kernel
 
+
+
+def test_unusable_cache_folder_falls_back_to_the_temp_folder(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("SHIRA_EXPORT_CACHE", str(tmp_path / "a_file" / "cache"))
+    monkeypatch.setattr(_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    _native._reset_for_tests()
+    try:
+        assert _native.loaded(), _native.status()
+        assert list((tmp_path / "tmp").glob("shira_export-*/kernels-*.so"))
+    finally:
+        monkeypatch.undo()
+        _native._reset_for_tests()

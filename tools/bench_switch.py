@@ -1,6 +1,7 @@
-"""Adapter-switch benchmark: ShiraModel.switch_adapter (scatter the old support's saved
-entries back, scatter the new values in, O(nnz)) vs PEFT LoRA unmerge + merge and PEFT
-SHiRA unmerge + merge, r=32, two adapters with different masks, alternating a <-> b.
+"""Adapter-switch benchmark: ShiraModel.switch_adapter (write the old support's saved
+entries back and the new support's merged entries in, O(nnz): with the native kernels in
+one blocked pass over each weight, else two scatters) vs PEFT LoRA unmerge + merge and
+PEFT SHiRA unmerge + merge, r=32, two adapters with different masks, alternating a <-> b.
 
 Shapes: an OPT-125m-shaped model (q/v of all 12 layers: 24 matrices 768x768) and a
 LLaMA-7B-shaped slice (hidden 4096, 2 layers, q/k/v/o: 8 matrices 4096x4096). Medians
@@ -171,13 +172,19 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-native", action="store_true", help="torch ops only (SHIRA_EXPORT_NATIVE=0), for comparison")
     args = p.parse_args()
+    if args.no_native:
+        os.environ["SHIRA_EXPORT_NATIVE"] = "0"  # read when the kernels are first needed; children inherit it
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
+    from shira_export import _native
+
     result: dict = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                "torch": torch.__version__, "copy_bandwidth_gbs": copy_bandwidth_gbs()},
+                                "torch": torch.__version__, "copy_bandwidth_gbs": copy_bandwidth_gbs(),
+                                "native_kernels": _native.status()},
                     "setup": {"r": args.r, "switches": args.switches}, "shapes": {}}
     for shape in args.shapes:
         print(f"{SHAPES[shape]['label']} ...", file=sys.stderr)

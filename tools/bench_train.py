@@ -88,7 +88,8 @@ def memory_probe(args) -> dict:
 
 def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
     """One layer's forward + backward of the adapter's delta, per formulation."""
-    from shira_export.tuner.sparse_ops import SparsePlan, sparse_linear_delta
+    from shira_export import _native
+    from shira_export.tuner.sparse_ops import SparsePlan, sparse_linear_delta, storage_index, transient_merged_linear
 
     rows = []
     for out_f, in_f in ((768, 768), (3072, 768)):
@@ -102,6 +103,19 @@ def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
         vals = torch.randn(nnz, requires_grad=True)
         a = torch.randn(r, in_f, requires_grad=True)
         b = torch.randn(out_f, r, requires_grad=True)
+
+        flat_index = storage_index(idx, (out_f, in_f))
+
+        def training_path():  # what a SHiRA layer runs in train mode: W + S only inside each matmul
+            return transient_merged_linear(x, weight, None, vals, plan, flat_index).sum().backward()
+
+        def training_path_torch_ops():  # the same with the native kernels off
+            lib = _native._state["lib"]
+            _native._state["lib"] = None
+            try:
+                return training_path()
+            finally:
+                _native._state["lib"] = lib
 
         def csr():
             return (x @ weight.t() + sparse_linear_delta(x, vals, plan)).sum().backward()
@@ -120,8 +134,9 @@ def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
         def base_only():
             return (x @ weight.t()).sum().backward()
 
-        fns = {"base (no adapter)": base_only, "shira_export CSR": csr, "gather/index_add": gather_index_add,
-               "peft_shira clone+coo": peft_shira, "lora": lora}
+        fns = {"base (no adapter)": base_only, "shira_export train": training_path,
+               "shira_export torch ops": training_path_torch_ops, "shira_export CSR": csr,
+               "gather/index_add": gather_index_add, "peft_shira clone+coo": peft_shira, "lora": lora}
         times = {k: [] for k in fns}
         for k, f in fns.items():
             f()  # warm-up
@@ -139,8 +154,10 @@ def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
 def machine() -> dict:
     cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                 if l.startswith("model name")), platform.processor())
+    from shira_export import _native
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(), "native_kernels": _native.status()}
 
 
 def main() -> int:
@@ -154,8 +171,11 @@ def main() -> int:
     p.add_argument("--ops", action="store_true", help="also time the per-layer formulations")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-native", action="store_true", help="torch ops only (SHIRA_EXPORT_NATIVE=0), for comparison")
     p.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.no_native:
+        os.environ["SHIRA_EXPORT_NATIVE"] = "0"  # read when the kernels are first needed; children inherit it
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
@@ -203,6 +223,7 @@ def main() -> int:
             memory["shira_export"]["peak_delta_mib"] / memory["peft_shira"]["peak_delta_mib"])
     result["ratios"] = ratios
 
+    print(f"native kernels: {result['machine']['native_kernels']}")
     print(f"\n{'variant':<14}{'step s (median)':>17}{'CPU s (median)':>16}{'peak RSS delta MiB':>20}")
     for v in VARIANTS:
         mem = f"{memory[v]['peak_delta_mib']:.0f}" if memory else "-"

@@ -61,10 +61,19 @@ def _cpu_signature() -> str:
 def _build(cc: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + cc.encode() + repr((_FLAGS, _VARIANTS)).encode() + _cpu_signature().encode()).hexdigest()
-    target = _cache_dir() / f"kernels-{key[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"kernels-{key[:16]}.so"
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"shira_export-{os.getuid()}"):
+        if (folder / name).exists():
+            return folder / name
+        try:  # a read-only home: build in the temp folder instead
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError(f"no writable folder for {name} ({_cache_dir()} nor the temp folder)")
+    target = folder / name
     # Build beside the target and rename: ranks of a DDP job may build at the same time.
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
@@ -73,6 +82,7 @@ def _build(cc: str) -> Path:
         for extra in _VARIANTS:  # some compilers lack OpenMP, some arches refuse -march=native
             done = subprocess.run([cc, *_FLAGS, *extra, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
             if done.returncode == 0:
+                os.chmod(tmp, 0o755)
                 os.replace(tmp, target)
                 return target
             errors.append(done.stderr.strip()[-500:])
