@@ -157,3 +157,23 @@ def test_unusable_cache_folder_falls_back_to_the_temp_folder(monkeypatch, tmp_pa
     finally:
         monkeypatch.undo()
         _native._reset_for_tests()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_switch_kernel_equals_two_scatters(threads):
+    """Overlapping supports, ranges split between threads (above the kernel's threshold)."""
+    g = torch.Generator().manual_seed(threads)
+    weight = torch.randn(300, 301, generator=g)
+    old = torch.randperm(weight.numel(), generator=g)[:45000].sort().values
+    new = torch.randperm(weight.numel(), generator=g)[:45000].sort().values  # ~half overlap
+    old_vals, new_vals = torch.randn(45000, generator=g), torch.randn(45000, generator=g)
+    expected = weight.clone().view(-1)
+    expected[old] = old_vals
+    expected[new] = new_vals
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _native.switch_(weight.view(-1), old, old_vals, new, new_vals, block=1000)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weight.view(-1), expected)

@@ -90,15 +90,18 @@ def switch(variant: str, model, name: str) -> None:
 
 
 def traffic_bytes(model) -> dict:
-    """Bytes a switch a -> b must move at the least, summed over the targeted layers."""
+    """Bytes a switch a -> b must move at the least, summed over the targeted layers: the
+    flat int64 positions of both supports, a's saved base entries and b's merged entries
+    (fp32, read), and every weight cache line either support touches, read and written
+    back once (what the one-pass blocked switch does; two whole scatters move more)."""
     index_bytes = value_bytes = lines = 0
     for _, layer in model.shira_layers():
         in_f = layer.in_features
         flats = []
         for name in ("a", "b"):
             idx = layer.shira_indices[name]
-            index_bytes += idx.numel() * idx.element_size()
-            value_bytes += 3 * 4 * idx.shape[1]  # values + saved entries (read and written)
+            index_bytes += 8 * idx.shape[1]
+            value_bytes += 4 * idx.shape[1]
             flats.append(idx[0] * in_f + idx[1])
         elem = layer.base_layer.weight.element_size()
         lines += int(torch.unique(torch.cat(flats) * elem // CACHE_LINE).numel())
@@ -195,7 +198,7 @@ def main() -> int:
             print(f"  {v:<14}{res['switch_ms'][v]['median']:>10.2f} ms")
         print(f"  speedup vs PEFT LoRA {res['speedup_vs_peft_lora']:.1f}x, vs PEFT SHiRA {res['speedup_vs_peft_shira']:.1f}x; "
               f"max |W - (W0 + S)| after {args.switches} switches: {res['max_abs_error_after_switches']:.1e}")
-        print(f"  traffic {t['total_bytes'] / 1e6:.1f} MB (indices {t['index_bytes'] / 1e6:.1f}, values+saved "
+        print(f"  traffic {t['total_bytes'] / 1e6:.1f} MB (indices {t['index_bytes'] / 1e6:.1f}, values "
               f"{t['value_bytes'] / 1e6:.1f}, weight lines {t['weight_line_bytes'] / 1e6:.1f}) -> "
               f"{res['implied_gbs']:.1f} GB/s implied; large copy {result['machine']['copy_bandwidth_gbs']:.1f} GB/s")
     from shira_export._io import atomic_write_text

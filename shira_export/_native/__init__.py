@@ -1,12 +1,15 @@
-"""Native fp32 CPU kernels for the tuner's O(nnz) training ops, with torch as the fallback.
+"""Native fp32 CPU kernels for the tuner's O(nnz) ops, with torch as the fallback.
 
-The values' gradient (an SDDMM: one dot product of length `tokens` per nonzero) and the
-transient merge of a training step are memory-bound gathers that torch runs as several
-passes plus copies; three small C loops (kernels.c) do each in one pass (measured in
-tools/bench_train.py --ops). They are compiled once per machine with the system C
-compiler (`$CC`, else `cc`/`gcc`) into `$SHIRA_EXPORT_CACHE` (default
-~/.cache/shira_export) and called through ctypes, which releases the GIL. No compiler,
-a failed build or `SHIRA_EXPORT_NATIVE=0`: the torch ops run instead, same results.
+Small C loops (kernels.c): the values' gradient (an SDDMM: one dot product of length
+`tokens` per nonzero), the transient merge of a training step (gather + add + scatter in
+one pass) and its restore, the adapter switch (the old support's entries restored and
+the new one's written block by block: one pass over the weight) and a tiled transpose.
+torch runs each as several passes plus copies (tools/bench_train.py --ops,
+tools/bench_switch.py --no-native). They are compiled once per machine with the system
+C compiler (`$CC`, else cc / gcc / clang) into `$SHIRA_EXPORT_CACHE` (default
+~/.cache/shira_export, else the temp folder) and called through ctypes, which releases
+the GIL. No compiler, a failed build or `SHIRA_EXPORT_NATIVE=0`: the torch ops run
+instead, same results.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.shira_sddmm_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.shira_swap_in_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
-    lib.shira_switch_f32.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
+    lib.shira_switch_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.shira_transpose_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     _state["why"] = f"loaded from {lib._name}"
     return lib
@@ -199,5 +202,6 @@ def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tens
     lib = _lib()
     assert lib is not None and _fits(weight, old_flat, old_values, new_flat, new_values)
     assert weight.dtype == old_values.dtype == new_values.dtype == torch.float32
-    lib.shira_switch_f32(weight.data_ptr(), old_flat.data_ptr(), old_values.data_ptr(), old_flat.numel(),
-                         new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block)
+    lib.shira_switch_f32(weight.data_ptr(), weight.numel(), old_flat.data_ptr(), old_values.data_ptr(),
+                         old_flat.numel(), new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block,
+                         torch.get_num_threads())
