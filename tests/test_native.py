@@ -173,7 +173,7 @@ def test_switch_kernel_equals_two_scatters(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _native.switch_(weight.view(-1), old, old_vals, new, new_vals, block=1000)
+        _native.switch_(weight.view(-1), old.int(), old_vals, new.int(), new_vals, block=1000)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(weight.view(-1), expected)

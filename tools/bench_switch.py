@@ -91,7 +91,7 @@ def switch(variant: str, model, name: str) -> None:
 
 def traffic_bytes(model) -> dict:
     """Bytes a switch a -> b must move at the least, summed over the targeted layers: the
-    flat int64 positions of both supports, a's saved base entries and b's merged entries
+    flat int32 positions of both supports, a's saved base entries and b's merged entries
     (fp32, read), and every weight cache line either support touches, read and written
     back once (what the one-pass blocked switch does; two whole scatters move more)."""
     index_bytes = value_bytes = lines = 0
@@ -100,7 +100,7 @@ def traffic_bytes(model) -> dict:
         flats = []
         for name in ("a", "b"):
             idx = layer.shira_indices[name]
-            index_bytes += 8 * idx.shape[1]
+            index_bytes += 4 * idx.shape[1]
             value_bytes += 4 * idx.shape[1]
             flats.append(idx[0] * in_f + idx[1])
         elem = layer.base_layer.weight.element_size()

@@ -198,9 +198,11 @@ def transpose(src: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Te
 def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tensor, new_flat: torch.Tensor,
             new_values: torch.Tensor, *, block: int = 8192) -> None:
     """w[old_flat] = old_values, then w[new_flat] = new_values, in one pass over the
-    weight (both position lists ascending). The caller bumps weight._version."""
+    weight (int32 position lists, ascending; weights under 2^31 elements). The caller
+    bumps weight._version."""
     lib = _lib()
     assert lib is not None and _fits(weight, old_flat, old_values, new_flat, new_values)
+    assert old_flat.dtype == new_flat.dtype == torch.int32 and weight.numel() < 2**31
     assert weight.dtype == old_values.dtype == new_values.dtype == torch.float32
     lib.shira_switch_f32(weight.data_ptr(), weight.numel(), old_flat.data_ptr(), old_values.data_ptr(),
                          old_flat.numel(), new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block,

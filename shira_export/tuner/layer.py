@@ -69,6 +69,7 @@ class ShiraLayer(nn.Module):
         # Valid while the weight's version is the one our own last write left.
         self._base_entries: dict[str, torch.Tensor] = {}
         self._merged_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._flat32: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._own_version: Optional[int] = None
 
     # ---- adapters ----------------------------------------------------------------
@@ -94,6 +95,7 @@ class ShiraLayer(nn.Module):
         self._flat.pop(name, None)
         self._base_entries.pop(name, None)
         self._merged_cache.pop(name, None)
+        self._flat32.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -118,6 +120,14 @@ class ShiraLayer(nn.Module):
             flat = storage_index(indices, (self.out_features, self.in_features), transposed=self.transposed_storage)
             self._flat[name] = flat
         return flat
+
+    def _storage_index32(self, name: str) -> torch.Tensor:
+        """The same positions as int32, for the native switch (half the bytes to read)."""
+        flat = self._storage_index(name)
+        cached = self._flat32.get(name)
+        if cached is None or cached[0] is not flat:
+            cached = self._flat32[name] = (flat, flat.to(torch.int32))
+        return cached[1]
 
     def delta_values(self, name: str) -> torch.Tensor:
         return self.shira_weight[name].detach() * self.scaling[name]
@@ -181,11 +191,12 @@ class ShiraLayer(nn.Module):
         # The new adapter's base entries must be cached already: read now, they would
         # include the old adapter's values where the supports overlap.
         if (old is not None and old != name and name in self._base_entries and not self.transposed_storage
-                and weight._version == self._own_version and weight.is_contiguous() and _native.available(weight)):
+                and weight._version == self._own_version and weight.is_contiguous() and weight.numel() < 2**31
+                and _native.available(weight)):
             base = self._base_entries[name]
             merged = self._cached_merged_entries(name, base)
-            _native.switch_(weight.view(-1), self._storage_index(old), self._saved_entries.pop(old),
-                            self._storage_index(name), merged)
+            _native.switch_(weight.view(-1), self._storage_index32(old), self._saved_entries.pop(old),
+                            self._storage_index32(name), merged)
             increment_version(weight)  # W changed: autograd and our caches must see a write
             self._own_version = weight._version
             self._saved_entries[name] = base
