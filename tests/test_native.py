@@ -177,3 +177,18 @@ def test_switch_kernel_equals_two_scatters(threads):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(weight.view(-1), expected)
+
+
+def test_transposed_input_is_reused_only_for_the_same_data(monkeypatch):
+    calls = []
+    real = _native.transpose
+    monkeypatch.setattr(_native, "transpose", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(6, 4)
+    first = sparse_ops._transposed(x, 1, reuse=True).clone()
+    assert torch.equal(sparse_ops._transposed(x.view(6, 4), 1, reuse=True), x.t()) and len(calls) == 1  # q, k, v
+    x.mul_(2)  # an in-place write: a new version
+    assert torch.equal(sparse_ops._transposed(x, 1, reuse=True), x.t()) and len(calls) == 2
+    other = x.clone()  # same values, other data
+    assert torch.equal(sparse_ops._transposed(other, 1, reuse=True), 2 * first) and len(calls) == 3
+    sparse_ops._transposed(other, 1)  # without reuse: always transposed
+    assert len(calls) == 4

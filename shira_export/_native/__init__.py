@@ -110,7 +110,7 @@ def _load() -> Optional[ctypes.CDLL]:
         _log.warning(_state["why"])
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.shira_sddmm_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.shira_sddmm_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.shira_swap_in_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_switch_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
@@ -152,14 +152,17 @@ def available(weight_or_input: torch.Tensor) -> bool:
     return weight_or_input.dtype == torch.float32 and weight_or_input.device.type == "cpu" and _lib() is not None
 
 
-def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+          out_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[k] = a[row(k)] . b[col[k]] for a CSR pattern (crow, col) over a's rows:
-    a [rows, T], b [n, T] fp32 contiguous; returns [nnz] fp32 in CSR order."""
+    a [rows, T], b [n, T] fp32 contiguous; returns [nnz] fp32 in CSR order, or with
+    `out_perm` (int64 [nnz], a permutation) result k at out_perm[k]."""
     lib = _lib()
     assert lib is not None and _fits(a, b, crow, col) and a.dtype == b.dtype == torch.float32
+    assert out_perm is None or (_fits(out_perm) and out_perm.dtype == torch.int64 and out_perm.numel() == col.numel())
     out = torch.empty(col.numel(), dtype=torch.float32)
-    lib.shira_sddmm_f32(a.data_ptr(), b.data_ptr(), a.shape[1], crow.data_ptr(), col.data_ptr(),
-                        a.shape[0], out.data_ptr(), torch.get_num_threads())
+    lib.shira_sddmm_f32(a.data_ptr(), b.data_ptr(), a.shape[1], crow.data_ptr(), col.data_ptr(), a.shape[0],
+                        out.data_ptr(), None if out_perm is None else out_perm.data_ptr(), torch.get_num_threads())
     return out
 
 

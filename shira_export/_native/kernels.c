@@ -11,6 +11,7 @@ typedef struct {
     const int64_t *crow, *col;
     int64_t row_begin, row_end;
     float *out;
+    const int64_t *perm; /* NULL, or where each CSR-ordered result goes */
 } sddmm_job;
 
 /* One dot product of length T per nonzero, four nonzeros of a row at a time: four
@@ -35,17 +36,24 @@ static void sddmm_rows(const sddmm_job *j) {
                 s2 += av * b2[t];
                 s3 += av * b3[t];
             }
-            j->out[k] = s0;
-            j->out[k + 1] = s1;
-            j->out[k + 2] = s2;
-            j->out[k + 3] = s3;
+            if (j->perm) {
+                j->out[j->perm[k]] = s0;
+                j->out[j->perm[k + 1]] = s1;
+                j->out[j->perm[k + 2]] = s2;
+                j->out[j->perm[k + 3]] = s3;
+            } else {
+                j->out[k] = s0;
+                j->out[k + 1] = s1;
+                j->out[k + 2] = s2;
+                j->out[k + 3] = s3;
+            }
         }
         for (; k < k_end; ++k) {
             const float *bk = j->b + j->col[k] * T;
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t t = 0; t < T; ++t) s += ai[t] * bk[t];
-            j->out[k] = s;
+            j->out[j->perm ? j->perm[k] : k] = s;
         }
     }
 }
@@ -60,19 +68,20 @@ static int64_t lower_row(const int64_t *crow, int64_t n_rows, int64_t target) {
     return lo;
 }
 
-/* a: [n_rows, T], b: [*, T] row-major; CSR (crow [n_rows+1], col [nnz]); out [nnz].
+/* a: [n_rows, T], b: [*, T] row-major; CSR (crow [n_rows+1], col [nnz]); out [nnz], in
+ * CSR order or, with `perm`, out[perm[k]] (the transpose's results in the caller's order).
  * Rows are split between threads by equal shares of nonzeros. OpenMP: linked against
  * the libgomp.so.1 torch has loaded, so the work goes to torch's own (spinning) pool;
  * threads of our own would compete with it for the cores. */
 int shira_sddmm_f32(const float *a, const float *b, int64_t T, const int64_t *crow, const int64_t *col,
-                    int64_t n_rows, float *out, int n_threads) {
+                    int64_t n_rows, float *out, const int64_t *perm, int n_threads) {
     const int64_t nnz = crow[n_rows];
     if (n_threads < 1 || nnz < 4096) n_threads = 1;
 #pragma omp parallel for num_threads(n_threads) schedule(static, 1)
     for (int t = 0; t < n_threads; ++t) {
         const int64_t begin = t == 0 ? 0 : lower_row(crow, n_rows, nnz * t / n_threads);
         const int64_t end = t == n_threads - 1 ? n_rows : lower_row(crow, n_rows, nnz * (t + 1) / n_threads);
-        sddmm_job job = {a, b, T, crow, col, begin, end, out};
+        sddmm_job job = {a, b, T, crow, col, begin, end, out, perm};
         sddmm_rows(&job);
     }
     return 0;

@@ -129,6 +129,11 @@ class ShiraLayer(nn.Module):
             cached = self._flat32[name] = (flat, flat.to(torch.int32))
         return cached[1]
 
+    def _scaled_values(self, name: str) -> torch.Tensor:
+        """scale * values for forward, differentiable (scale 1: the parameter itself, no op)."""
+        scale = self.scaling[name]
+        return self.shira_weight[name] if scale == 1.0 else self.shira_weight[name] * scale
+
     def delta_values(self, name: str) -> torch.Tensor:
         return self.shira_weight[name].detach() * self.scaling[name]
 
@@ -247,7 +252,7 @@ class ShiraLayer(nn.Module):
             # Training: S is scattered into W for the matmul only and W is restored right
             # after, so the step costs a base layer plus O(nnz) work, and W gets no gradient.
             base = self.base_layer
-            values = self.shira_weight[name] * self.scaling[name]
+            values = self._scaled_values(name)
             return transient_merged_linear(x, base.weight, base.bias, values, self.plan(name),
                                            self._storage_index(name), transposed=self.transposed_storage)
         # Inference (or several adapters): the delta on the activations; W is only read,
@@ -256,7 +261,7 @@ class ShiraLayer(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue
-            values = self.shira_weight[name] * self.scaling[name]
+            values = self._scaled_values(name)
             result = result + sparse_linear_delta(x, values, self.plan(name)).to(result.dtype)
         return result
 

@@ -167,11 +167,10 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
     if grad_out.device.type == "cpu" and _native.loaded():
         # One pass, no zero pattern, operands transposed into reused buffers: 2-3x faster
         # than sampled_addmm plus its copies at 512 tokens (tools/bench_train.py --ops).
-        grad_t, x_t = _transposed(grad_out, 0), _transposed(x, 1)  # [out, T], [in, T]
+        grad_t, x_t = _transposed(grad_out, 0), _transposed(x, 1, reuse=True)  # [out, T], [in, T]
         if in_f <= out_f:  # gather rows of the smaller operand
             return _native.sddmm(grad_t, x_t, plan.crow, plan.col)
-        grad_tcsr = _native.sddmm(x_t, grad_t, plan.t_crow, plan.t_col)
-        return torch.empty_like(grad_tcsr).index_copy_(0, plan.t_perm, grad_tcsr)
+        return _native.sddmm(x_t, grad_t, plan.t_crow, plan.t_col, out_perm=plan.t_perm)
     grad_t = grad_out.to(_COMPUTE_DTYPE).t().contiguous()  # [out, T]
     x_t = x.to(_COMPUTE_DTYPE).t().contiguous()  # [in, T]
     # beta=0 still reads the pattern's values (0 * nan = nan): give it zeros.
@@ -187,16 +186,24 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
 _scratch = threading.local()
 
 
-def _transposed(t: torch.Tensor, slot: int) -> torch.Tensor:
+def _transposed(t: torch.Tensor, slot: int, *, reuse: bool = False) -> torch.Tensor:
     """[T, n] -> [n, T] fp32 in a per-thread buffer kept across calls: a fresh multi-MB
-    tensor per layer and step costs more in page faults than the transpose itself."""
+    tensor per layer and step costs more in page faults than the transpose itself.
+    `reuse`: when `t` is the same data as the last call's (q/k/v read one input), the
+    buffer already holds the answer. "Same" = same address, shape, strides and version,
+    with the last source kept alive so that its address cannot be handed out again."""
     t = t.to(_COMPUTE_DTYPE)
     t = t if t.is_contiguous() else t.contiguous()
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    buf = buffers.get(slot)
+    state = _scratch.__dict__.setdefault("slots", {})
+    buf, source, key = state.get(slot, (None, None, None))
+    new_key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+    if reuse and source is not None and key == new_key:
+        return buf[: t.numel()].view(t.shape[1], t.shape[0])
     if buf is None or buf.numel() < t.numel():
-        buf = buffers[slot] = torch.empty(t.numel(), dtype=_COMPUTE_DTYPE)
-    return _native.transpose(t, buf[: t.numel()].view(t.shape[1], t.shape[0]))
+        buf = torch.empty(t.numel(), dtype=_COMPUTE_DTYPE)
+    out = _native.transpose(t, buf[: t.numel()].view(t.shape[1], t.shape[0]))
+    state[slot] = (buf, t if reuse else None, new_key)
+    return out
 
 
 @torch.no_grad()
