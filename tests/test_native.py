@@ -192,3 +192,17 @@ def test_transposed_input_is_reused_only_for_the_same_data(monkeypatch):
     assert torch.equal(sparse_ops._transposed(other, 1, reuse=True), 2 * first) and len(calls) == 3
     sparse_ops._transposed(other, 1)  # without reuse: always transposed
     assert len(calls) == 4
+
+
+def test_backward_through_a_graph_built_before_a_switch_is_refused():
+    model = get_shira_model(tiny_opt(), ShiraConfig(r=2, init_weights=False, random_seed=1))
+    model.add_adapter("b", ShiraConfig(r=2, init_weights=False, random_seed=2))
+    model.merge_adapter()
+    model.switch_adapter("b")
+    model.switch_adapter("default")  # base entries cached: the next switch takes the kernel
+    model.eval()
+    embeds = model.model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach().requires_grad_(True)
+    loss = model(inputs_embeds=embeds).logits.sum()  # F.linear saved the merged weights
+    model.switch_adapter("b")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
