@@ -3,6 +3,8 @@ cannot be built."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -206,3 +208,39 @@ def test_backward_through_a_graph_built_before_a_switch_is_refused():
     model.switch_adapter("b")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_switch_caches_follow_value_scale_and_weight_changes():
+    torch.manual_seed(0)
+    base = tiny_opt()
+    reference = copy.deepcopy(base)
+    model = get_shira_model(base, ShiraConfig(r=3, init_weights=False, random_seed=1))
+    model.add_adapter("b", ShiraConfig(r=3, init_weights=False, random_seed=2))
+    model.merge_adapter()
+    for name in ("b", "default", "b", "default"):  # caches warm: the kernel path from here on
+        model.switch_adapter(name)
+    layers = dict(model.shira_layers())
+
+    def check(active: str) -> None:
+        for path, layer in layers.items():
+            expected = reference.get_submodule(path).weight.detach().clone()
+            rows, cols = layer.shira_indices[active]
+            expected[rows, cols] += layer.delta_values(active)
+            torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6, msg=path)
+
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.shira_weight["b"].mul_(3.0)  # an optimizer step on the adapter that is not merged
+    model.switch_adapter("b")
+    check("b")
+    model.set_scale("default", 0.5)
+    model.switch_adapter("default")
+    check("default")
+    with torch.no_grad():  # someone else writes a base weight (bumps its version)
+        path, layer = next(iter(layers.items()))
+        layer.base_layer.weight.add_(1.0)
+        reference.get_submodule(path).weight.add_(1.0)
+    model.switch_adapter("b")
+    check("b")
+    model.switch_adapter("default")
+    check("default")

@@ -68,7 +68,7 @@ class ShiraLayer(nn.Module):
         # Base entries at each adapter's support, read once, so that a switch only writes.
         # Valid while the weight's version is the one our own last write left.
         self._base_entries: dict[str, torch.Tensor] = {}
-        self._merged_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._merged_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # name -> (key, base + scale * values)
         self._flat32: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._own_version: Optional[int] = None
 
@@ -166,9 +166,11 @@ class ShiraLayer(nn.Module):
         """base + scale * values at the support, kept while neither the cached base
         entries nor the values (a new version after an optimizer step) nor the scale changed."""
         values = self.shira_weight[name]
-        key = (id(base_entries), id(values), values._version, self.scaling[name])
+        # The key holds the tensors themselves (compared with `is`): an id() could be
+        # reused by a new tensor once the old one is freed.
+        key = (base_entries, values, values._version, self.scaling[name])
         cached = self._merged_cache.get(name)
-        if cached is None or cached[0] != key:
+        if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2:] == key[2:]):
             cached = self._merged_cache[name] = (key, self._merged_entries(name, base_entries))
         return cached[1]
 
@@ -214,11 +216,19 @@ class ShiraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Take merged adapters out. Normally the saved entries are written back (bit for
+        bit); if something else wrote the weight while merged (its version moved), the
+        deltas are subtracted instead, as PEFT does, so that the other write survives."""
         weight = self.base_layer.weight
         cache_valid = weight._version == self._own_version
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            scatter_flat_(weight, self._storage_index(name), self._saved_entries.pop(name))
+            index = self._storage_index(name)
+            saved = self._saved_entries.pop(name)
+            if not cache_valid:
+                current = gather_flat(weight, index).to(torch.float32)
+                saved = (current - self.delta_values(name).to(torch.float32)).to(weight.dtype)
+            scatter_flat_(weight, index, saved)
         if cache_valid:  # our own restore: the cached base entries still hold
             self._own_version = weight._version
 
