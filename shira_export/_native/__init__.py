@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -65,7 +66,8 @@ def _build(cc: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + cc.encode() + repr((_FLAGS, _VARIANTS)).encode() + _cpu_signature().encode()).hexdigest()
     name = f"kernels-{key[:16]}.so"
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"shira_export-{os.getuid()}"):
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"shira_export-{user}"):
         if (folder / name).exists():
             return folder / name
         try:  # a read-only home: build in the temp folder instead
@@ -98,6 +100,9 @@ def _build(cc: str) -> Path:
 def _load() -> Optional[ctypes.CDLL]:
     if os.environ.get("SHIRA_EXPORT_NATIVE", "1") == "0":
         _state["why"] = "disabled by SHIRA_EXPORT_NATIVE=0"
+        return None
+    if sys.platform == "win32":  # the build below makes POSIX shared objects
+        _state["why"] = "not built on Windows: using torch ops"
         return None
     cc = _compiler()
     if cc is None:
