@@ -152,9 +152,9 @@ def loaded() -> bool:
     return _lib() is not None
 
 
-def available(weight_or_input: torch.Tensor) -> bool:
-    """True when the native kernels can serve this fp32 CPU tensor."""
-    return weight_or_input.dtype == torch.float32 and weight_or_input.device.type == "cpu" and _lib() is not None
+def available(tensor: torch.Tensor) -> bool:
+    """True when the native kernels can serve this fp32, contiguous CPU tensor."""
+    return tensor.dtype == torch.float32 and _fits(tensor) and _lib() is not None
 
 
 def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,

@@ -68,7 +68,8 @@ class ShiraLayer(nn.Module):
         # Base entries at each adapter's support, read once, so that a switch only writes.
         # Valid while the weight's version is the one our own last write left.
         self._base_entries: dict[str, torch.Tensor] = {}
-        self._merged_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # name -> (key, base + scale * values)
+        # name -> (base entries, values, (values' version, scale), base + scale * values)
+        self._merged_cache: dict[str, tuple] = {}
         self._flat32: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._own_version: Optional[int] = None
 
@@ -165,14 +166,13 @@ class ShiraLayer(nn.Module):
     def _cached_merged_entries(self, name: str, base_entries: torch.Tensor) -> torch.Tensor:
         """base + scale * values at the support, kept while neither the cached base
         entries nor the values (a new version after an optimizer step) nor the scale changed."""
-        values = self.shira_weight[name]
-        # The key holds the tensors themselves (compared with `is`): an id() could be
-        # reused by a new tensor once the old one is freed.
-        key = (base_entries, values, values._version, self.scaling[name])
+        values, state = self.shira_weight[name], (self.shira_weight[name]._version, self.scaling[name])
+        # Kept with the tensors themselves (compared with `is`): an id() could be reused
+        # by a new tensor once the old one is freed.
         cached = self._merged_cache.get(name)
-        if cached is None or not (cached[0][0] is key[0] and cached[0][1] is key[1] and cached[0][2:] == key[2:]):
-            cached = self._merged_cache[name] = (key, self._merged_entries(name, base_entries))
-        return cached[1]
+        if cached is None or cached[0] is not base_entries or cached[1] is not values or cached[2] != state:
+            cached = self._merged_cache[name] = (base_entries, values, state, self._merged_entries(name, base_entries))
+        return cached[3]
 
     def _base_entries_of(self, name: str) -> torch.Tensor:
         """The base weight's entries at the adapter's support (no adapter merged now).
@@ -198,8 +198,7 @@ class ShiraLayer(nn.Module):
         # The new adapter's base entries must be cached already: read now, they would
         # include the old adapter's values where the supports overlap.
         if (old is not None and old != name and name in self._base_entries and not self.transposed_storage
-                and weight._version == self._own_version and weight.is_contiguous() and weight.numel() < 2**31
-                and _native.available(weight)):
+                and weight._version == self._own_version and weight.numel() < 2**31 and _native.available(weight)):
             base = self._base_entries[name]
             merged = self._cached_merged_entries(name, base)
             _native.switch_(weight.view(-1), self._storage_index32(old), self._saved_entries.pop(old),

@@ -210,7 +210,7 @@ def _transposed(t: torch.Tensor, slot: int, *, reuse: bool = False) -> torch.Ten
 def _merged_weight(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Scatter W + S into `weight` in place (fp32 sum, cast once, as merge() does);
     returns the original entries, which `_restore_flat_` puts back bit for bit."""
-    if _native.available(weight) and weight.is_contiguous():
+    if _native.available(weight):
         return _native.swap_in_(weight, flat, values.detach().to(torch.float32).contiguous())  # one pass
     saved = gather_flat(weight, flat)
     scatter_flat_(weight, flat, saved.to(torch.float32) + values.detach().to(torch.float32))
@@ -220,7 +220,7 @@ def _merged_weight(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tenso
 @torch.no_grad()
 def _restore_flat_(weight: torch.Tensor, flat: torch.Tensor, saved: torch.Tensor) -> None:
     """Undo `_merged_weight` (the native path leaves weight._version as it was)."""
-    if _native.available(weight) and weight.is_contiguous():
+    if _native.available(weight):
         _native.scatter_(weight, flat, saved)
     else:
         scatter_flat_(weight, flat, saved)
