@@ -4,12 +4,13 @@ cannot be built."""
 from __future__ import annotations
 
 import copy
+import ctypes
+import subprocess
 
 import pytest
 import torch
 
 from shira_export import ShiraConfig, _native, get_shira_model
-from shira_export.tuner import sparse_ops
 from shira_export.tuner.sparse_ops import SparsePlan, sparse_values_grad
 from tiny_models import tiny_opt
 
@@ -28,7 +29,8 @@ def _plan(out_f: int, in_f: int, nnz: int, seed: int) -> SparsePlan:
     return SparsePlan.build(torch.stack([flat // in_f, flat % in_f]), (out_f, in_f))
 
 
-@pytest.mark.parametrize("shape", [(48, 40), (40, 96), (7, 300)], ids=["tall", "wide", "few_rows"])
+@pytest.mark.parametrize("shape", [(48, 40), (40, 96), (7, 300), (300, 260)],
+                         ids=["tall", "wide", "few_rows", "column_blocks"])
 @pytest.mark.parametrize("tokens", [1, 13, 130])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_sddmm_equals_sampled_addmm(shape, tokens, threads, monkeypatch):
@@ -181,19 +183,22 @@ def test_switch_kernel_equals_two_scatters(threads):
     assert torch.equal(weight.view(-1), expected)
 
 
-def test_transposed_input_is_reused_only_for_the_same_data(monkeypatch):
-    calls = []
-    real = _native.transpose
-    monkeypatch.setattr(_native, "transpose", lambda *a: calls.append(1) or real(*a))
-    x = torch.randn(6, 4)
-    first = sparse_ops._transposed(x, 1, reuse=True).clone()
-    assert torch.equal(sparse_ops._transposed(x.view(6, 4), 1, reuse=True), x.t()) and len(calls) == 1  # q, k, v
-    x.mul_(2)  # an in-place write: a new version
-    assert torch.equal(sparse_ops._transposed(x, 1, reuse=True), x.t()) and len(calls) == 2
-    other = x.clone()  # same values, other data
-    assert torch.equal(sparse_ops._transposed(other, 1, reuse=True), 2 * first) and len(calls) == 3
-    sparse_ops._transposed(other, 1)  # without reuse: always transposed
-    assert len(calls) == 4
+def test_portable_build_gives_the_same_values_gradient(monkeypatch, tmp_path):
+    """The plain-C build (no AVX2 intrinsics: what a CPU without them compiles) against
+    the intrinsics build, on a pattern with several token and column blocks."""
+    cc = _native._compiler()
+    lib_path = tmp_path / "generic.so"
+    subprocess.run([cc, *_native._FLAGS, "-fopenmp", "-DSHIRA_GENERIC", "-o", str(lib_path), str(_native._SOURCE)],
+                   check=True, capture_output=True)
+    plan = _plan(300, 260, nnz=9000, seed=5)
+    g = torch.Generator().manual_seed(2)
+    grad_out, x = torch.randn(150, 300, generator=g), torch.randn(150, 260, generator=g)
+    fast = sparse_values_grad(grad_out, x, plan)
+    monkeypatch.setitem(_native._state, "lib", _native._declare(ctypes.CDLL(str(lib_path))))
+    portable = sparse_values_grad(grad_out, x, plan)
+    exact = (grad_out.t().double() @ x.double())[plan.rows, plan.cols]
+    torch.testing.assert_close(portable.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, portable, rtol=1e-5, atol=1e-5)
 
 
 def test_backward_through_a_graph_built_before_a_switch_is_refused():

@@ -1,9 +1,10 @@
 """Native fp32 CPU kernels for the tuner's O(nnz) ops, with torch as the fallback.
 
 Small C loops (kernels.c): the values' gradient (an SDDMM: one dot product of length
-`tokens` per nonzero), the transient merge of a training step (gather + add + scatter in
-one pass) and its restore, the adapter switch (the old support's entries restored and
-the new one's written block by block: one pass over the weight) and a tiled transpose.
+`tokens` per nonzero, over tiles of both operands transposed in cache), the transient
+merge of a training step (gather + add + scatter in one pass) and its restore, and the
+adapter switch (the old support's entries restored and the new one's written block by
+block: one pass over the weight).
 torch runs each as several passes plus copies (tools/bench_train.py --ops,
 tools/bench_switch.py --no-native). They are compiled once per machine with the system
 C compiler (`$CC`, else cc / gcc / clang) into `$SHIRA_EXPORT_CACHE` (default
@@ -29,12 +30,14 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "loaded", "sddmm", "swap_in_", "scatter_", "status", "switch_", "transpose"]
+__all__ = ["SDDMM_BLOCK_COLS", "available", "loaded", "sddmm", "swap_in_", "scatter_", "status", "switch_"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-fPIC", "-shared"]
 # Best first; OpenMP shares torch's libgomp pool, -fopenmp-simd alone runs serially.
 _VARIANTS = (["-fopenmp", "-march=native"], ["-fopenmp"], ["-fopenmp-simd", "-march=native"], ["-fopenmp-simd"])
+# Column-block width of the SDDMM's pattern (kernels.c CB; the kernel refuses another).
+SDDMM_BLOCK_COLS = 128
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "why": "not loaded yet"}
@@ -114,13 +117,16 @@ def _load() -> Optional[ctypes.CDLL]:
         _state["why"] = f"native kernels unavailable ({exc}): using torch ops"
         _log.warning(_state["why"])
         return None
+    _state["why"] = f"loaded from {lib._name}"
+    return _declare(lib)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.shira_sddmm_f32.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.shira_sddmm_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.shira_swap_in_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_switch_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
-    lib.shira_transpose_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
-    _state["why"] = f"loaded from {lib._name}"
     return lib
 
 
@@ -157,17 +163,25 @@ def available(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.float32 and _fits(tensor) and _lib() is not None
 
 
-def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
-          out_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """out[k] = a[row(k)] . b[col[k]] for a CSR pattern (crow, col) over a's rows:
-    a [rows, T], b [n, T] fp32 contiguous; returns [nnz] fp32 in CSR order, or with
-    `out_perm` (int64 [nnz], a permutation) result k at out_perm[k]."""
+def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tensor, bcol: torch.Tensor,
+          dest: torch.Tensor) -> torch.Tensor:
+    """out[dest[k]] = sum_t a[t, row(k)] * b[t, col(k)]: a [T, n_a], b [T, n_b] fp32
+    contiguous; the pattern over (a column, b column) pairs grouped by blocks of
+    SDDMM_BLOCK_COLS b columns (sparse_ops.SparsePlan.sddmm_pattern builds it): `crow`
+    [n_a + 1] plain row pointers, `bptr` [n_blocks, n_a + 1], `bcol` int32 [nnz] column
+    within the block, `dest` int64 [nnz] a permutation. Returns [nnz] fp32."""
     lib = _lib()
-    assert lib is not None and _fits(a, b, crow, col) and a.dtype == b.dtype == torch.float32
-    assert out_perm is None or (_fits(out_perm) and out_perm.dtype == torch.int64 and out_perm.numel() == col.numel())
-    out = torch.empty(col.numel(), dtype=torch.float32)
-    lib.shira_sddmm_f32(a.data_ptr(), b.data_ptr(), a.shape[1], crow.data_ptr(), col.data_ptr(), a.shape[0],
-                        out.data_ptr(), None if out_perm is None else out_perm.data_ptr(), torch.get_num_threads())
+    assert lib is not None and _fits(a, b, crow, bptr, bcol, dest) and a.dtype == b.dtype == torch.float32
+    assert a.dim() == b.dim() == 2 and a.shape[0] == b.shape[0] and bcol.dtype == torch.int32
+    n_a, n_b = a.shape[1], b.shape[1]
+    assert crow.numel() == n_a + 1 and bptr.shape == (-(-n_b // SDDMM_BLOCK_COLS), n_a + 1)
+    assert dest.dtype == torch.int64 and dest.numel() == bcol.numel()
+    out = torch.empty(bcol.numel(), dtype=torch.float32)
+    rc = lib.shira_sddmm_f32(a.data_ptr(), n_a, b.data_ptr(), n_b, a.shape[0], crow.data_ptr(), bptr.data_ptr(),
+                             bcol.data_ptr(), dest.data_ptr(), SDDMM_BLOCK_COLS, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"shira_sddmm_f32 failed ({rc}): out of memory for its scratch buffers") if rc == -1 else \
+            RuntimeError(f"shira_sddmm_f32 refused the call ({rc})")
     return out
 
 
@@ -188,19 +202,6 @@ def scatter_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> 
     lib = _lib()
     assert lib is not None and _fits(weight, flat, values) and weight.dtype == values.dtype == torch.float32
     lib.shira_scatter_f32(weight.data_ptr(), flat.data_ptr(), values.data_ptr(), flat.numel(), torch.get_num_threads())
-
-
-def transpose(src: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """src [R, C] fp32 contiguous -> [C, R] contiguous (into `out` when given: reusing a
-    buffer spares the page faults of a fresh multi-MB allocation, most of the cost)."""
-    lib = _lib()
-    assert lib is not None and _fits(src) and src.dim() == 2 and src.dtype == torch.float32
-    rows, cols = src.shape
-    if out is None:
-        out = torch.empty(cols, rows, dtype=torch.float32)
-    assert out.shape == (cols, rows) and out.is_contiguous() and out.dtype == torch.float32
-    lib.shira_transpose_f32(src.data_ptr(), rows, cols, out.data_ptr(), torch.get_num_threads())
-    return out
 
 
 def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tensor, new_flat: torch.Tensor,

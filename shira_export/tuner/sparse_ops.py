@@ -14,15 +14,14 @@ Two training formulations (measured: tools/bench_train.py, --ops for one layer):
    grad-values. The same arithmetic as PEFT's clone-and-add forward, with no clone.
 
 `sparse_values_grad`: d loss / d values = (gy^T @ x) sampled at the support: nnz dot
-products of length `tokens`, no dense gradient (shira_export._native's C kernel on fp32
-CPU tensors, torch.sparse.sampled_addmm otherwise).
+products of length `tokens`, no dense gradient (shira_export._native's tiled C kernel
+on CPU, reading gy and x as they are; torch.sparse.sampled_addmm otherwise).
 """
 
 from __future__ import annotations
 
-import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -64,6 +63,8 @@ class SparsePlan:
     t_col: torch.Tensor  # int64 [nnz], CSR column indices of S^T (= output index)
     t_perm: torch.Tensor  # int64 [nnz]: values of S^T = csr_values[t_perm]
     order: Optional[torch.Tensor]  # int64 [nnz] or None when the caller's order is CSR order
+    # Derived structures built on first use (the native SDDMM's blocked pattern).
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, indices: torch.Tensor, shape: tuple[int, int]) -> "SparsePlan":
@@ -99,7 +100,8 @@ class SparsePlan:
     def to(self, device: torch.device) -> "SparsePlan":
         if self.rows.device == torch.device(device):
             return self
-        moved = {k: (None if v is None else v.to(device)) for k, v in self.__dict__.items() if k != "shape"}
+        moved = {k: (None if v is None else v.to(device)) for k, v in self.__dict__.items()
+                 if k not in ("shape", "_derived")}
         return SparsePlan(shape=self.shape, **moved)
 
     def csr(self, csr_values: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,30 @@ class SparsePlan:
         return torch.sparse_csr_tensor(
             self.t_crow, self.t_col, csr_values[self.t_perm], self.shape[::-1], check_invariants=False
         )
+
+
+    def sddmm_pattern(self, a_side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The native SDDMM's pattern (crow, bptr, bcol, dest; see _native.sddmm), with
+        a = the output side (`"out"`: rows of S) or the input side (`"in"`), results in
+        CSR order. Built once per plan and side."""
+        cached = self._derived.get(("sddmm", a_side))
+        if cached is not None:
+            return cached
+        out_f, in_f = self.shape
+        csr_rows = torch.repeat_interleave(torch.arange(out_f, device=self.crow.device), self.crow.diff())
+        rows, cols, n_a, n_b = (csr_rows, self.col, out_f, in_f) if a_side == "out" else (self.col, csr_rows, in_f, out_f)
+        width = _native.SDDMM_BLOCK_COLS
+        n_blocks = -(-n_b // width)
+        block = cols // width
+        key = block * n_a + rows
+        dest = torch.argsort(key, stable=True)  # blocked position -> CSR position
+        counts = torch.bincount(key, minlength=n_blocks * n_a).view(n_blocks, n_a)
+        bptr = torch.zeros(n_blocks, n_a + 1, dtype=torch.int64, device=rows.device)
+        bptr[:, 1:] = counts.cumsum(1)
+        bptr += (counts.sum(1).cumsum(0) - counts.sum(1)).view(-1, 1)  # each block starts where the last ended
+        bcol = (cols - block * width)[dest].to(torch.int32)
+        cached = self._derived[("sddmm", a_side)] = (_row_pointers(rows.sort().values, n_a), bptr, bcol, dest)
+        return cached
 
 
 def _row_pointers(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -165,12 +191,14 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
     CSR order; [T, out] and [T, in] inputs, nnz dot products of length T."""
     out_f, in_f = plan.shape
     if grad_out.device.type == "cpu" and _native.loaded():
-        # One pass, no zero pattern, operands transposed into reused buffers: 2-3x faster
-        # than sampled_addmm plus its copies at 512 tokens (tools/bench_train.py --ops).
-        grad_t, x_t = _transposed(grad_out, 0), _transposed(x, 1, reuse=True)  # [out, T], [in, T]
-        if in_f <= out_f:  # gather rows of the smaller operand
-            return _native.sddmm(grad_t, x_t, plan.crow, plan.col)
-        return _native.sddmm(x_t, grad_t, plan.t_crow, plan.t_col, out_perm=plan.t_perm)
+        # Reads gy and x as they are (tiles are transposed in cache): 2-3x faster than
+        # sampled_addmm plus its copies (tools/bench_train.py --ops). The rows walked
+        # are those of the larger side: the smaller one's tiles are what each thread
+        # transposes in full.
+        a_side = "out" if out_f >= in_f else "in"
+        g32, x32 = grad_out.to(_COMPUTE_DTYPE).contiguous(), x.to(_COMPUTE_DTYPE).contiguous()
+        a, b = (g32, x32) if a_side == "out" else (x32, g32)
+        return _native.sddmm(a, b, *plan.sddmm_pattern(a_side))
     grad_t = grad_out.to(_COMPUTE_DTYPE).t().contiguous()  # [out, T]
     x_t = x.to(_COMPUTE_DTYPE).t().contiguous()  # [in, T]
     # beta=0 still reads the pattern's values (0 * nan = nan): give it zeros.
@@ -181,29 +209,6 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
         return torch.sparse.sampled_addmm(plan.csr(zeros), grad_t, x_t.t(), beta=0.0).values()
     grad_tcsr = torch.sparse.sampled_addmm(plan.csr_t(zeros), x_t, grad_t.t(), beta=0.0).values()
     return torch.empty_like(grad_tcsr).index_copy_(0, plan.t_perm, grad_tcsr)
-
-
-_scratch = threading.local()
-
-
-def _transposed(t: torch.Tensor, slot: int, *, reuse: bool = False) -> torch.Tensor:
-    """[T, n] -> [n, T] fp32 in a per-thread buffer kept across calls: a fresh multi-MB
-    tensor per layer and step costs more in page faults than the transpose itself.
-    `reuse`: when `t` is the same data as the last call's (q/k/v read one input), the
-    buffer already holds the answer. "Same" = same address, shape, strides and version,
-    with the last source kept alive so that its address cannot be handed out again."""
-    t = t.to(_COMPUTE_DTYPE)
-    t = t if t.is_contiguous() else t.contiguous()
-    state = _scratch.__dict__.setdefault("slots", {})
-    buf, source, key = state.get(slot, (None, None, None))
-    new_key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
-    if reuse and source is not None and key == new_key:
-        return buf[: t.numel()].view(t.shape[1], t.shape[0])
-    if buf is None or buf.numel() < t.numel():
-        buf = torch.empty(t.numel(), dtype=_COMPUTE_DTYPE)
-    out = _native.transpose(t, buf[: t.numel()].view(t.shape[1], t.shape[0]))
-    state[slot] = (buf, t if reuse else None, new_key)
-    return out
 
 
 @torch.no_grad()
