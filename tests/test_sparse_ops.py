@@ -12,8 +12,7 @@ from shira_export import ShiraConfig, get_shira_model
 from shira_export.tuner.sparse_ops import (
     SparsePlan,
     gather_flat,
-    storage_index,
-    transient_merged_linear,
+    merged_weight_linear,
     scatter_flat_,
     sparse_linear_delta,
     storage_index,
@@ -65,8 +64,8 @@ def test_matches_dense_reference(shape, shuffle, lead):
 @pytest.mark.parametrize("shape", [(OUT, IN), (IN, OUT)], ids=["tall", "wide"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 def test_merged_linear_equals_clone_and_add(shape, transposed):
-    """transient_merged_linear computes what PEFT's clone-and-add forward computes, with
-    that forward's gradients, and leaves the stored weight exactly as it found it."""
+    """merged_weight_linear over a weight holding W + S computes what PEFT's clone-and-add
+    forward computes, with that forward's gradients, and never writes the weight."""
     g = torch.Generator().manual_seed(2)
     out_f, in_f = shape
     indices = _support(out_f, in_f)
@@ -75,11 +74,10 @@ def test_merged_linear_equals_clone_and_add(shape, transposed):
     bias = torch.randn(out_f, generator=g)
     values = torch.randn(NNZ, generator=g, requires_grad=True)
     x = torch.randn(3, 4, in_f, generator=g, requires_grad=True)
-    stored = base.t().contiguous() if transposed else base.clone()
+    merged = base + _dense(indices, values.detach(), shape)
+    stored = merged.t().contiguous() if transposed else merged.clone()
     before = stored.clone()
-    flat = storage_index(indices, shape, transposed=transposed)
-    y = transient_merged_linear(x, stored, bias, values, plan, flat, transposed=transposed)
-    assert torch.equal(stored, before)
+    y = merged_weight_linear(x, stored, bias, values, plan, transposed=transposed)
     upstream = torch.randn(y.shape, generator=g)
     (y * upstream).sum().backward()
     assert torch.equal(stored, before)
@@ -89,11 +87,20 @@ def test_merged_linear_equals_clone_and_add(shape, transposed):
     w_ref = base.clone() + torch.sparse_coo_tensor(indices, values_ref, shape)
     y_ref = torch.nn.functional.linear(x_ref, w_ref, bias)
     (y_ref * upstream).sum().backward()
-    if not transposed:
-        assert torch.equal(y, y_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(values.grad, values_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_linear_refuses_a_backward_after_the_weight_changed():
+    indices = _support()
+    plan = SparsePlan.build(indices, (OUT, IN))
+    weight = torch.randn(OUT, IN)
+    values = torch.randn(NNZ, requires_grad=True)
+    y = merged_weight_linear(torch.randn(5, IN), weight, None, values, plan)
+    scatter_flat_(weight, storage_index(indices, (OUT, IN)), torch.zeros(NNZ))  # e.g. the next step's merge
+    with pytest.raises(RuntimeError, match="modified in place between this forward and its backward"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

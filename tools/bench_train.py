@@ -89,7 +89,8 @@ def memory_probe(args) -> dict:
 def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
     """One layer's forward + backward of the adapter's delta, per formulation."""
     from shira_export import _native
-    from shira_export.tuner.sparse_ops import SparsePlan, sparse_linear_delta, storage_index, transient_merged_linear
+    from shira_export.tuner.sparse_ops import (SparsePlan, merged_weight_linear, scatter_flat_, sparse_linear_delta,
+                                               storage_index)
 
     rows = []
     for out_f, in_f in ((768, 768), (3072, 768)):
@@ -106,8 +107,11 @@ def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
 
         flat_index = storage_index(idx, (out_f, in_f))
 
-        def training_path():  # what a SHiRA layer runs in train mode: W + S only inside each matmul
-            return transient_merged_linear(x, weight, None, vals, plan, flat_index).sum().backward()
+        base_entries = weight.view(-1)[flat_index].clone()
+
+        def training_path():  # what a SHiRA layer runs in train mode: W + S rewritten (new values), then the step
+            scatter_flat_(weight, flat_index, base_entries + vals.detach())
+            return merged_weight_linear(x, weight, None, vals, plan).sum().backward()
 
         def training_path_torch_ops():  # the same with the native kernels off
             lib = _native._state["lib"]

@@ -1,11 +1,9 @@
 """Native fp32 CPU kernels for the tuner's O(nnz) ops, with torch as the fallback.
 
 Small C loops (kernels.c): the values' gradient (an SDDMM: one dot product of length
-`tokens` per nonzero, over tiles of both operands transposed in cache), the transient
-merge of a training step (gather + add + scatter in one pass) and its restore, and the
-adapter switch (the old support's entries restored and the new one's written block by
-block: one pass over the weight).
-torch runs each as several passes plus copies (tools/bench_train.py --ops,
+`tokens` per nonzero, over tiles of both operands transposed in cache), the scatter of
+merges and unmerges, and the adapter switch (the old support's entries restored and the
+new one's written block by block: one pass over the weight). torch runs each as several passes plus copies (tools/bench_train.py --ops,
 tools/bench_switch.py --no-native). They are compiled once per machine with the system
 C compiler (`$CC`, else cc / gcc / clang) into `$SHIRA_EXPORT_CACHE` (default
 ~/.cache/shira_export, else the temp folder) and called through ctypes, which releases
@@ -30,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SDDMM_BLOCK_COLS", "available", "loaded", "sddmm", "swap_in_", "scatter_", "status", "switch_"]
+__all__ = ["SDDMM_BLOCK_COLS", "available", "loaded", "sddmm", "scatter_", "status", "switch_"]
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-fPIC", "-shared"]
@@ -124,7 +122,6 @@ def _load() -> Optional[ctypes.CDLL]:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.shira_sddmm_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.shira_swap_in_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
     lib.shira_switch_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     return lib
@@ -168,14 +165,14 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
     """out[dest[k]] = sum_t a[t, row(k)] * b[t, col(k)]: a [T, n_a], b [T, n_b] fp32
     contiguous; the pattern over (a column, b column) pairs grouped by blocks of
     SDDMM_BLOCK_COLS b columns (sparse_ops.SparsePlan.sddmm_pattern builds it): `crow`
-    [n_a + 1] plain row pointers, `bptr` [n_blocks, n_a + 1], `bcol` int32 [nnz] column
-    within the block, `dest` int64 [nnz] a permutation. Returns [nnz] fp32."""
+    [n_a + 1] plain row pointers, `bptr` [n_blocks, n_a + 1], `bcol` uint8 [nnz] column
+    within the block, `dest` int32 [nnz] a permutation. Returns [nnz] fp32."""
     lib = _lib()
     assert lib is not None and _fits(a, b, crow, bptr, bcol, dest) and a.dtype == b.dtype == torch.float32
-    assert a.dim() == b.dim() == 2 and a.shape[0] == b.shape[0] and bcol.dtype == torch.int32
+    assert a.dim() == b.dim() == 2 and a.shape[0] == b.shape[0] and bcol.dtype == torch.uint8
     n_a, n_b = a.shape[1], b.shape[1]
     assert crow.numel() == n_a + 1 and bptr.shape == (-(-n_b // SDDMM_BLOCK_COLS), n_a + 1)
-    assert dest.dtype == torch.int64 and dest.numel() == bcol.numel()
+    assert dest.dtype == torch.int32 and dest.numel() == bcol.numel()
     out = torch.empty(bcol.numel(), dtype=torch.float32)
     rc = lib.shira_sddmm_f32(a.data_ptr(), n_a, b.data_ptr(), n_b, a.shape[0], crow.data_ptr(), bptr.data_ptr(),
                              bcol.data_ptr(), dest.data_ptr(), SDDMM_BLOCK_COLS, out.data_ptr(), torch.get_num_threads())
@@ -183,18 +180,6 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
         raise MemoryError(f"shira_sddmm_f32 failed ({rc}): out of memory for its scratch buffers") if rc == -1 else \
             RuntimeError(f"shira_sddmm_f32 refused the call ({rc})")
     return out
-
-
-def swap_in_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One pass: saved = w[flat]; w[flat] = saved + values (fp32 sum). Returns saved.
-    Unlike torch's in-place ops this does not bump weight._version: callers restore the
-    weight before anyone else reads it (the transient merge of a training step)."""
-    lib = _lib()
-    assert lib is not None and _fits(weight, flat, values) and weight.dtype == values.dtype == torch.float32
-    saved = torch.empty(flat.numel(), dtype=torch.float32)
-    lib.shira_swap_in_f32(weight.data_ptr(), flat.data_ptr(), values.data_ptr(), saved.data_ptr(), flat.numel(),
-                          torch.get_num_threads())
-    return saved
 
 
 def scatter_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:

@@ -14,7 +14,7 @@
  * cycle of one length-T dot per nonzero over transposed copies, which waits on L2/L3
  * (tools/bench_train.py --ops). The pattern comes grouped by column block: the nonzeros
  * of row i in block cb are bptr[cb * (n_a + 1) + i] .. bptr[cb * (n_a + 1) + i + 1]
- * (absolute), bcol[k] = col - cb * CB, dest[k] = where result k goes. */
+ * (absolute), bcol[k] = col - cb * CB (CB <= 256), dest[k] = where result k goes. */
 #define TB 64
 #define CB 128
 
@@ -58,7 +58,7 @@ static inline __m128 hsum4(__m256 s0, __m256 s1, __m256 s2, __m256 s3) {
     } while (0)
 
 /* acc[k] += ai . bt[bcol[k]] for k in [k, k_end): a's row stays in 8 registers */
-static void dots_row(const float *ai, const float *bt, const int32_t *bcol, int64_t k, int64_t k_end, float *acc) {
+static void dots_row(const float *ai, const float *bt, const uint8_t *bcol, int64_t k, int64_t k_end, float *acc) {
     const __m256 a0 = _mm256_load_ps(ai), a1 = _mm256_load_ps(ai + 8), a2 = _mm256_load_ps(ai + 16);
     const __m256 a3 = _mm256_load_ps(ai + 24), a4 = _mm256_load_ps(ai + 32), a5 = _mm256_load_ps(ai + 40);
     const __m256 a6 = _mm256_load_ps(ai + 48), a7 = _mm256_load_ps(ai + 56);
@@ -78,7 +78,7 @@ static void dots_row(const float *ai, const float *bt, const int32_t *bcol, int6
     }
 }
 #else
-static void dots_row(const float *ai, const float *bt, const int32_t *bcol, int64_t k, int64_t k_end, float *acc) {
+static void dots_row(const float *ai, const float *bt, const uint8_t *bcol, int64_t k, int64_t k_end, float *acc) {
     for (; k < k_end; ++k) {
         const float *bk = bt + bcol[k] * TB;
         float s = 0.0f;
@@ -115,7 +115,7 @@ static int64_t lower_row(const int64_t *crow, int64_t n_rows, int64_t target) {
 }
 
 static void sddmm_rows(const float *a, int64_t n_a, const float *b, int64_t n_b, int64_t T, const int64_t *bptr,
-                       const int32_t *bcol, int64_t r0, int64_t r1, float *aT, float *bt, float *acc) {
+                       const uint8_t *bcol, int64_t r0, int64_t r1, float *aT, float *bt, float *acc) {
     const int64_t n_cb = (n_b + CB - 1) / CB;
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
         const int64_t tb = T - t0 < TB ? T - t0 : TB;
@@ -136,7 +136,7 @@ static void sddmm_rows(const float *a, int64_t n_a, const float *b, int64_t n_b,
  * the work goes to torch's own pool; threads of our own would compete with it.
  * Returns 0, -1 when out of memory, -2 when block_cols is not this build's CB. */
 int shira_sddmm_f32(const float *a, int64_t n_a, const float *b, int64_t n_b, int64_t T, const int64_t *crow,
-                    const int64_t *bptr, const int32_t *bcol, const int64_t *dest, int64_t block_cols, float *out,
+                    const int64_t *bptr, const uint8_t *bcol, const int32_t *dest, int64_t block_cols, float *out,
                     int n_threads) {
     if (block_cols != CB) return -2;
     const int64_t nnz = crow[n_a];
@@ -161,21 +161,10 @@ int shira_sddmm_f32(const float *a, int64_t n_a, const float *b, int64_t n_b, in
     return failed ? -1 : 0;
 }
 
-/* ---- transient merge: saved = w[idx]; w[idx] = saved + vals, and the restore -------
- * Random reads/writes bound by memory latency: two threads keep twice the misses in
- * flight. Positions are unique, so the threads never write the same element. */
+/* ---- scatter: w[idx] = vals (merge, unmerge, the training merge) -------------------
+ * Random writes bound by memory latency: two threads keep twice the misses in flight.
+ * Positions are unique, so the threads never write the same element. */
 #define PAR_MIN 16384
-
-int shira_swap_in_f32(float *w, const int64_t *idx, const float *vals, float *saved, int64_t n, int n_threads) {
-    if (n_threads < 1 || n < PAR_MIN) n_threads = 1;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t k = 0; k < n; ++k) {
-        const float s = w[idx[k]];
-        saved[k] = s;
-        w[idx[k]] = s + vals[k];
-    }
-    return 0;
-}
 
 /* w[idx] = vals */
 int shira_scatter_f32(float *w, const int64_t *idx, const float *vals, int64_t n, int n_threads) {

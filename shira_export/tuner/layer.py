@@ -5,10 +5,17 @@ Per adapter: values are a dense 1-D Parameter, indices an int64 [2, nnz] buffer 
 adds the sparse delta on the activations (cost ~ nnz per token): the base weight is
 never copied. Merging scatters values into the base weight in place and keeps the
 original entries at the support, so unmerging restores the weight bit for bit.
+
+Training keeps the adapter being trained merged the same way ("resident"): its nnz
+entries are rewritten when the values change (once per optimizer step), so a step costs
+the base layer's matmuls plus the values' sampled gradient. Everything else that reads
+the weight (eval mode, a no-grad or disabled forward, merge/unmerge/switch, state_dict,
+load_state_dict, adding an adapter) first puts the base entries back (`settle`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
@@ -20,11 +27,26 @@ from shira_export.tuner.masks import layer_shape
 from shira_export.tuner.sparse_ops import (
     SparsePlan,
     gather_flat,
+    merged_weight_linear,
     scatter_flat_,
     sparse_linear_delta,
     storage_index,
-    transient_merged_linear,
 )
+
+
+@dataclass(frozen=True)
+class _Resident:
+    """An adapter merged by training: what was written, and what W held before."""
+
+    name: str
+    weight: torch.Tensor  # the tensor written (.to() or a reassignment makes another one)
+    version: int  # weight._version after our write: anything else moves it
+    base: torch.Tensor  # W's entries at the support before the merge
+    merged: torch.Tensor  # what we wrote there: base + scale * values (fp32 sum, cast)
+
+
+def _settle_hook(module: "ShiraLayer", *args, **kwargs) -> None:
+    module.settle()  # state_dict / load_state_dict see (and write) the base weight
 
 
 class _BufferDict(nn.Module):
@@ -62,7 +84,13 @@ class ShiraLayer(nn.Module):
         self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
         self.disable_adapters = False
         self._plans: dict[str, SparsePlan] = {}
+        self._resident: Optional[_Resident] = None
+        # A weight shared with another module (a tied head) must never hold W + S between
+        # calls: train such a layer with the delta on the activations instead.
+        self.weight_shared = False
         self.train(base_layer.training)  # a new wrapper follows the model's train/eval mode
+        self.register_state_dict_pre_hook(_settle_hook)
+        self.register_load_state_dict_pre_hook(_settle_hook)
         self._flat: dict[str, torch.Tensor] = {}  # per adapter: positions in the weight's storage
         self._saved_entries: dict[str, torch.Tensor] = {}
         # Base entries at each adapter's support, read once, so that a switch only writes.
@@ -87,6 +115,7 @@ class ShiraLayer(nn.Module):
         self.scaling[name] = 1.0
 
     def delete_adapter(self, name: str) -> None:
+        self.settle()
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged: unmerge it before deleting it")
         del self.shira_weight[name]
@@ -140,6 +169,7 @@ class ShiraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
+        self.settle()
         names = list(self.active_adapters if adapter_names is None else adapter_names)
         weight = self.base_layer.weight
         for name in names:
@@ -164,9 +194,11 @@ class ShiraLayer(nn.Module):
         return (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
 
     def _cached_merged_entries(self, name: str, base_entries: torch.Tensor) -> torch.Tensor:
-        """base + scale * values at the support, kept while neither the cached base
-        entries nor the values (a new version after an optimizer step) nor the scale changed."""
+        """base + scale * values at the support. For frozen values, kept while neither
+        the cached base entries nor the values (their version) nor the scale changed."""
         values, state = self.shira_weight[name], (self.shira_weight[name]._version, self.scaling[name])
+        if values.requires_grad:  # trainable: optimizers writing p.data change it with no new version
+            return self._merged_entries(name, base_entries)
         # Kept with the tensors themselves (compared with `is`): an id() could be reused
         # by a new tensor once the old one is freed.
         cached = self._merged_cache.get(name)
@@ -193,6 +225,7 @@ class ShiraLayer(nn.Module):
         merged and the native kernels available, both happen in one blocked pass over
         the weight (the new support's entries are written right after the old one's are
         restored, block by block, while the block's cache lines are still in L1/L2)."""
+        self.settle()
         weight = self.base_layer.weight
         old = self.merged_adapters[0] if len(self.merged_adapters) == 1 else None
         # The new adapter's base entries must be cached already: read now, they would
@@ -218,6 +251,7 @@ class ShiraLayer(nn.Module):
         """Take merged adapters out. Normally the saved entries are written back (bit for
         bit); if something else wrote the weight while merged (its version moved), the
         deltas are subtracted instead, as PEFT does, so that the other write survives."""
+        self.settle()
         weight = self.base_layer.weight
         cache_valid = weight._version == self._own_version
         while self.merged_adapters:
@@ -230,6 +264,49 @@ class ShiraLayer(nn.Module):
             scatter_flat_(weight, index, saved)
         if cache_valid:  # our own restore: the cached base entries still hold
             self._own_version = weight._version
+
+    # ---- training: the trained adapter stays merged between steps ---------------------
+    @torch.no_grad()
+    def _make_resident(self, name: str) -> None:
+        """W holds base + scale * values of `name` at its support, for the current
+        values: rewritten (O(nnz), no read of W) when they differ from what W holds.
+        Compared by content, not by version: optimizers that write p.data (fused
+        AdamW, the Trainer's default) leave the version as it was."""
+        weight = self.base_layer.weight
+        res = self._resident
+        if res is not None and (res.name != name or res.weight is not weight or weight._version != res.version):
+            self.settle()
+            res = None
+        base = res.base if res is not None else self._base_entries_of(name)
+        merged = self._merged_entries(name, base)
+        if res is not None and torch.equal(merged, res.merged):
+            return  # unchanged: no write, so graphs built since the last write stay valid
+        scatter_flat_(weight, self._storage_index(name), merged)
+        self._resident = _Resident(name, weight, weight._version, base, merged)
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Put back the base entries that training left merged (no-op when none are).
+        If something else wrote the weight meanwhile, only our delta is taken out, as
+        unmerge does, so that the other write survives."""
+        res, self._resident = self._resident, None
+        if res is None:
+            return
+        weight = self.base_layer.weight
+        index = self._storage_index(res.name)
+        if res.weight is weight and weight._version == res.version:
+            scatter_flat_(weight, index, res.base)  # bit for bit
+            # Only our writes since the merge, which read the cached base entries: they hold again.
+            self._own_version = weight._version
+            return
+        current = gather_flat(weight, index).to(torch.float32)
+        delta = res.merged.to(torch.float32) - res.base.to(torch.float32)
+        scatter_flat_(weight, index, current - delta.to(current.device))
+
+    def train(self, mode: bool = True) -> "ShiraLayer":
+        if not mode and getattr(self, "_resident", None) is not None:
+            self.settle()  # eval mode reads W as the base weight
+        return super().train(mode)
 
     @property
     def merged(self) -> bool:
@@ -246,7 +323,8 @@ class ShiraLayer(nn.Module):
     def _training_adapter(self) -> Optional[str]:
         """The one adapter this call trains, when the fast merged path applies: train mode
         with grad enabled (eval mode never writes W, so concurrent inference stays safe)."""
-        if not (self.training and torch.is_grad_enabled()) or self.merged_adapters or len(self.active_adapters) != 1:
+        if (not (self.training and torch.is_grad_enabled()) or self.merged_adapters or self.weight_shared
+                or len(self.active_adapters) != 1):
             return None
         name = self.active_adapters[0]
         if name not in self.shira_weight or not self.shira_weight[name].requires_grad:
@@ -254,16 +332,17 @@ class ShiraLayer(nn.Module):
         return name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if self.disable_adapters else self._training_adapter()
+        if name is not None:
+            # Training: W holds W + S (rewritten only when the values changed), so the
+            # step costs a base layer plus the values' sampled gradient; W gets none.
+            self._make_resident(name)
+            base = self.base_layer
+            return merged_weight_linear(x, base.weight, base.bias, self._scaled_values(name), self.plan(name),
+                                        transposed=self.transposed_storage)
+        self.settle()
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)
-        name = self._training_adapter()
-        if name is not None:
-            # Training: S is scattered into W for the matmul only and W is restored right
-            # after, so the step costs a base layer plus O(nnz) work, and W gets no gradient.
-            base = self.base_layer
-            values = self._scaled_values(name)
-            return transient_merged_linear(x, base.weight, base.bias, values, self.plan(name),
-                                           self._storage_index(name), transposed=self.transposed_storage)
         # Inference (or several adapters): the delta on the activations; W is only read,
         # so concurrent calls on one model are safe.
         result = self.base_layer(x, *args, **kwargs)

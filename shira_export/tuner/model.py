@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -125,6 +126,7 @@ class ShiraModel(nn.Module):
 
             config.target_modules = default_targets(self.model)
         config.modules_to_save = self._heads_to_save(config) or None
+        self._settle()  # masks read the base weights
         deltas = draw_deltas(self.model, config, mask_grads)
         heads = {p: {} for p in self._resolve_heads(config.modules_to_save or [])}
         self._install(AdapterCheckpoint(config=config, deltas=deltas, modules_to_save=heads, name=adapter_name),
@@ -152,11 +154,24 @@ class ShiraModel(nn.Module):
             self.__dict__.pop("_index", None)
         return module
 
+    def _settle(self) -> None:
+        """Put back the base weights that training keeps merged (see ShiraLayer.settle)."""
+        for _, layer in self.shira_layers():
+            layer.settle()
+
+    def _mark_shared_weights(self) -> None:
+        """A SHiRA layer whose weight another module also uses (a tied head) must not keep
+        the adapter merged between calls: that module would read W + S."""
+        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
+        for _, layer in self.shira_layers():
+            layer.weight_shared = uses[id(layer.base_layer.weight)] > 1
+
     def _install(self, ckpt: AdapterCheckpoint, *, trainable: bool) -> None:
         """Put a validated checkpoint into the model (all checks are done before this)."""
         name = ckpt.name
         for path, delta in ckpt.deltas.items():
             self._wrapped(path, ShiraLayer).add_adapter(name, delta.indices, delta.values, trainable=trainable)
+        self._mark_shared_weights()
         for path, state in ckpt.modules_to_save.items():
             replica = self._wrapped(path, ModulesToSaveWrapper).add_adapter(name, trainable=trainable)
             if state:

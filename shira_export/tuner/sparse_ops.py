@@ -8,10 +8,10 @@ Two training formulations (measured: tools/bench_train.py, --ops for one layer):
    BLAS on CPU, cuSPARSE on GPU; the transpose's structure is precomputed in the plan);
    grad-values is `sparse_values_grad`. (A gather/index_add form materialises a
    [tokens, nnz] temporary, 100 MB per 768x768 layer at 512 tokens, 50-100x slower.)
-2. `transient_merged_linear` (training): S is scattered into W in place (O(nnz)) for
-   the duration of each matmul and the original entries are put back right after, so
-   forward and grad-x are the base layer's own F.linear and the adapter adds only
-   grad-values. The same arithmetic as PEFT's clone-and-add forward, with no clone.
+2. `merged_weight_linear` (training): W already holds W + S at the support (the layer
+   keeps the trained adapter merged and rewrites those O(nnz) entries when the values
+   change), so forward and grad-x are the base layer's own F.linear and the adapter adds
+   only grad-values. The same arithmetic as PEFT's clone-and-add forward, with no clone.
 
 `sparse_values_grad`: d loss / d values = (gy^T @ x) sampled at the support: nnz dot
 products of length `tokens`, no dense gradient (shira_export._native's tiled C kernel
@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch.autograd.graph import increment_version
 
 from shira_export import _native
 
 __all__ = [
     "SparsePlan",
     "gather_flat",
-    "transient_merged_linear",
+    "merged_weight_linear",
     "scatter_flat_",
     "sparse_linear_delta",
     "sparse_values_grad",
@@ -51,7 +52,8 @@ class SparsePlan:
 
     `values` given to `sparse_linear_delta` follow the order of `indices` passed to
     `build` (PEFT's row-major order). `order` maps them to CSR order when they are not
-    already row-major; `t_perm` maps CSR-ordered values to the transpose's CSR order.
+    already row-major. Structures only some paths need (the transpose's CSR, the native
+    SDDMM's pattern) are built on first use and kept in `_derived`.
     """
 
     rows: torch.Tensor  # int64 [nnz], output index, in the caller's order
@@ -59,11 +61,7 @@ class SparsePlan:
     shape: tuple[int, int]  # (out, in)
     crow: torch.Tensor  # int64 [out + 1], CSR row pointers of S
     col: torch.Tensor  # int64 [nnz], CSR column indices of S
-    t_crow: torch.Tensor  # int64 [in + 1], CSR row pointers of S^T
-    t_col: torch.Tensor  # int64 [nnz], CSR column indices of S^T (= output index)
-    t_perm: torch.Tensor  # int64 [nnz]: values of S^T = csr_values[t_perm]
     order: Optional[torch.Tensor]  # int64 [nnz] or None when the caller's order is CSR order
-    # Derived structures built on first use (the native SDDMM's blocked pattern).
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -77,21 +75,8 @@ class SparsePlan:
             order = torch.argsort(key, stable=True)
         r_sorted = rows if order is None else rows[order]
         c_sorted = cols if order is None else cols[order]
-        crow = _row_pointers(r_sorted, out_f)
-        # Transpose: sort CSR entries by (col, row); the stable sort keeps rows ascending.
-        t_perm = torch.argsort(c_sorted * out_f + r_sorted, stable=True)
-        t_crow = _row_pointers(c_sorted[t_perm], in_f)
-        return cls(
-            rows=rows,
-            cols=cols,
-            shape=(out_f, in_f),
-            crow=crow,
-            col=c_sorted,
-            t_crow=t_crow,
-            t_col=r_sorted[t_perm].contiguous(),
-            t_perm=t_perm,
-            order=order,
-        )
+        return cls(rows=rows, cols=cols, shape=(out_f, in_f), crow=_row_pointers(r_sorted, out_f), col=c_sorted,
+                   order=order)
 
     @property
     def nnz(self) -> int:
@@ -104,14 +89,27 @@ class SparsePlan:
                  if k not in ("shape", "_derived")}
         return SparsePlan(shape=self.shape, **moved)
 
+    def _csr_rows(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.crow.device), self.crow.diff())
+
+    def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """S^T's CSR: (row pointers [in + 1], column indices = output index [nnz], perm
+        [nnz]: values of S^T = csr_values[perm])."""
+        cached = self._derived.get("transpose")
+        if cached is None:
+            out_f, in_f = self.shape
+            r_sorted = self._csr_rows()
+            # Sort CSR entries by (col, row); the stable sort keeps rows ascending.
+            perm = torch.argsort(self.col * out_f + r_sorted, stable=True)
+            cached = self._derived["transpose"] = (_row_pointers(self.col[perm], in_f), r_sorted[perm], perm)
+        return cached
+
     def csr(self, csr_values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow, self.col, csr_values, self.shape, check_invariants=False)
 
     def csr_t(self, csr_values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(
-            self.t_crow, self.t_col, csr_values[self.t_perm], self.shape[::-1], check_invariants=False
-        )
-
+        t_crow, t_col, perm = self.transpose()
+        return torch.sparse_csr_tensor(t_crow, t_col, csr_values[perm], self.shape[::-1], check_invariants=False)
 
     def sddmm_pattern(self, a_side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The native SDDMM's pattern (crow, bptr, bcol, dest; see _native.sddmm), with
@@ -121,7 +119,7 @@ class SparsePlan:
         if cached is not None:
             return cached
         out_f, in_f = self.shape
-        csr_rows = torch.repeat_interleave(torch.arange(out_f, device=self.crow.device), self.crow.diff())
+        csr_rows = self._csr_rows()
         rows, cols, n_a, n_b = (csr_rows, self.col, out_f, in_f) if a_side == "out" else (self.col, csr_rows, in_f, out_f)
         width = _native.SDDMM_BLOCK_COLS
         n_blocks = -(-n_b // width)
@@ -132,8 +130,9 @@ class SparsePlan:
         bptr = torch.zeros(n_blocks, n_a + 1, dtype=torch.int64, device=rows.device)
         bptr[:, 1:] = counts.cumsum(1)
         bptr += (counts.sum(1).cumsum(0) - counts.sum(1)).view(-1, 1)  # each block starts where the last ended
-        bcol = (cols - block * width)[dest].to(torch.int32)
-        cached = self._derived[("sddmm", a_side)] = (_row_pointers(rows.sort().values, n_a), bptr, bcol, dest)
+        bcol = (cols - block * width)[dest].to(torch.uint8)  # width <= 256
+        crow = _row_pointers(rows.sort().values, n_a)
+        cached = self._derived[("sddmm", a_side)] = (crow, bptr, bcol, dest.to(torch.int32))
         return cached
 
 
@@ -208,86 +207,61 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
     if in_f <= out_f:
         return torch.sparse.sampled_addmm(plan.csr(zeros), grad_t, x_t.t(), beta=0.0).values()
     grad_tcsr = torch.sparse.sampled_addmm(plan.csr_t(zeros), x_t, grad_t.t(), beta=0.0).values()
-    return torch.empty_like(grad_tcsr).index_copy_(0, plan.t_perm, grad_tcsr)
-
-
-@torch.no_grad()
-def _merged_weight(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Scatter W + S into `weight` in place (fp32 sum, cast once, as merge() does);
-    returns the original entries, which `_restore_flat_` puts back bit for bit."""
-    if _native.available(weight):
-        return _native.swap_in_(weight, flat, values.detach().to(torch.float32).contiguous())  # one pass
-    saved = gather_flat(weight, flat)
-    scatter_flat_(weight, flat, saved.to(torch.float32) + values.detach().to(torch.float32))
-    return saved
-
-
-@torch.no_grad()
-def _restore_flat_(weight: torch.Tensor, flat: torch.Tensor, saved: torch.Tensor) -> None:
-    """Undo `_merged_weight` (the native path leaves weight._version as it was)."""
-    if _native.available(weight):
-        _native.scatter_(weight, flat, saved)
-    else:
-        scatter_flat_(weight, flat, saved)
+    return torch.empty_like(grad_tcsr).index_copy_(0, plan.transpose()[2], grad_tcsr)
 
 
 def _linear(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
     return torch.nn.functional.linear(x2, weight.t() if transposed else weight, bias)
 
 
-class _TransientMergedLinear(torch.autograd.Function):
-    """y = x @ (W + S)^T + b with S merged into W only for the duration of each matmul
-    (forward and grad-x) and restored right after: the layer costs what the base layer
-    costs plus O(nnz) scatters and the values' sampled gradient. W itself gets none."""
+class _MergedWeightLinear(torch.autograd.Function):
+    """y = x @ W^T + b where W already holds W + S: differentiable in x, the values and
+    b. W gets no gradient; the values get the sampled one (nnz dots, no dense grad)."""
 
     @staticmethod
-    def forward(ctx, x2, values, weight, bias, flat, plan, transposed):
-        ctx.weight, ctx.flat, ctx.plan, ctx.transposed = weight, flat, plan, transposed
+    def forward(ctx, x2, values, weight, bias, plan, transposed):
+        ctx.weight, ctx.plan, ctx.transposed = weight, plan, transposed
+        ctx.weight_version = weight._version  # W is not saved as autograd sees it: check by hand
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2, values)
-        saved = _merged_weight(weight, flat, values)
-        try:
-            return _linear(x2, weight, bias, transposed)
-        finally:
-            _restore_flat_(weight, flat, saved)
+        return _linear(x2, weight, bias, transposed)
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, values = ctx.saved_tensors
+        weight = ctx.weight
+        if weight._version != ctx.weight_version:
+            raise RuntimeError(
+                "a SHiRA layer's weight was modified in place between this forward and its backward "
+                "(an optimizer step, a switch or a merge before backward?): the gradient would be wrong"
+            )
         grad_x = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.weight
-            saved = _merged_weight(weight, ctx.flat, values)
-            try:
-                grad_x = grad_out @ (weight.t() if ctx.transposed else weight)
-            finally:
-                _restore_flat_(weight, ctx.flat, saved)
+            grad_x = grad_out @ (weight.t() if ctx.transposed else weight)
         if ctx.needs_input_grad[1]:
             grad_csr = sparse_values_grad(grad_out, x2, ctx.plan).to(values.dtype)
             order = ctx.plan.order
             grad_values = grad_csr if order is None else torch.empty_like(grad_csr).index_copy_(0, order, grad_csr)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_out.sum(0)
-        return grad_x, grad_values, None, grad_bias, None, None, None
+        return grad_x, grad_values, None, grad_bias, None, None
 
 
-def transient_merged_linear(
+def merged_weight_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     values: torch.Tensor,
     plan: SparsePlan,
-    flat: torch.Tensor,
     *,
     transposed: bool = False,
 ) -> torch.Tensor:
-    """The training forward of a SHiRA layer: x @ (W + S)^T + b, differentiable in x and
-    `values` (scale applied, in the order of the plan's indices). `flat` = storage_index
-    of those indices. W holds W + S only inside each matmul, so the op is not safe
-    against another thread using the same weight at the same moment (training is not)."""
+    """The training forward of a SHiRA layer whose weight already holds W + S (scale
+    applied, in the order of the plan's indices): x @ W^T + b, differentiable in x,
+    `values` and b. The backward refuses to run if W was written in between."""
     out_f, in_f = plan.shape
     lead = x.shape[:-1]
-    y = _TransientMergedLinear.apply(x.reshape(-1, in_f), values, weight, bias, flat, plan.to(x.device), transposed)
+    y = _MergedWeightLinear.apply(x.reshape(-1, in_f), values, weight, bias, plan.to(x.device), transposed)
     return y.reshape(*lead, out_f)
 
 
@@ -314,9 +288,12 @@ def gather_flat(weight: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def scatter_flat_(weight: torch.Tensor, flat: torch.Tensor, src: torch.Tensor) -> None:
-    """weight[flat] = src in place (positions unique)."""
+    """weight[flat] = src in place (positions unique); the weight's version moves."""
     src = src.to(weight.dtype)
-    if weight.is_contiguous():
+    if _native.available(weight) and flat.dtype == torch.int64 and flat.is_contiguous() and src.is_contiguous():
+        _native.scatter_(weight, flat, src)  # two threads keep twice the cache misses in flight
+        increment_version(weight)
+    elif weight.is_contiguous():
         weight.view(-1).scatter_(0, flat, src)
     else:
         n_cols = weight.shape[1]
