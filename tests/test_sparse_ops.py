@@ -9,6 +9,7 @@ from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
 from shira_export import ShiraConfig, get_shira_model
+from shira_export.tuner.layer import ShiraLayer
 from shira_export.tuner.sparse_ops import (
     SparsePlan,
     gather_flat,
@@ -134,8 +135,10 @@ def _tiny_opt() -> OPTForCausalLM:
     return OPTForCausalLM(cfg)
 
 
-def test_gradients_equal_peft_shira():
-    """Same masks, same values, same batch: loss and every value gradient match PEFT."""
+@pytest.mark.parametrize("mode", ["train", "eval"], ids=["merged_weight", "delta_on_activations"])
+def test_gradients_equal_peft_shira(mode):
+    """Same masks, same values, same batch: loss and every value gradient match PEFT, on
+    the training path (adapter merged in W) and on the eval path (delta added)."""
     from peft import ShiraConfig as PeftShiraConfig
     from peft import get_peft_model
 
@@ -143,6 +146,9 @@ def test_gradients_equal_peft_shira():
     ours = get_shira_model(_tiny_opt(), ShiraConfig(r=3, target_modules=targets, init_weights=False, random_seed=11))
     theirs = get_peft_model(_tiny_opt(), PeftShiraConfig(r=3, target_modules=targets, init_weights=False, random_seed=11))
     ours.eval(), theirs.eval()  # no dropout: both see the same function
+    if mode == "train":
+        for module in ours.modules():
+            module.training = isinstance(module, ShiraLayer)  # SHiRA layers only: still no dropout
     ours_layers = dict(ours.shira_layers())
     pairs = []
     for path, module in theirs.base_model.model.named_modules():
@@ -165,6 +171,7 @@ def test_gradients_equal_peft_shira():
         torch.testing.assert_close(ours_w.grad, theirs_w.grad, rtol=1e-5, atol=1e-5 * float(scale))
     frozen = [p for n, p in ours.named_parameters() if "shira_weight" not in n]
     assert all(p.grad is None for p in frozen)  # no dense weight gradient anywhere
+    assert any(layer._resident is not None for layer in ours_layers.values()) == (mode == "train")
 
 
 def test_no_weight_sized_tensor_is_saved_or_copied():

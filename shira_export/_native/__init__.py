@@ -35,7 +35,7 @@ _FLAGS = ["-O3", "-fPIC", "-shared"]
 # Best first; OpenMP shares torch's libgomp pool, -fopenmp-simd alone runs serially.
 _VARIANTS = (["-fopenmp", "-march=native"], ["-fopenmp"], ["-fopenmp-simd", "-march=native"], ["-fopenmp-simd"])
 # Column-block width of the SDDMM's pattern (kernels.c CB; the kernel refuses another).
-SDDMM_BLOCK_COLS = 128
+SDDMM_BLOCK_COLS = 256
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict = {"lib": None, "tried": False, "why": "not loaded yet"}

@@ -42,7 +42,8 @@ class _Resident:
     weight: torch.Tensor  # the tensor written (.to() or a reassignment makes another one)
     version: int  # weight._version after our write: anything else moves it
     base: torch.Tensor  # W's entries at the support before the merge
-    merged: torch.Tensor  # what we wrote there: base + scale * values (fp32 sum, cast)
+    values: torch.Tensor  # a copy of the values merged (W holds base + scale * values)
+    scale: float
 
 
 def _settle_hook(module: "ShiraLayer", *args, **kwargs) -> None:
@@ -165,7 +166,8 @@ class ShiraLayer(nn.Module):
         return self.shira_weight[name] if scale == 1.0 else self.shira_weight[name] * scale
 
     def delta_values(self, name: str) -> torch.Tensor:
-        return self.shira_weight[name].detach() * self.scaling[name]
+        scale = self.scaling[name]
+        return self.shira_weight[name].detach() if scale == 1.0 else self.shira_weight[name].detach() * scale
 
     @torch.no_grad()
     def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
@@ -277,12 +279,17 @@ class ShiraLayer(nn.Module):
         if res is not None and (res.name != name or res.weight is not weight or weight._version != res.version):
             self.settle()
             res = None
-        base = res.base if res is not None else self._base_entries_of(name)
-        merged = self._merged_entries(name, base)
-        if res is not None and torch.equal(merged, res.merged):
+        values, scale = self.shira_weight[name].detach(), self.scaling[name]
+        if res is not None and res.scale == scale and torch.equal(values, res.values):
             return  # unchanged: no write, so graphs built since the last write stay valid
-        scatter_flat_(weight, self._storage_index(name), merged)
-        self._resident = _Resident(name, weight, weight._version, base, merged)
+        base = res.base if res is not None else self._base_entries_of(name)
+        scatter_flat_(weight, self._storage_index(name), self._merged_entries(name, base))
+        if res is not None:
+            res.values.copy_(values)
+            values = res.values
+        else:
+            values = values.clone()
+        self._resident = _Resident(name, weight, weight._version, base, values, scale)
 
     @torch.no_grad()
     def settle(self) -> None:
@@ -300,7 +307,8 @@ class ShiraLayer(nn.Module):
             self._own_version = weight._version
             return
         current = gather_flat(weight, index).to(torch.float32)
-        delta = res.merged.to(torch.float32) - res.base.to(torch.float32)
+        merged = (res.base.to(torch.float32) + res.values.to(torch.float32) * res.scale).to(weight.dtype)
+        delta = merged.to(torch.float32) - res.base.to(torch.float32)  # what our write added
         scatter_flat_(weight, index, current - delta.to(current.device))
 
     def train(self, mode: bool = True) -> "ShiraLayer":
