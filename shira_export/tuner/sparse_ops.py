@@ -131,14 +131,15 @@ class SparsePlan:
         bptr[:, 1:] = counts.cumsum(1)
         bptr += (counts.sum(1).cumsum(0) - counts.sum(1)).view(-1, 1)  # each block starts where the last ended
         bcol = (cols - block * width)[dest].to(torch.uint8)  # width <= 256
-        crow = _row_pointers(rows.sort().values, n_a)
+        crow = _row_pointers(rows, n_a)  # bincount: any order
         cached = self._derived[("sddmm", a_side)] = (crow, bptr, bcol, dest.to(torch.int32))
         return cached
 
 
-def _row_pointers(sorted_rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=sorted_rows.device)
-    crow[1:] = torch.bincount(sorted_rows, minlength=n_rows).cumsum(0)
+def _row_pointers(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """CSR row pointers [n_rows + 1] of entries with these row indices (any order)."""
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
     return crow
 
 
