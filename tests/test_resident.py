@@ -4,6 +4,8 @@ W sees the base weight, and a gradient is never computed against a stale W."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,16 @@ def test_other_writes_while_merged_survive_and_the_delta_leaves():
         w.add_(1.0)  # someone else's write (autograd sees it)
     model.eval()
     torch.testing.assert_close(w, before + 1.0, rtol=0, atol=1e-6)
+
+
+def test_a_deep_copy_made_while_merged_restores_its_base_exactly():
+    model = _model()
+    before = dict(model.shira_layers())[Q].base_layer.weight.detach().clone()
+    model(**X)  # merged
+    clone = copy.deepcopy(model)  # new tensors, new version counters, same entries
+    clone.eval(), model.eval()
+    assert torch.equal(dict(clone.shira_layers())[Q].base_layer.weight, before)
+    torch.testing.assert_close(_no_grad_logits(clone), _no_grad_logits(model), rtol=0, atol=0)
 
 
 def test_adding_an_adapter_reads_the_base_weight():

@@ -294,22 +294,25 @@ class ShiraLayer(nn.Module):
     @torch.no_grad()
     def settle(self) -> None:
         """Put back the base entries that training left merged (no-op when none are).
-        If something else wrote the weight meanwhile, only our delta is taken out, as
-        unmerge does, so that the other write survives."""
+        If the support no longer holds what we wrote (something else wrote there), only
+        our delta is taken out, as unmerge does, so that the other write survives."""
         res, self._resident = self._resident, None
         if res is None:
             return
         weight = self.base_layer.weight
         index = self._storage_index(res.name)
-        if res.weight is weight and weight._version == res.version:
-            scatter_flat_(weight, index, res.base)  # bit for bit
-            # Only our writes since the merge, which read the cached base entries: they hold again.
-            self._own_version = weight._version
+        base = res.base.to(weight.device)
+        if res.weight is weight and weight._version == res.version:  # only our writes since the merge
+            scatter_flat_(weight, index, base)  # bit for bit
+            self._own_version = weight._version  # the cached base entries hold again
             return
-        current = gather_flat(weight, index).to(torch.float32)
-        merged = (res.base.to(torch.float32) + res.values.to(torch.float32) * res.scale).to(weight.dtype)
-        delta = merged.to(torch.float32) - res.base.to(torch.float32)  # what our write added
-        scatter_flat_(weight, index, current - delta.to(current.device))
+        # Compared by content: a deep copy or .to() gives W a new version but the same entries.
+        merged = (base.to(torch.float32) + res.values.to(weight.device, torch.float32) * res.scale).to(weight.dtype)
+        current = gather_flat(weight, index)
+        if torch.equal(current, merged):
+            scatter_flat_(weight, index, base)
+        else:  # remove only what our write added
+            scatter_flat_(weight, index, current.to(torch.float32) - (merged.to(torch.float32) - base.to(torch.float32)))
 
     def train(self, mode: bool = True) -> "ShiraLayer":
         if not mode and getattr(self, "_resident", None) is not None:
