@@ -9,6 +9,7 @@ heap cannot hide another's peak.
 
     python tools/bench_train.py                # full run, writes tools/results/bench_train.json
     python tools/bench_train.py --ops          # also the per-layer op comparison
+    python tools/bench_train.py --with-base    # also the frozen base: what each adapter adds to a step
     python tools/bench_train.py --rounds 2 --seq 32 --layers 2   # smoke run
 """
 
@@ -40,6 +41,10 @@ def build_base(layers: int):
 
 
 def wrap(variant: str, base, r: int):
+    if variant == "frozen_base":  # no adapter; one trainable table keeps backward running through every layer
+        base.requires_grad_(False)
+        base.model.decoder.embed_positions.weight.requires_grad_(True)
+        return base
     if variant == "shira_export":
         from shira_export import ShiraConfig, get_shira_model
 
@@ -182,7 +187,7 @@ def machine() -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (single steps move by +-10 %%)")
     p.add_argument("--r", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -192,6 +197,8 @@ def main() -> int:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-native", action="store_true", help="torch ops only (SHIRA_EXPORT_NATIVE=0), for comparison")
+    p.add_argument("--with-base", action="store_true",
+                   help="also time the frozen base model (no adapter): what each adapter adds to a step")
     p.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.no_native:
@@ -204,23 +211,24 @@ def main() -> int:
 
     result: dict = {"machine": machine(), "setup": {k: getattr(args, k) for k in ("r", "batch", "seq", "layers", "rounds")}}
     base = build_base(args.layers)
-    trainers = {v: Trainer(wrap(v, copy.deepcopy(base), args.r), args.batch, args.seq) for v in VARIANTS}
+    timed = VARIANTS + (("frozen_base",) if args.with_base else ())
+    trainers = {v: Trainer(wrap(v, copy.deepcopy(base), args.r), args.batch, args.seq) for v in timed}
     del base
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for v in VARIANTS:
+    times: dict[str, list[float]] = {v: [] for v in timed}
+    cpu: dict[str, list[float]] = {v: [] for v in timed}
+    for v in timed:
         trainers[v].step()  # warm-up (optimizer state, first-call allocations)
     for i in range(args.rounds):
-        for v in VARIANTS[i % 3:] + VARIANTS[: i % 3]:
+        for v in timed[i % len(timed):] + timed[: i % len(timed)]:
             wall, cpu_s = trainers[v].step()
             times[v].append(wall)
             cpu[v].append(cpu_s)
-        print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in VARIANTS), file=sys.stderr)
+        print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in timed), file=sys.stderr)
     del trainers
     step = {v: statistics.median(ts) for v, ts in times.items()}
     step_cpu = {v: statistics.median(ts) for v, ts in cpu.items()}
-    result["step_s"] = {v: {"median": step[v], "all": times[v]} for v in VARIANTS}
-    result["step_cpu_s"] = {v: {"median": step_cpu[v], "all": cpu[v]} for v in VARIANTS}
+    result["step_s"] = {v: {"median": step[v], "all": times[v]} for v in timed}
+    result["step_cpu_s"] = {v: {"median": step_cpu[v], "all": cpu[v]} for v in timed}
 
     memory = {}
     if not args.no_memory:
@@ -241,6 +249,9 @@ def main() -> int:
     for peer in ("peft_shira", "peft_lora"):  # within a round the three steps run back to back: drift cancels
         ratios[f"median of per-round ratios vs {peer}"] = statistics.median(
             ours / theirs for ours, theirs in zip(times["shira_export"], times[peer]))
+    if args.with_base:  # paired within rounds: what each variant adds to the frozen base's step
+        result["added_over_base_s"] = {v: statistics.median(a - b for a, b in zip(times[v], times["frozen_base"]))
+                                       for v in VARIANTS}
     if memory:
         ratios["peak memory vs peft_shira (target <= 0.9)"] = (
             memory["shira_export"]["peak_delta_mib"] / memory["peft_shira"]["peak_delta_mib"])
@@ -248,9 +259,11 @@ def main() -> int:
 
     print(f"native kernels: {result['machine']['native_kernels']}")
     print(f"\n{'variant':<14}{'step s (median)':>17}{'CPU s (median)':>16}{'peak RSS delta MiB':>20}")
-    for v in VARIANTS:
-        mem = f"{memory[v]['peak_delta_mib']:.0f}" if memory else "-"
+    for v in timed:
+        mem = f"{memory[v]['peak_delta_mib']:.0f}" if memory and v in memory else "-"
         print(f"{v:<14}{step[v]:>17.3f}{step_cpu[v]:>16.3f}{mem:>20}")
+    for v, added in result.get("added_over_base_s", {}).items():
+        print(f"{v} adds {1e3 * added:.0f} ms to the frozen base's step (median of per-round differences)")
     for k, val in ratios.items():
         print(f"{k}: {val:.2f}")
     for row in result.get("ops", []):
