@@ -141,3 +141,16 @@ def test_a_tied_weight_is_never_left_merged():
     assert layer.weight_shared and torch.equal(model.model.embed.weight, before)
     out.square().sum().backward()
     assert layer.shira_weight["default"].grad.abs().sum() > 0
+
+
+def test_merge_after_values_changed_through_data_uses_the_new_values():
+    """Optimizers writing p.data leave the version: a merge must not reuse old entries."""
+    model = _model().eval()
+    layer = dict(model.shira_layers())[Q]
+    w = layer.base_layer.weight
+    before = w.detach().clone()
+    model.merge_adapter()
+    model.unmerge_adapter()
+    layer.shira_weight["default"].data.add_(0.5)  # as fused AdamW does
+    model.merge_adapter()
+    assert torch.equal(w, before + layer.dense_delta("default"))
