@@ -35,6 +35,7 @@ import onnx
 from shira_export._io import atomic_dir, atomic_path
 from shira_export.errors import ShiraInputError
 from shira_export.export import quant_graph, quant_mixed
+from shira_export.export.onnx_io import needs_external_data
 from shira_export.export.quant_probe import probe_int8_saturation
 
 __all__ = ["QuantMode", "BLOCK_SIZES", "QuantizeReport", "quantize_onnx_model", "check_quantize_options"]
@@ -42,7 +43,6 @@ __all__ = ["QuantMode", "BLOCK_SIZES", "QuantizeReport", "quantize_onnx_model", 
 PathLike = Union[str, os.PathLike]
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 MANIFEST_NAME = "shira_export.json"
-_TWO_GB = 2**31 - 2**26
 
 
 class QuantMode(str, Enum):
@@ -194,7 +194,7 @@ def _quantize(model: onnx.ModelProto, report: QuantizeReport, where: str, opts: 
             f"{' ...' if len(computed) > 3 else ''}); onnxruntime's quantizers skip those silently and leave them fp32. "
             f"Quantize the base graph before attaching deltas (export_sparse(..., quantize=...))"
         )
-    external = model.ByteSize() > _TWO_GB if model.ByteSize() >= 0 else True
+    external = needs_external_data(model)
     wide: list[str] = []
     if opts["mode"] is QuantMode.INT8:
         rr = opts["reduce_range"]
@@ -238,8 +238,7 @@ def _load(path: Path) -> onnx.ModelProto:
 
 
 def _save(model: onnx.ModelProto, path: Path, *, location: str) -> None:
-    size = model.ByteSize()
-    external = size < 0 or size > _TWO_GB
+    external = needs_external_data(model)
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=location, size_threshold=1024)
 

@@ -21,6 +21,7 @@ from shira_export.errors import ParityFailure, ShiraInputError
 from shira_export.export import graph_delta
 from shira_export.export.adapter_file import SUFFIX, adapter_arrays, check_adapter_name, write_adapter_file
 from shira_export.export.manifest import ADAPTER_DIR, MODEL_NAME, SparseManifest, read_sparse_manifest
+from shira_export.export.onnx_io import needs_external_data, tensor_bytes
 
 if TYPE_CHECKING:
     from shira_export.verify.report import VerifyReport
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["SparseExportResult", "export_sparse", "add_adapter_file", "tensor_bytes"]
 
 PathLike = Union[str, os.PathLike]
-_TWO_GB = 2**31 - 2**26  # protobuf's limit, with headroom for the graph itself
-
-
 @dataclass
 class SparseExportResult:
     output_dir: Path
@@ -82,13 +80,8 @@ def _module_weights(model, modules: Sequence[str]) -> dict[str, np.ndarray]:
     return {path: np.ascontiguousarray(base_weight_out_in(named[path]).cpu().numpy()) for path in modules}
 
 
-def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers' data (protobuf cannot serialize a model past 2 GB)."""
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-
-
 def _save_model(model: onnx.ModelProto, path: Path) -> None:
-    external = tensor_bytes(model) > _TWO_GB
+    external = needs_external_data(model)
     for stale in path.parent.glob(path.name + "_data"):
         stale.unlink()
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,

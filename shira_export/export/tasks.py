@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-_PROTOBUF_LIMIT = 2**31 - 1
 
 
 class Task(str, Enum):
@@ -233,6 +232,8 @@ def convert_onnx_to_fp16(path: PathLike) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from shira_export.export.onnx_io import needs_external_data
+
     path = Path(path)
     model = onnx.load(path, load_external_data=True)
     old_data = {
@@ -245,8 +246,7 @@ def convert_onnx_to_fp16(path: PathLike) -> Path:
     model = convert_float_to_float16(model, keep_io_types=False)
     for name in old_data:
         (path.parent / name).unlink(missing_ok=True)
-    weight_bytes = sum(len(init.raw_data) for init in model.graph.initializer)
-    external = weight_bytes > _PROTOBUF_LIMIT  # protobuf cannot hold a model past 2 GB
+    external = needs_external_data(model)
     onnx.save(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
               location=f"{path.name}_data", size_threshold=1024)
     return path

@@ -33,7 +33,6 @@ from shira_export.export.manifest import SparseManifest, read_sparse_manifest
 __all__ = ["Mode", "ShiraSession"]
 
 PathLike = Union[str, os.PathLike]
-_TWO_GB = 2**31 - 2**26
 
 
 class Mode(str, enum.Enum):
@@ -113,9 +112,9 @@ class ShiraSession:
     def _serialize(self, model) -> Union[bytes, str]:
         import onnx
 
-        from shira_export.export.sparse import tensor_bytes
+        from shira_export.export.onnx_io import needs_external_data
 
-        if tensor_bytes(model) < _TWO_GB:
+        if not needs_external_data(model):
             return model.SerializeToString()
         self._tmp = tempfile.TemporaryDirectory(prefix="shira_dense_")
         path = Path(self._tmp.name) / "model.onnx"
