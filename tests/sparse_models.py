@@ -4,32 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from shira_export import ShiraConfig, get_shira_model
 
 
 def tiny_model(arch: str):
-    import transformers as tf
+    """The tiny_models builders at a 100-token vocabulary (GPT-2 with token 0 as bos/eos)."""
+    from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 
-    torch.manual_seed(0)
-    if arch == "opt":
-        cfg = tf.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=100,
-                           max_position_embeddings=128, word_embed_proj_dim=32)
-        return tf.OPTForCausalLM(cfg)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=100, max_position_embeddings=128)
-        return tf.LlamaForCausalLM(cfg)
     if arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=128,
-                             bos_token_id=0, eos_token_id=0)
-        return tf.GPT2LMHeadModel(cfg)
-    if arch == "bert":
-        cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            vocab_size=100, max_position_embeddings=128)
-        return tf.BertModel(cfg)
-    raise ValueError(arch)
+        return tiny_gpt2(vocab_size=100, bos_token_id=0, eos_token_id=0)
+    builders = {"opt": tiny_opt, "llama": tiny_llama, "bert": tiny_bert}
+    if arch not in builders:
+        raise ValueError(arch)
+    return builders[arch](vocab_size=100)
 
 
 # per arch: adapters with different r, masks (seeds) and target modules

@@ -315,7 +315,7 @@ class ShiraLayer(nn.Module):
             scatter_flat_(weight, index, current.to(torch.float32) - (merged.to(torch.float32) - base.to(torch.float32)))
 
     def train(self, mode: bool = True) -> "ShiraLayer":
-        if not mode and getattr(self, "_resident", None) is not None:
+        if not mode and self._resident is not None:
             self.settle()  # eval mode reads W as the base weight
         return super().train(mode)
 

@@ -191,8 +191,8 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
     CSR order; [T, out] and [T, in] inputs, nnz dot products of length T."""
     out_f, in_f = plan.shape
     if grad_out.device.type == "cpu" and _native.loaded():
-        # Reads gy and x as they are (tiles are transposed in cache): 2-3x faster than
-        # sampled_addmm plus its copies (tools/bench_train.py --ops). The rows walked
+        # Reads gy and x as they are (tiles are transposed in cache), with no copies of
+        # them (tools/bench_train.py --ops: "train" vs "torch ops" rows). The rows walked
         # are those of the larger side: the smaller one's tiles are what each thread
         # transposes in full.
         a_side = "out" if out_f >= in_f else "in"
@@ -211,10 +211,6 @@ def sparse_values_grad(grad_out: torch.Tensor, x: torch.Tensor, plan: SparsePlan
     return torch.empty_like(grad_tcsr).index_copy_(0, plan.transpose()[2], grad_tcsr)
 
 
-def _linear(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
-    return torch.nn.functional.linear(x2, weight.t() if transposed else weight, bias)
-
-
 class _MergedWeightLinear(torch.autograd.Function):
     """y = x @ W^T + b where W already holds W + S: differentiable in x, the values and
     b. W gets no gradient; the values get the sampled one (nnz dots, no dense grad)."""
@@ -225,7 +221,7 @@ class _MergedWeightLinear(torch.autograd.Function):
         ctx.weight_version = weight._version  # W is not saved as autograd sees it: check by hand
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2, values)
-        return _linear(x2, weight, bias, transposed)
+        return torch.nn.functional.linear(x2, weight.t() if transposed else weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
