@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from shira_export import ShiraConfig, get_shira_model
 
 
