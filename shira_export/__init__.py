@@ -1,6 +1,15 @@
 """shira-export: SHiRA adapters from training to ONNX Runtime deployment."""
 
-from shira_export.tuner import ShiraConfig, ShiraModel, get_shira_model
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["ShiraConfig", "ShiraModel", "get_shira_model", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `shira-export --help` and `import shira_export.errors` must not import torch.
+    if name in ("ShiraConfig", "ShiraModel", "get_shira_model"):
+        from shira_export import tuner
+
+        return getattr(tuner, name)
+    raise AttributeError(f"module 'shira_export' has no attribute {name!r}")

@@ -7,9 +7,11 @@ import argparse
 __all__ = ["register"]
 
 
-def register(subparsers) -> None:
-    from shira_export.verify.profiles import Precision
+# Precision's values (verify/profiles.py; a test keeps them equal), not imported: --help must not load torch.
+PROFILES = ("fp32", "fp16", "int8", "int4")
 
+
+def register(subparsers) -> None:
     p = subparsers.add_parser(
         "verify",
         help="check an export against PyTorch and write JSON / Markdown / JUnit reports",
@@ -20,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter folder (repeatable; default: the sources named in the candidate's manifest)")
     p.add_argument("--candidate", required=True, metavar="OUT_DIR", help="export folder with shira_export.json")
-    p.add_argument("--profile", default="fp32", choices=[x.value for x in Precision], help="pass rule (default fp32)")
+    p.add_argument("--profile", default="fp32", choices=PROFILES, help="pass rule (default fp32)")
     p.add_argument("--inputs", metavar="FILE", help="extra prompts: .txt (one per line) or .jsonl ({'text': ...})")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
                    help="override a threshold or setting, e.g. atol=1e-3, min_greedy=none, greedy_tokens=16")

@@ -3,12 +3,15 @@
 Small C loops (kernels.c): the values' gradient (an SDDMM: one dot product of length
 `tokens` per nonzero, over tiles of both operands transposed in cache), the scatter of
 merges and unmerges, and the adapter switch (the old support's entries restored and the
-new one's written block by block: one pass over the weight). torch runs each as several passes plus copies (tools/bench_train.py --ops,
-tools/bench_switch.py --no-native). They are compiled once per machine with the system
-C compiler (`$CC`, else cc / gcc / clang) into `$SHIRA_EXPORT_CACHE` (default
-~/.cache/shira_export, else the temp folder) and called through ctypes, which releases
-the GIL. No compiler, a failed build or `SHIRA_EXPORT_NATIVE=0`: the torch ops run
-instead, same results.
+new one's written block by block: one pass over the weight). torch runs each as several
+passes plus copies (tools/bench_train.py --ops, tools/bench_switch.py --no-native). They
+are compiled once per machine with the system C compiler (`$CC`, else cc / gcc / clang)
+into `$SHIRA_EXPORT_CACHE` (default ~/.cache/shira_export, else a per-user folder in the temp dir), and called through
+ctypes, which releases the GIL. A cached library is loaded only from a folder no one else
+can write (created 0700, owned by us) and only if it is ours, not writable by others and
+has the sha256 recorded when we built it; otherwise it is rebuilt (docs/security.md).
+No compiler, a failed build or `SHIRA_EXPORT_NATIVE=0`: the torch ops run instead, same
+results.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -63,39 +67,150 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + repr((_FLAGS, _VARIANTS)).encode() + _cpu_signature().encode()).hexdigest()
-    name = f"kernels-{key[:16]}.so"
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"shira_export-{user}"):
-        if (folder / name).exists():
-            return folder / name
-        try:  # a read-only home: build in the temp folder instead
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                break
+# --- a cache no one else can write into ---------------------------------------------------
+# The library is loaded into this process, so whoever can write it (or the folder holding
+# it, or a folder above) runs code as us. The key of its name is computable by anyone, so
+# a shared temp folder must never serve a file we did not build.
+
+def _safe_owner(st: os.stat_result) -> bool:
+    return st.st_uid in (os.getuid(), 0)
+
+
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _secure_ancestors(folder: Path) -> bool:
+    """Every folder above `folder`: owned by us or root, and not writable by others unless
+    sticky (like /tmp, where others cannot rename what we own)."""
+    for parent in folder.resolve().parents:
+        try:
+            st = os.stat(parent)
         except OSError:
-            continue
-    else:
-        raise RuntimeError(f"no writable folder for {name} ({_cache_dir()} nor the temp folder)")
+            return False
+        if not _safe_owner(st) or (_writable_by_others(st) and not st.st_mode & stat.S_ISVTX):
+            return False
+    return True
+
+
+def _private_dir(folder: Path) -> Optional[str]:
+    """None if `folder` is (made) a folder only we can write, else why not."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError as exc:
+        return f"{folder}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return f"{folder}: a symlink or not a folder"
+    if st.st_uid != os.getuid():
+        return f"{folder}: owned by uid {st.st_uid}, not by us"
+    if _writable_by_others(st):
+        return f"{folder}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder}: not writable"
+    if not _secure_ancestors(folder):
+        return f"{folder}: a folder above it can be changed by another user"
+    return None
+
+
+def _folders() -> list[Path]:
+    """Where to look for / build the library, best first: the user cache, then a per-user
+    folder in the temp dir (only if it is private and ours)."""
+    return [_cache_dir(), Path(tempfile.gettempdir()) / f"shira_export-{os.getuid()}"]
+
+
+def _digest_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    for chunk in iter(lambda: os.read(fd, 1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _record(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _open_trusted(lib: Path) -> tuple[Optional[int], str]:
+    """(fd of `lib`, "") if it is a regular file we own, not writable by others, whose
+    sha256 equals the one recorded when we built it; else (None, why)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lib, flags)
+    except OSError as exc:
+        return None, f"{lib}: {exc.strerror}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or _writable_by_others(st):
+            raise ValueError(f"{lib}: not a regular file owned by us and writable only by us")
+        record = _record(lib)
+        rst = os.lstat(record)
+        if not stat.S_ISREG(rst.st_mode) or rst.st_uid != os.getuid() or _writable_by_others(rst):
+            raise ValueError(f"{record}: not a regular file owned by us")
+        if record.read_text().strip() != _digest_fd(fd):
+            raise ValueError(f"{lib}: sha256 differs from the one recorded when it was built")
+    except (OSError, ValueError) as exc:
+        os.close(fd)
+        return None, str(exc)
+    return fd, ""
+
+
+def _dlopen(fd: int, lib: Path) -> ctypes.CDLL:
+    """Load the very file we checked (through its descriptor where /proc allows it)."""
+    proc = Path(f"/proc/self/fd/{fd}")
+    try:
+        return ctypes.CDLL(str(proc) if proc.exists() else str(lib))
+    finally:
+        os.close(fd)
+
+
+def _library_name(cc: str) -> str:
+    key = hashlib.sha256(_SOURCE.read_bytes() + cc.encode() + repr((_FLAGS, _VARIANTS)).encode()
+                         + _cpu_signature().encode()).hexdigest()
+    return f"kernels-{key[:16]}.so"
+
+
+def _build(cc: str) -> tuple[ctypes.CDLL, Path]:
+    name = _library_name(cc)
+    refused: list[str] = []
+    folder = None
+    for candidate in _folders():
+        why = _private_dir(candidate)
+        if why is None:
+            folder = candidate
+            break
+        refused.append(why)
+    if folder is None:  # every shared location refused: a fresh private folder, for this process
+        folder = Path(tempfile.mkdtemp(prefix=f"shira_export-{os.getuid()}-"))
+        _log.info("native kernels: building in %s (%s)", folder, "; ".join(refused))
     target = folder / name
+    if target.exists() or target.is_symlink():
+        fd, why = _open_trusted(target)
+        if fd is not None:
+            return _dlopen(fd, target), target
+        _log.warning("native kernels: not loading %s (%s); rebuilding it", target, why)
     # Build beside the target and rename: ranks of a DDP job may build at the same time.
-    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=folder)
     os.close(fd)
     try:
         errors = []
         for extra in _VARIANTS:  # some compilers lack OpenMP, some arches refuse -march=native
             done = subprocess.run([cc, *_FLAGS, *extra, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
             if done.returncode == 0:
-                os.chmod(tmp, 0o755)
+                os.chmod(tmp, 0o700)
+                lib_fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                digest = _digest_fd(lib_fd)
+                record_tmp = Path(tmp + ".sha256")
+                record_tmp.write_text(digest + "\n")
+                os.replace(record_tmp, _record(target))
                 os.replace(tmp, target)
-                return target
+                return _dlopen(lib_fd, target), target
             errors.append(done.stderr.strip()[-500:])
         raise RuntimeError(f"{cc} could not build {_SOURCE}: {errors[-1]}")
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -110,12 +225,12 @@ def _load() -> Optional[ctypes.CDLL]:
         _state["why"] = "no C compiler found ($CC, cc, gcc, clang): using torch ops"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib, path = _build(cc)
     except (OSError, RuntimeError) as exc:
         _state["why"] = f"native kernels unavailable ({exc}): using torch ops"
         _log.warning(_state["why"])
         return None
-    _state["why"] = f"loaded from {lib._name}"
+    _state["why"] = f"loaded from {path}"
     return _declare(lib)
 
 
