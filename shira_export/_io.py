@@ -185,7 +185,7 @@ def check_output_location(output: PathLike, inputs: Iterable[Optional[PathLike]]
             continue
         resolved = Path(src).resolve()
         if _inside(out, resolved) or _inside(resolved, out):
-            raise ShiraInputError(f"{output}: overlaps the input {src} (resolved {resolved}); choose an output "
+            raise ShiraInputError(f"{output}: overlaps the input folder {src} (resolved {resolved}); choose an output "
                                   f"outside the inputs (replacing it would delete or change an input)")
     for keep, what in ((Path.cwd(), "the current folder"), (Path.home(), "the home folder")):
         if _inside(keep.resolve(), out):
@@ -203,6 +203,19 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
+
+
+def run_owned_name(path: PathLike, kind: str) -> Path:
+    """A sibling name for `path` owned by this run (`kind` "tmp" or "old"), recognised later
+    as debris once this process is gone."""
+    path = Path(path)
+    return path.with_name(f"{_prefix(path)}{secrets.token_hex(4)}.{kind}")
+
+
+def stale_siblings(path: PathLike) -> list[tuple[Path, str]]:
+    """(sibling, "tmp" | "old") left by dead runs on `path` (this host, this user)."""
+    path = Path(path)
+    return _stale(path.parent, path.name)
 
 
 def _stale(parent: Path, name: str) -> list[tuple[Path, str]]:
@@ -279,7 +292,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False, *, inputs: Iterable[Opti
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     backup = None
     if overwrite and (path.exists() or path.is_symlink()):
-        backup = path.with_name(f"{_prefix(path)}{secrets.token_hex(4)}.old")
+        backup = run_owned_name(path, "old")
         rename_noreplace(path, backup)
     try:
         rename_noreplace(tmp, path)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["ShiraInputError", "ParityFailure", "INPUT_ERRNOS", "is_input_os_error"]
+__all__ = ["ShiraInputError", "ParityFailure", "INPUT_ERRNOS", "is_input_os_error", "check_opset", "CandidateError",
+           "candidate_errors"]
 
 
 class ShiraInputError(ValueError):
@@ -26,6 +27,31 @@ class ParityFailure(AssertionError):
         self.report = report
 
 
+class CandidateError(RuntimeError):
+    """An artifact under verification cannot run an input (or cannot be opened): the
+    verifier records it as a failed check, i.e. a parity failure, not a bug."""
+
+
+def candidate_errors() -> tuple[type[BaseException], ...]:
+    """What a candidate's runtime raises for a model that does not load or run: onnxruntime's
+    own exception classes (which are not RuntimeErrors), onnx's protobuf decode error and
+    CandidateError. Anything else a verifier meets is a bug and propagates (exit 3)."""
+    found: list[type[BaseException]] = [CandidateError]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        found += [c for c in vars(ort_state).values() if isinstance(c, type) and issubclass(c, Exception)]
+    except ImportError:
+        pass
+    try:
+        from google.protobuf.message import DecodeError
+
+        found.append(DecodeError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 # OS refusals of a path the user chose: the environment or the input is wrong, not our code.
 INPUT_ERRNOS = frozenset(
     getattr(errno, name) for name in (
@@ -35,6 +61,24 @@ INPUT_ERRNOS = frozenset(
 )
 
 
+def check_opset(opset: object, minimum: int, *, why: str = "") -> None:
+    """An ONNX opset option: an integer from `minimum` to the newest the installed onnx
+    knows (None = the exporter's default)."""
+    if opset is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not minimum <= opset <= newest:
+        raise ShiraInputError(f"opset: expected an integer from {minimum}{why} to {newest} (the newest the "
+                              f"installed onnx {onnx.__version__} knows), found {opset!r}")
+
+
 def is_input_os_error(exc: BaseException) -> bool:
     """True for an OSError whose errno says the path or the disk refused (exit 2, not 3)."""
-    return isinstance(exc, OSError) and exc.errno in INPUT_ERRNOS
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno is None:  # raised by Python code with a message only: the class says what it is
+        return isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                                PermissionError))
+    return exc.errno in INPUT_ERRNOS

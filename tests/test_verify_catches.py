@@ -3,6 +3,7 @@ and expects exit code 1 with the failure named in the reports."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
@@ -149,6 +150,9 @@ def test_adapter_file_swapped_for_another_adapters(tmp_path):
 
     manifest = json.loads((out / "shira_export.json").read_text())
     shutil.copy(out / manifest["adapters"]["a"]["file"], out / manifest["adapters"]["b"]["file"])
+    # a consistent but wrong folder: the manifest's digest updated too (else loading refuses b outright)
+    manifest["adapters"]["b"]["sha256"] = hashlib.sha256((out / manifest["adapters"]["b"]["file"]).read_bytes()).hexdigest()
+    (out / "shira_export.json").write_text(json.dumps(manifest, indent=2))
     rc, report, _ = _verify(tmp_path, out, reports)
     assert rc == 1
     failed = _failed(report)

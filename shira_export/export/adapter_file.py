@@ -13,14 +13,18 @@ schema; plain-onnxruntime users can compare `get_model_version()` themselves.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from shira_export._io import atomic_path
+from shira_export._io import (
+    atomic_path, confined, describe_path, folder_lock, run_owned_name, sha256_file, stale_siblings,
+)
 from shira_export.errors import ShiraInputError
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
 
@@ -32,10 +36,24 @@ __all__ = [
     "write_adapter_file",
     "read_adapter_file",
     "check_adapter_name",
+    "max_file_bytes",
+    "install_adapter_file",
+    "RESERVED_NAMES",
 ]
 
 ADAPTER_SCHEMA = 1
 SUFFIX = ".onnx_adapter"
+# Reports call the model without an adapter "base": an adapter may not take that name.
+RESERVED_NAMES = frozenset({"base"})
+_NAME_BYTES = 180  # adapters/<name>.onnx_adapter plus our temp-name tag stays under NAME_MAX (255)
+# Bytes a file of nnz nonzeros may take: 8 per nonzero, names and flatbuffer tables per parameter.
+_BYTES_PER_NNZ, _BYTES_PER_PARAM, _BYTES_FIXED = 8, 1024, 65536
+
+
+def max_file_bytes(nnz: int, n_params: int) -> int:
+    """Upper bound on the size of a valid .onnx_adapter holding `nnz` nonzeros in `n_params`
+    parameters: a larger file is refused before it is read."""
+    return _BYTES_PER_NNZ * nnz + _BYTES_PER_PARAM * n_params + _BYTES_FIXED
 
 
 def short_fingerprint(fingerprint: str) -> int:
@@ -64,12 +82,16 @@ class AdapterArrays:
 
 def check_adapter_name(name: str) -> str:
     """An adapter name becomes a file name under OUT_DIR/adapters/: no paths, no dots first."""
-    ok = name and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
-    if not ok or len(name) > 100:
+    ok = isinstance(name, str) and name and all(c.isalnum() or c in "-_." for c in name) and not name.startswith(".")
+    if not ok or len(name) > 100 or len(name.encode("utf-8", "surrogatepass")) > _NAME_BYTES:
         raise ShiraInputError(
-            f"adapter name {name!r}: expected 1-100 letters, digits, '-', '_' or '.', not starting with '.' "
-            f"(it names the file adapters/<name>{SUFFIX} and must stay inside the output folder)"
+            f"adapter name {name!r}: expected 1-100 letters, digits, '-', '_' or '.' (at most {_NAME_BYTES} bytes "
+            f"as UTF-8), not starting with '.' (it names the file adapters/<name>{SUFFIX} and must stay inside "
+            f"the output folder)"
         )
+    if name.lower() in RESERVED_NAMES:
+        raise ShiraInputError(f"adapter name {name!r}: reserved (reports call the model without an adapter "
+                              f"{name.lower()!r}); choose another name")
     return name
 
 
@@ -117,11 +139,68 @@ def write_adapter_file(path: Union[str, os.PathLike], arrays: AdapterArrays) -> 
     fmt.set_model_version(arrays.model_version)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     with atomic_path(path) as tmp:
-        fmt.export_adapter(str(tmp))
+        try:
+            fmt.export_adapter(str(tmp))
+        except RuntimeError as exc:  # onnxruntime reports a failed write as a bare RuntimeError
+            need = sum(v.nbytes for v in params.values())
+            if shutil.disk_usage(tmp.parent).free < need:
+                raise OSError(errno.ENOSPC, f"no space left to write {need} bytes ({exc})", str(path)) from None
+            raise
         back = _read_params(tmp)
         if set(back) != set(params) or any(not np.array_equal(back[k], v) for k, v in params.items()):
             raise RuntimeError(f"{path}: the written adapter does not read back equal (onnxruntime AdapterFormat)")
     return path
+
+
+def install_adapter_file(folder: Union[str, os.PathLike], name: str, arrays: AdapterArrays, *, source: str,
+                         overwrite: bool = False) -> Path:
+    """Write `folder/adapters/<name>.onnx_adapter` and record it (with its sha256) in the
+    folder's manifest, under the folder's lock, so concurrent writers are serialized and
+    none loses another's entry. On any error (a full disk included) the folder is left as
+    it was: a new file is removed, a replaced one put back. `adapters/` must be a real
+    folder inside `folder` (a symlink out of it is refused)."""
+    from shira_export.export.manifest import ADAPTER_DIR, adapter_entry, read_sparse_manifest
+
+    with folder_lock(folder):
+        manifest = read_sparse_manifest(folder)  # again, under the lock: another writer may have added one
+        if arrays.model_version != short_fingerprint(manifest.base_fingerprint):
+            raise ShiraInputError(f"{manifest.folder}: the graph changed while the adapter was converted "
+                                  f"(fingerprint); run again")
+        rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
+        adapters = manifest.folder / ADAPTER_DIR
+        if adapters.is_symlink() or (adapters.exists() and not adapters.is_dir()):
+            raise ShiraInputError(f"{adapters}: is a symlink or not a folder; refusing to write adapters through it "
+                                  f"(it could point outside {manifest.folder})")
+        target = confined(manifest.folder, rel, what=f"adapter {name!r}")
+        if target.is_symlink():
+            raise ShiraInputError(f"{target}: is a symlink; refusing to write through it")
+        if name in manifest.adapters and not overwrite:
+            raise ShiraInputError(f"{target}: adapter {name!r} exists (pass overwrite=True / --overwrite to replace it)")
+        adapters.mkdir(exist_ok=True)
+        for stale, kind in stale_siblings(target):  # a run killed before its manifest write
+            if kind == "old":  # the file the manifest still describes: put it back
+                os.replace(stale, target)
+            else:
+                stale.unlink(missing_ok=True)
+        # A file the manifest does not list is debris of a run killed before its manifest
+        # write; replacing it loses nothing. A listed one is kept (hard link) until we succeed.
+        backup = None
+        if target.exists() and name in manifest.adapters:
+            backup = run_owned_name(target, "old")
+            os.link(target, backup)
+        try:
+            write_adapter_file(target, arrays)
+            manifest.adapters[name] = adapter_entry(manifest.folder, rel, source, arrays.nnz)
+            manifest.write()
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, target)
+            else:
+                target.unlink(missing_ok=True)
+            raise
+        if backup is not None:
+            backup.unlink()
+    return target
 
 
 def _read_params(path: Path) -> dict[str, np.ndarray]:
@@ -132,13 +211,29 @@ def _read_params(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite], *,
-                      fingerprint: str) -> AdapterArrays:
-    """Read and validate a .onnx_adapter against a graph's sites and fingerprint."""
+                      fingerprint: str, sha256: Optional[str] = None, nnz: Optional[int] = None) -> AdapterArrays:
+    """Read and validate a .onnx_adapter against a graph's sites and fingerprint. With
+    `sha256` (the manifest's record) a file that changed since it was written is refused;
+    a file larger than a valid one of `nnz` nonzeros (default: every site full) is refused
+    before it is read."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
-        raise ShiraInputError(f"{path}: adapter file not found")
+        raise ShiraInputError(f"{path}: adapter file {describe_path(path, want='file')}")
+    bound = max_file_bytes(nnz if nnz is not None else sum(s.out_features * s.in_features for s in sites),
+                           2 * len(sites))
+    size = path.stat().st_size
+    if size > bound:
+        raise ShiraInputError(f"{path}: {size} bytes, more than a valid adapter file of "
+                              f"{'its ' + str(nnz) if nnz is not None else 'at most this graph'}'s nonzeros can "
+                              f"take ({bound} bytes); refused without reading it")
+    if sha256 is not None:
+        found = sha256_file(path)
+        if found != sha256:
+            raise ShiraInputError(f"{path}: sha256 {found} differs from the manifest's {sha256} (the file changed "
+                                  f"or is damaged since it was written); re-create it with `shira-export adapter "
+                                  f"--overwrite`")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         params = {k: np.array(v.numpy()) for k, v in fmt.get_parameters().items()}

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from tqdm import tqdm
 
-from shira_export._io import atomic_dir
-from shira_export.errors import ParityFailure, ShiraInputError
+from shira_export._io import atomic_dir, check_output_location
+from shira_export.errors import ParityFailure, ShiraInputError, check_opset
 from shira_export.export.tasks import (
     Dtype,
     Task,
@@ -103,8 +103,7 @@ def export_merged(
             raise ShiraInputError(f"quantize={quantize!r} needs format='onnx' and dtype='fp32', "
                                   f"found format={fmt.value!r}, dtype={precision.value!r}")
         quantize = check_quantize_options(quantize, block_size)[0].value
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 14):
-        raise ShiraInputError(f"opset: expected an integer >= 14, found {opset!r}")
+    check_opset(opset, 14)
 
     from shira_export.tuner.checkpoint import read_adapter_dir
 
@@ -117,7 +116,7 @@ def export_merged(
         steps.set_postfix_str("load + merge")
         model = _merged_model(model_dir, folder, ckpt, resolved)
         steps.update()
-        with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(output_dir, overwrite=overwrite, inputs=(model_dir, folder)) as tmp:
             steps.set_postfix_str(f"write {fmt.value}")
             _write_model(model, tmp, fmt=fmt, task=resolved, dtype=precision, opset=opset)
             copy_tokenizer_files(model_dir, tmp)
@@ -164,6 +163,11 @@ def resolve_adapter_dir(adapter_dir: PathLike, adapter_name: Optional[str] = Non
         raise ShiraInputError(f"{root}: adapter folder not found (expected a folder with {_ADAPTER_CONFIG})")
     if adapter_name and (root / adapter_name / _ADAPTER_CONFIG).is_file():
         return root / adapter_name, adapter_name
+    if adapter_name not in (None, "default"):  # PEFT keeps only "default" at the top
+        found = (["default"] if (root / _ADAPTER_CONFIG).is_file() else []) + sorted(
+            p.parent.name for p in root.glob(f"*/{_ADAPTER_CONFIG}"))
+        raise ShiraInputError(f"{root}: no adapter named {adapter_name!r} (expected {adapter_name}/{_ADAPTER_CONFIG}); "
+                              f"available: {found} (\"default\" is the one at the top)")
     if (root / _ADAPTER_CONFIG).is_file():
         return root, adapter_name or "default"
     found = sorted(p.parent.name for p in root.glob(f"*/{_ADAPTER_CONFIG}"))
@@ -180,16 +184,7 @@ def _enum(cls: type, value: object, what: str):
 
 
 def _check_output(output_dir: Path, *, overwrite: bool, inputs: tuple[Path, ...]) -> None:
-    if output_dir.exists() and not overwrite:
-        raise ShiraInputError(f"{output_dir}: output folder exists (pass overwrite=True / --overwrite to replace it)")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ShiraInputError(f"{output_dir}: exists and is not a folder (expected a folder or a new path)")
-    out = output_dir.resolve()
-    for src in inputs:
-        src = src.resolve()
-        if out == src or out in src.parents or src in out.parents:
-            # Replacing the output would delete (part of) an input.
-            raise ShiraInputError(f"{output_dir}: overlaps the input folder {src} (choose an output outside the inputs)")
+    check_output_location(output_dir, inputs, overwrite=overwrite)  # replacing it must not delete an input
 
 
 def _num_labels(ckpt: "AdapterCheckpoint") -> Optional[int]:

@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from shira_export._io import atomic_dir
-from shira_export.errors import ParityFailure, ShiraInputError
+from shira_export._io import atomic_dir, check_output_location
+from shira_export.errors import ParityFailure, ShiraInputError, check_opset
 from shira_export.export import graph_delta
-from shira_export.export.adapter_file import SUFFIX, adapter_arrays, check_adapter_name, write_adapter_file
-from shira_export.export.manifest import ADAPTER_DIR, MODEL_NAME, SparseManifest, read_sparse_manifest
+from shira_export.export.adapter_file import (
+    SUFFIX, adapter_arrays, check_adapter_name, install_adapter_file, write_adapter_file,
+)
+from shira_export.export.manifest import ADAPTER_DIR, MODEL_NAME, SparseManifest, adapter_entry, read_sparse_manifest
 from shira_export.export.onnx_io import needs_external_data, tensor_bytes
 
 if TYPE_CHECKING:
@@ -112,14 +114,13 @@ def export_sparse(
     from shira_export import __version__
     from shira_export.export.tasks import copy_tokenizer_files, export_onnx, load_base_config, load_base_model, resolve_task
 
-    if opset is not None and opset < 16:
-        raise ShiraInputError(f"opset {opset}: the sparse export needs opset >= 16 (ScatterND/ScatterElements "
-                              f"with reduction='add'); omit it for 18")
+    check_opset(opset, 16, why=" (the sparse delta needs ScatterND/ScatterElements with reduction='add')")
     if quantize is not None:
         from shira_export.export.quantize import check_quantize_options
 
         quantize = check_quantize_options(quantize, block_size)[0].value
     named = _named_dirs(adapter_dirs)
+    check_output_location(output_dir, [model_dir, *named.values()], overwrite=overwrite)  # before any work
     checkpoints = {name: _read_checkpoint(path, name) for name, path in named.items()}
     config = load_base_config(model_dir)
     task_types = {c.config.task_type for c in checkpoints.values()} - {None}
@@ -131,7 +132,7 @@ def export_sparse(
     weights = _module_weights(model, modules)
     output_dir = Path(output_dir)
     steps = tqdm(total=3 + len(checkpoints), desc="sparse export", unit="step", disable=None)
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite, inputs=[model_dir, *named.values()]) as tmp:
         export_onnx(model, tmp, task=resolved, opset=opset or 18)
         copy_tokenizer_files(model_dir, tmp)
         steps.update()
@@ -151,7 +152,7 @@ def export_sparse(
                                     unused=unused)
             rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
             write_adapter_file(tmp / rel, arrays)
-            manifest.adapters[name] = {"file": rel, "source": str(named[name]), "nnz": arrays.nnz}
+            manifest.adapters[name] = adapter_entry(tmp, rel, str(named[name]), arrays.nnz)
             steps.update()
         manifest.write()
         quant_report = None
@@ -160,6 +161,13 @@ def export_sparse(
 
             # in place: the base weights are quantized, the delta branches re-attached in fp32
             quant_report = quantize_onnx_model(tmp, tmp, mode=quantize, block_size=block_size).to_json()
+        report = None
+        if verify:  # before the folder is published (as merged does): a run killed here publishes nothing
+            from shira_export.verify import verify as run_verify
+
+            # every adapter of the manifest and the base; 32 greedy tokens show a frozen KV-cache shape
+            report = run_verify(model=model_dir, candidate=tmp, profile=quantize or "fp32",
+                                overrides={"greedy_tokens": 32}, report_dir=tmp)
     steps.update()
     steps.close()
     del model
@@ -168,12 +176,8 @@ def export_sparse(
         {n: output_dir / e["file"] for n, e in manifest.adapters.items()}, targets=modules,
         quantization=quant_report,
     )
-    if verify:
-        from shira_export.verify import verify as run_verify
-
-        # every adapter of the manifest and the base; 32 greedy tokens show a frozen KV-cache shape
-        result.report = run_verify(model=model_dir, candidate=output_dir, profile=quantize or "fp32",
-                                   overrides={"greedy_tokens": 32}, report_dir=output_dir)
+    if report is not None:
+        result.report = report
         result.parity_path = output_dir / "parity.json"
         if not result.passed:
             failures = "; ".join(f.summary for f in result.report.failures[:3])
@@ -192,12 +196,10 @@ def add_adapter_file(graph_dir: PathLike, adapter_dir: PathLike, *, name: Option
     name = check_adapter_name(name or Path(adapter_dir).name)
     rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
     target = manifest.folder / rel
-    if (name in manifest.adapters or target.exists()) and not overwrite:
+    if name in manifest.adapters and not overwrite:  # checked again under the lock
         raise ShiraInputError(f"{target}: adapter {name!r} exists (pass overwrite=True / --overwrite to replace it)")
     ckpt = _read_checkpoint(Path(adapter_dir), name)
     arrays = adapter_arrays(ckpt.deltas, manifest.targets, source=str(adapter_dir),
                             fingerprint=manifest.base_fingerprint, unused=manifest.unused_targets)
-    write_adapter_file(target, arrays)
-    manifest.adapters[name] = {"file": rel, "source": str(adapter_dir), "nnz": arrays.nnz}
-    manifest.write()
-    return target
+    # under the folder's lock: concurrent runs are serialized; an error leaves the folder as it was
+    return install_adapter_file(manifest.folder, name, arrays, source=str(adapter_dir), overwrite=overwrite)

@@ -129,15 +129,20 @@ class ShiraSession:
 
     def load_adapter(self, name: str, path: Optional[PathLike] = None) -> None:
         """Load adapter `name` (its file from the manifest, or `path`); validated against this
-        graph's fingerprint and sites. Replaces a loaded adapter of the same name atomically."""
+        graph's fingerprint and sites (and the manifest's sha256 and size bound for its own
+        files). Replaces a loaded adapter of the same name atomically: calls already running
+        with the old one keep it alive until they return."""
         import onnxruntime as ort
 
+        entry: Mapping = {}
         if path is None:
             if name not in self.manifest.adapters:
                 raise ShiraInputError(f"adapter {name!r}: not in {self.manifest.folder}/shira_export.json "
                                       f"(known: {sorted(self.manifest.adapters)}); pass its file as path")
             path = self.manifest.adapter_path(name)
-        arrays = read_adapter_file(path, self.manifest.targets, fingerprint=self.manifest.base_fingerprint)
+            entry = self.manifest.adapters[name]
+        arrays = read_adapter_file(path, self.manifest.targets, fingerprint=self.manifest.base_fingerprint,
+                                   sha256=entry.get("sha256"), nnz=entry.get("nnz"))
         loaded = _Loaded(name, arrays, dict(self._base_feeds), [])
         if self.mode is Mode.DENSE:
             sites = {s.module: s for s in self.manifest.targets}
@@ -171,13 +176,15 @@ class ShiraSession:
 
     def prepare(self, adapter: Optional[str]) -> tuple[dict, object]:
         """(extra OrtValue feeds, RunOptions) that select `adapter` for one call: the whole
-        cost of switching. Nothing is shared between calls, so this is thread-safe."""
-        import onnxruntime as ort
-
-        options = ort.RunOptions()
+        cost of switching. Nothing is shared between calls, so this is thread-safe. The
+        options hold the adapter (onnxruntime's RunOptions keeps only a raw pointer to a
+        LoraAdapter): keep them until the call returns, and a concurrent load_adapter or
+        unload_adapter of that name cannot free it under the call."""
+        options = _RunOptions()
         if adapter is None:
             return self._base_feeds, options
         loaded = self._get(adapter)
+        options.hold = loaded
         if loaded.lora is not None:
             options.add_active_adapter(loaded.lora)
         return loaded.feeds, options
@@ -187,7 +194,7 @@ class ShiraSession:
         """Run with OrtValue (or numpy) feeds; returns OrtValues (no copies, for KV caches)."""
         import onnxruntime as ort
 
-        extra, options = self.prepare(adapter)
+        extra, options = self.prepare(adapter)  # `options` keeps the adapter alive through the run
         values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
                   for k, v in feeds.items()}
         unknown = sorted(set(values) - set(self.input_names))
@@ -202,6 +209,27 @@ class ShiraSession:
         names = list(output_names or self.output_names)
         outs = self.run_ort_values(feeds, adapter=adapter, output_names=names)
         return {n: o.numpy() for n, o in zip(names, outs)}
+
+
+def _run_options_class() -> type:
+    import onnxruntime as ort
+
+    class RunOptions(ort.RunOptions):
+        """onnxruntime.RunOptions that also references what it activates."""
+
+        hold: object = None
+
+    return RunOptions
+
+
+def _RunOptions():  # noqa: N802  (a class, built on first use so importing this module stays light)
+    global _RUN_OPTIONS
+    if _RUN_OPTIONS is None:
+        _RUN_OPTIONS = _run_options_class()
+    return _RUN_OPTIONS()
+
+
+_RUN_OPTIONS: Optional[type] = None
 
 
 def _merge(base: np.ndarray, site: TargetSite, idx: np.ndarray, vals: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from shira_export._io import atomic_write_text
-from shira_export.errors import ShiraInputError
+from shira_export.errors import CandidateError, ShiraInputError, candidate_errors
 from shira_export.verify.candidates import AdapterEntry, Kind, Manifest, open_candidate, read_manifest
 from shira_export.verify.inputs import load_tokenizer, read_texts, seeded_batches, text_batches
 from shira_export.verify.metrics import OutputDiff, greedy_prefix_lengths
@@ -66,7 +66,7 @@ def verify(
     small = sum(p.numel() for p in base.parameters()) < _SMALL_MODEL
     try:
         runner = open_candidate(manifest, threads=1 if small else None)
-    except Exception as exc:  # the manifest names an export that does not load: it fails every check
+    except (*candidate_errors(), ShiraInputError) as exc:  # an export that does not load fails every check
         runner = _Unloadable(exc)
     with _torch_threads(1 if small else None):
         records, samples = _run_all(prof, family, base, Path(model), runner, targets, batches, progress)
@@ -92,7 +92,7 @@ class _Unloadable:
         self.message = f"candidate failed to load: {type(exc).__name__}: {_short(exc)}"
 
     def forward(self, batch, adapter):
-        raise RuntimeError(self.message)
+        raise CandidateError(self.message)
 
     generate = forward
 
@@ -197,7 +197,7 @@ def _compare(prof, family, reference, runner, entry, batches, bar):
         ref_out = reference.forward(batch)
         try:
             cand_out = runner.forward(batch, entry)
-        except Exception as exc:  # a candidate that cannot run at a valid shape fails parity
+        except candidate_errors() as exc:  # a candidate that cannot run at a valid shape fails parity (a bug propagates)
             run_errors.append(f"{batch.name} {batch.shape}: {type(exc).__name__}: {_short(exc)}")
             continue
         for key, (out, diff) in diffs.items():
@@ -212,7 +212,7 @@ def _compare(prof, family, reference, runner, entry, batches, bar):
         ref_tokens = reference.generate(batch, prof.greedy_tokens)
         try:
             cand_tokens = runner.generate(batch, prof.greedy_tokens, entry)
-        except Exception as exc:
+        except candidate_errors() as exc:
             run_errors.append(f"{batch.name} {batch.shape} generate: {type(exc).__name__}: {_short(exc)}")
             continue
         for v, tokens in cand_tokens.items():

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from shira_export.errors import ShiraInputError
+from shira_export.errors import CandidateError, ShiraInputError
 from shira_export.verify.inputs import InputBatch
 from shira_export.verify.reference import OUTPUTS, TaskFamily
 
@@ -32,11 +32,21 @@ class SparseRunner:
 
         self.family = manifest.family
         self.sessions = {
-            "": ShiraSession(manifest.folder, mode=Mode.PORTABLE, session_options=session_options(threads)),
+            "": ShiraSession(manifest.folder, mode=Mode.PORTABLE, adapters=[], session_options=session_options(threads)),
         }
         if manifest.quantization is None:  # dense mode feeds fp32 merged weights: not for quantized bases
-            self.sessions[DENSE_SUFFIX] = ShiraSession(manifest.folder, mode=Mode.DENSE,
+            self.sessions[DENSE_SUFFIX] = ShiraSession(manifest.folder, mode=Mode.DENSE, adapters=[],
                                                        session_options=session_options(threads))
+        # An adapter file that is refused (damaged, changed since written: sha256) fails its own
+        # checks; the other adapters and the base model are still judged.
+        self.refused: dict[str, str] = {}
+        for session in self.sessions.values():
+            for name in session.manifest.adapters:
+                try:
+                    session.load_adapter(name)
+                except ShiraInputError as exc:
+                    self.refused[name] = f"adapter {name!r} refused: {exc}"
+
         self.variants = tuple(self.sessions)
         self.lms = ({v: ShiraORTModelForCausalLM(s) for v, s in self.sessions.items()}
                     if self.family is TaskFamily.CAUSAL_LM else {})
@@ -46,8 +56,13 @@ class SparseRunner:
     def _name(adapter) -> Optional[str]:
         return None if adapter.source is None and adapter.file is None else adapter.name
 
+    def _check(self, name: Optional[str]) -> None:
+        if name in self.refused:
+            raise CandidateError(self.refused[name])
+
     def forward(self, batch: InputBatch, adapter) -> dict[str, np.ndarray]:
         name = self._name(adapter)
+        self._check(name)
         ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
         out = {}
         for v, session in self.sessions.items():
@@ -65,6 +80,7 @@ class SparseRunner:
 
     def generate(self, batch: InputBatch, n_tokens: int, adapter) -> dict[str, np.ndarray]:
         name = self._name(adapter)
+        self._check(name)
         config = self.config
         pad = getattr(config, "pad_token_id", None) if config is not None else None
         prompt = batch.input_ids.shape[1]
