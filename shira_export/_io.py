@@ -173,12 +173,12 @@ def check_output_location(output: PathLike, inputs: Iterable[Optional[PathLike]]
     contains or lies inside one of `inputs` (replacing it would delete or change an input),
     the current folder or the home folder. Returns `output` as a Path."""
     output = Path(output)
+    _name_fits(output)
     if output.exists() or output.is_symlink():
         if not output.is_dir():
             raise ShiraInputError(f"{output}: exists and is not a folder (expected a folder or a new path)")
         if not overwrite:
             raise ShiraInputError(f"{output}: output folder exists (pass overwrite=True / --overwrite to replace it)")
-    _name_fits(output)
     out = output.resolve()
     for src in inputs:
         if src is None:
@@ -276,6 +276,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False, *, inputs: Iterable[Opti
     Without `overwrite`, if another process published `path` while this one ran, this one's
     result is discarded with a ShiraInputError (never a silent replace)."""
     path = Path(path)
+    _name_fits(path)
     recover_and_clean(path)
     check_output_location(path, inputs, overwrite=overwrite)
     _make_parent(path.parent)

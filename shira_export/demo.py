@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from shira_export._io import atomic_write_text
+from shira_export._io import atomic_write_text, check_output_location
+from shira_export.errors import ShiraInputError
 from shira_export.demo_data import TASKS, build_base_model, task_batches
 from shira_export.tuner.config import ShiraConfig
 from shira_export.tuner.model import ShiraModel, get_shira_model
@@ -59,15 +61,34 @@ def run_demo(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
+    """Train, export, switch and verify into `output_dir` (new or empty, or any with
+    `overwrite`); bad options are refused before anything is written, and a run that fails
+    removes the folder it created."""
+    for option, value in (("steps", steps), ("r", r)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ShiraInputError(f"{option}: expected an integer >= 1, found {value!r}")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ShiraInputError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ShiraInputError(f"{out}: output folder exists and is not empty (pass --overwrite)")
+    fresh = not out.exists() or not any(out.iterdir())
+    check_output_location(out, overwrite=True)  # not the current or the home folder
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(out, steps=steps, r=r, log=log)
+    except BaseException:
+        if fresh:  # a folder this run created holds only partial results: remove it
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(out: Path, *, steps: int, r: int, log: Callable[[str], None]) -> DemoResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shira_export.export.sparse import export_sparse
     from shira_export.runtime import ShiraORTModelForCausalLM
 
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: output folder exists and is not empty (pass --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"[1/4] building the embedded base model (OPT-shaped, random weights) in {out / 'base'}")
     base_dir = build_base_model(out / "base")

@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from shira_export.demo import run_demo
+    from shira_export.errors import ShiraInputError
 
+    for option, value in (("--steps", args.steps), ("--r", args.r)):
+        if value < 1:  # before a temp folder is made for it
+            raise ShiraInputError(f"{option}: expected an integer >= 1, found {value}")
     output = args.output or tempfile.mkdtemp(prefix="shira-demo-")
     result = run_demo(output, steps=args.steps, r=args.r, overwrite=args.overwrite)
     return 0 if result.passed else 1
