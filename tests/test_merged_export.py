@@ -98,12 +98,16 @@ def _load_candidate(folder: Path, fmt: str, task: str):
         cls = {"text-generation-with-past": AutoModelForCausalLM, "text-generation": AutoModelForCausalLM,
                "feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification}[task]
         return cls.from_pretrained(folder).eval()
-    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction, ORTModelForSequenceClassification
+    if json.loads((folder / "shira_export.json").read_text())["exporter"] == "optimum":
+        from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction, ORTModelForSequenceClassification
 
-    if task.startswith("text-generation"):
-        return ORTModelForCausalLM.from_pretrained(folder, use_cache=task.endswith("with-past"))
-    cls = ORTModelForFeatureExtraction if task == "feature-extraction" else ORTModelForSequenceClassification
-    return cls.from_pretrained(folder)
+        if task.startswith("text-generation"):
+            return ORTModelForCausalLM.from_pretrained(folder, use_cache=task.endswith("with-past"))
+        cls = ORTModelForFeatureExtraction if task == "feature-extraction" else ORTModelForSequenceClassification
+        return cls.from_pretrained(folder)
+    from ort_plain import PlainOrtModel
+
+    return PlainOrtModel(folder)
 
 
 def _main(out) -> np.ndarray:
@@ -118,6 +122,7 @@ def _check_common(result, out: Path, *, fmt: str, task: str, dtype: str, base: P
     assert (manifest["format"], manifest["task"], manifest["dtype"]) == (fmt, task, dtype)
     assert manifest["base_model"] == str(base.resolve()) and manifest["adapter"]["source"] == str(adapter.resolve())
     assert manifest["package_version"]
+    assert manifest["exporter"] == (None if fmt == "safetensors" else result.exporter.value)
     parity = json.loads((out / "parity.json").read_text())
     assert parity["verdict"] == "pass" and parity["profile"]["name"] == dtype
     shapes = [i["shape"] for i in parity["inputs"]]
@@ -263,11 +268,16 @@ def test_unsupported_task_architecture_and_options(decoders, tmp_path):
         export_merged(base, adapter, tmp_path / "out", dtype="bf16")
     with pytest.raises(ShiraInputError, match="opset"):
         export_merged(base, adapter, tmp_path / "out", opset=7)
+    with pytest.raises(ShiraInputError, match="exporter: expected one of"):
+        export_merged(base, adapter, tmp_path / "out", exporter="tf2onnx")
+    from shira_export.export.exporters.optimum_export import optimum_available
+
     (tmp_path / "biogpt").mkdir()  # a model type optimum-onnx cannot export (config is enough to tell)
     (tmp_path / "biogpt" / "config.json").write_text(json.dumps({"model_type": "biogpt", "architectures": ["BioGptForCausalLM"]}))
-    with pytest.raises(ShiraInputError, match="'biogpt': not an architecture optimum-onnx can export"):
-        export_merged(tmp_path / "biogpt", adapter, tmp_path / "out")
-    with pytest.raises(ShiraInputError, match="task 'text-generation-with-past' is not exportable"):
+    expected = "'biogpt': optimum-onnx cannot export" if optimum_available() else "optimum-onnx is not installed"
+    with pytest.raises(ShiraInputError, match=expected):
+        export_merged(tmp_path / "biogpt", adapter, tmp_path / "out", exporter="optimum")
+    with pytest.raises(ShiraInputError, match="task 'text-generation-with-past' needs a causal LM base"):
         export_merged(MINILM, adapter, tmp_path / "out", task="text-generation-with-past")
     assert _no_output(tmp_path)
 

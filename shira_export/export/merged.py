@@ -1,5 +1,5 @@
 """Merged export: fold one SHiRA adapter into the base weights (W + S) and ship a plain
-model, as an HF safetensors folder or as ONNX through optimum-onnx, checked for parity
+model, as an HF safetensors folder or as ONNX (torch.onnx or optimum-onnx), checked for parity
 against the PyTorch model with the adapter merged.
 
 The folder is built in a temporary sibling and renamed into place at the end, so bad
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from tqdm import tqdm
 
-from shira_export._io import atomic_dir, check_output_location
+from shira_export._io import atomic_dir, check_output_location, describe_path
 from shira_export.errors import ParityFailure, ShiraInputError, check_opset
+from shira_export.export.exporters import Exporter, choose_exporter, export_onnx
 from shira_export.export.tasks import (
     Dtype,
     Task,
     convert_onnx_to_fp16,
     copy_tokenizer_files,
-    export_onnx,
     load_base_config,
     load_base_model,
     resolve_task,
@@ -61,6 +61,7 @@ class MergedExport:
     format: Format
     task: Task
     dtype: Dtype
+    exporter: Optional[Exporter]  # the ONNX exporter that ran (None for safetensors)
     files: tuple[Path, ...]  # every file in the folder, relative to output_dir
     manifest_path: Path
     parity_path: Optional[Path] = None  # None when verify=False
@@ -81,13 +82,15 @@ def export_merged(
     verify: bool = True,
     quantize: Optional[str] = None,
     block_size: int = 32,
+    exporter: Union[str, Exporter] = Exporter.AUTO,
 ) -> MergedExport:
     """Merge the adapter at `adapter_dir` into the base model at `model_dir` and write
     `output_dir` (`format` "onnx" or "safetensors"), then check it against PyTorch.
 
     `quantize` ("int8" or "int4", ONNX only) quantizes the merged weights with ONNX
     Runtime's quantizers (int4: MatMulNBits with `block_size`) and verifies with the
-    matching profile.
+    matching profile. `exporter` ("auto", "torch", "optimum") picks the ONNX exporter; the
+    manifest records the one that ran.
 
     Raises ShiraInputError for bad input (nothing is written) and ParityFailure when the
     export does not match (the folder and its parity.json are kept for inspection)."""
@@ -109,7 +112,8 @@ def export_merged(
 
     config = load_base_config(model_dir)
     ckpt = read_adapter_dir(folder, name=name)
-    resolved = resolve_task(config, task, adapter_task_type=ckpt.config.task_type, onnx=fmt is Format.ONNX)
+    resolved = resolve_task(config, task, adapter_task_type=ckpt.config.task_type)
+    chosen = choose_exporter(exporter, config, resolved.value) if fmt is Format.ONNX else None
 
     steps = tqdm(total=4 if verify else 3, desc="merged export", unit="step", file=sys.stderr, leave=False)
     try:
@@ -118,10 +122,10 @@ def export_merged(
         steps.update()
         with atomic_dir(output_dir, overwrite=overwrite, inputs=(model_dir, folder)) as tmp:
             steps.set_postfix_str(f"write {fmt.value}")
-            _write_model(model, tmp, fmt=fmt, task=resolved, dtype=precision, opset=opset)
+            _write_model(model, tmp, fmt=fmt, task=resolved, dtype=precision, opset=opset, exporter=chosen)
             copy_tokenizer_files(model_dir, tmp)
             del model  # the verifier builds its own reference; free the weights first
-            manifest = _manifest(fmt, resolved, precision, model_dir, folder, name)
+            manifest = _manifest(fmt, resolved, precision, model_dir, folder, name, chosen)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
             if quantize is not None:
                 from shira_export.export.quantize import quantize_onnx_model
@@ -145,6 +149,7 @@ def export_merged(
         format=fmt,
         task=resolved,
         dtype=precision,
+        exporter=chosen,
         files=files,
         manifest_path=output_dir / MANIFEST_NAME,
         parity_path=output_dir / PARITY_NAME if verify else None,
@@ -160,7 +165,8 @@ def resolve_adapter_dir(adapter_dir: PathLike, adapter_name: Optional[str] = Non
     at the top of a folder and any other name NAME in the subfolder NAME/."""
     root = Path(adapter_dir)
     if not root.is_dir():
-        raise ShiraInputError(f"{root}: adapter folder not found (expected a folder with {_ADAPTER_CONFIG})")
+        raise ShiraInputError(f"{root}: adapter folder {describe_path(root, want='folder')} (expected a folder with "
+                              f"{_ADAPTER_CONFIG})")
     if adapter_name and (root / adapter_name / _ADAPTER_CONFIG).is_file():
         return root / adapter_name, adapter_name
     if adapter_name not in (None, "default"):  # PEFT keeps only "default" at the top
@@ -209,19 +215,22 @@ def _merged_model(model_dir: Path, folder: Path, ckpt: "AdapterCheckpoint", task
     return ShiraModel.from_pretrained(model, folder, adapter_name=ckpt.name).merge_and_unload().eval()
 
 
-def _write_model(model: "nn.Module", out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int]) -> None:
+def _write_model(model: "nn.Module", out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int],
+                 exporter: Optional[Exporter]) -> None:
     # The merge ran in fp32; casting after it rounds W + S once, not W and S apart.
     if task.is_causal_lm:
         model.config.use_cache = task is Task.TEXT_GENERATION_WITH_PAST
     if fmt is Format.SAFETENSORS:
         model.to(dtype.torch_dtype).save_pretrained(out, safe_serialization=True)
         return
-    for path in export_onnx(model, out, task=task, opset=opset):
-        if dtype is Dtype.FP16:
-            convert_onnx_to_fp16(path)
+    assert exporter is not None  # chosen for every ONNX export
+    path = export_onnx(model, out, task=task.value, exporter=exporter, opset=opset)
+    if dtype is Dtype.FP16:
+        convert_onnx_to_fp16(path)
 
 
-def _manifest(fmt: Format, task: Task, dtype: Dtype, model_dir: Path, folder: Path, name: str) -> dict:
+def _manifest(fmt: Format, task: Task, dtype: Dtype, model_dir: Path, folder: Path, name: str,
+              exporter: Optional[Exporter]) -> dict:
     from shira_export import __version__
 
     return {
@@ -230,6 +239,7 @@ def _manifest(fmt: Format, task: Task, dtype: Dtype, model_dir: Path, folder: Pa
         "format": fmt.value,
         "task": task.value,
         "dtype": dtype.value,
+        "exporter": exporter.value if exporter is not None else None,
         "package_version": __version__,
         "base_model": str(model_dir.resolve()),
         "adapter": {"name": name, "source": str(folder.resolve())},

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx
 
-__all__ = ["EXTERNAL_DATA_BYTES", "needs_external_data", "tensor_bytes"]
+__all__ = ["EXTERNAL_DATA_BYTES", "needs_external_data", "save_onnx", "tensor_bytes"]
 
 # protobuf's 2 GiB, less 64 MiB of headroom for the graph itself
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
@@ -19,3 +19,16 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
     return tensor_bytes(model) > EXTERNAL_DATA_BYTES
+
+
+def save_onnx(model: onnx.ModelProto, path) -> None:
+    """Write `model` at `path`; past the limit its tensors go to `<name>_data` beside it.
+    A stale data file of an earlier write is removed first."""
+    from pathlib import Path
+
+    path = Path(path)
+    data = path.parent / (path.name + "_data")
+    data.unlink(missing_ok=True)
+    external = needs_external_data(model)
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)

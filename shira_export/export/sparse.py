@@ -102,17 +102,20 @@ def export_sparse(
     token_threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD,
     quantize: Optional[str] = None,
     block_size: int = 32,
+    exporter: str = "auto",
 ) -> SparseExportResult:
     """Export `model_dir` once with a sparse-delta site at every layer any adapter targets,
     and write one `.onnx_adapter` per adapter. `adapter_dirs` is a list of folders (named
     after the folder) or a {name: folder} mapping. `quantize` ("int8" | "int4") quantizes the
     constant base weights only; the sparse deltas and adapter files stay fp32. With `verify`,
     each adapter (and the base) is checked against PyTorch with the matching profile and a
-    failure raises ParityFailure after the folder is written."""
+    failure raises ParityFailure after the folder is written. `exporter` ("auto", "torch",
+    "optimum") picks the ONNX exporter; the manifest records the one that ran."""
     from tqdm.auto import tqdm
 
     from shira_export import __version__
-    from shira_export.export.tasks import copy_tokenizer_files, export_onnx, load_base_config, load_base_model, resolve_task
+    from shira_export.export.exporters import DEFAULT_OPSET, choose_exporter, export_onnx
+    from shira_export.export.tasks import copy_tokenizer_files, load_base_config, load_base_model, resolve_task
 
     check_opset(opset, 16, why=" (the sparse delta needs ScatterND/ScatterElements with reduction='add')")
     if quantize is not None:
@@ -125,6 +128,7 @@ def export_sparse(
     config = load_base_config(model_dir)
     task_types = {c.config.task_type for c in checkpoints.values()} - {None}
     resolved = resolve_task(config, task, adapter_task_type=next(iter(task_types)) if len(task_types) == 1 else None)
+    chosen = choose_exporter(exporter, config, resolved.value)
     model = load_base_model(model_dir, resolved)
     for ckpt in checkpoints.values():
         ckpt.validate_against(model)
@@ -133,7 +137,7 @@ def export_sparse(
     output_dir = Path(output_dir)
     steps = tqdm(total=3 + len(checkpoints), desc="sparse export", unit="step", disable=None)
     with atomic_dir(output_dir, overwrite=overwrite, inputs=[model_dir, *named.values()]) as tmp:
-        export_onnx(model, tmp, task=resolved, opset=opset or 18)
+        export_onnx(model, tmp, task=resolved.value, exporter=chosen, opset=opset or DEFAULT_OPSET)
         copy_tokenizer_files(model_dir, tmp)
         steps.update()
         graph = onnx.load(str(tmp / MODEL_NAME))
@@ -146,7 +150,8 @@ def export_sparse(
         del graph
         steps.update()
         manifest = SparseManifest(tmp, resolved.value, fingerprint, sites, token_threshold=token_threshold,
-                                  package_version=__version__, unused_targets=unused)
+                                  package_version=__version__, unused_targets=unused,
+                                  extra={"exporter": chosen.value})
         for name, ckpt in checkpoints.items():
             arrays = adapter_arrays(ckpt.deltas, sites, source=str(named[name]), fingerprint=fingerprint,
                                     unused=unused)

@@ -1,5 +1,5 @@
-"""What a base model folder is and how to load and export it: task resolution, the
-model class per task, the optimum-onnx export call, and copying tokenizer files.
+"""What a base model folder is and how to load it for export: task resolution, the model
+class per task, and copying tokenizer files (the ONNX exporters are in `exporters/`).
 
 Shared by the merged and the sparse exporters. Every function maps bad input to a
 `ShiraInputError` that names the folder, file or option and what was expected.
@@ -7,10 +7,8 @@ Shared by the merged and the sparse exporters. Every function maps bad input to 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -29,9 +27,7 @@ __all__ = [
     "load_base_config",
     "resolve_task",
     "auto_model_class",
-    "ort_model_class",
     "load_base_model",
-    "export_onnx",
     "convert_onnx_to_fp16",
     "copy_tokenizer_files",
 ]
@@ -93,28 +89,10 @@ TOKENIZER_FILES = (
 
 
 def load_base_config(model_dir: PathLike) -> "PretrainedConfig":
-    """The `config.json` of a local Hugging Face model folder."""
-    from transformers import AutoConfig
+    """The `config.json` of a local Hugging Face model folder (refused if a field selects code)."""
+    from shira_export.artifacts.hf_folder import load_config
 
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ShiraInputError(f"{path}: base model folder not found (expected a Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise ShiraInputError(f"{path}: no config.json (expected a Hugging Face model folder)")
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ShiraInputError(f"{path / 'config.json'}: not a readable model config ({exc})") from None
-
-
-def _onnx_tasks(model_type: str) -> list[str]:
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills optimum's task registry)
-    from optimum.exporters.tasks import TasksManager
-
-    try:
-        return list(TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers"))
-    except KeyError:
-        return []
+    return load_config(model_dir)
 
 
 def resolve_task(
@@ -122,27 +100,34 @@ def resolve_task(
     task: Union[str, Task] = Task.AUTO,
     *,
     adapter_task_type: Optional[str] = None,
-    onnx: bool = True,
 ) -> Task:
     """The concrete task for `config`: `task` if given, else the adapter's PEFT task_type,
-    else the base's architecture name. With `onnx`, optimum must support it for the model type."""
+    else the base's architecture name. Whether an exporter can write it is the exporter's
+    question (`exporters.choose_exporter`)."""
     try:
         task = Task(task)
     except ValueError:
         raise ShiraInputError(f"task: expected one of {[t.value for t in Task]}, found {task!r}") from None
-    model_type = getattr(config, "model_type", None) or "<unknown>"
     if task is Task.AUTO:
         task = _auto_task(config, adapter_task_type)
-    if onnx:
-        supported = _onnx_tasks(model_type)
-        if not supported:
-            raise ShiraInputError(f"model_type {model_type!r}: not an architecture optimum-onnx can export")
-        if task.value not in supported:
-            raise ShiraInputError(
-                f"model_type {model_type!r}: task {task.value!r} is not exportable to ONNX; "
-                f"optimum-onnx supports {sorted(t for t in supported if t in {x.value for x in Task})}"
-            )
+    _check_task_fits(config, task, adapter_task_type)
     return task
+
+
+def _check_task_fits(config: "PretrainedConfig", task: Task, adapter_task_type: Optional[str]) -> None:
+    """A causal task needs a causal-LM base, classification a base that is not one, and an
+    adapter trained for one kind of task cannot serve the other."""
+    if adapter_task_type in _PEFT_TASK_TYPES and _PEFT_TASK_TYPES[adapter_task_type].is_causal_lm != task.is_causal_lm:
+        raise ShiraInputError(f"adapter task_type {adapter_task_type!r} does not fit task {task.value!r} "
+                              f"(expected task {_PEFT_TASK_TYPES[adapter_task_type].value!r})")
+    architectures = list(getattr(config, "architectures", None) or [])[:1]
+    causal_base = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if task.is_causal_lm and architectures and not causal_base:
+        raise ShiraInputError(f"config.architectures={architectures!r}: task {task.value!r} needs a causal LM base "
+                              f"(*ForCausalLM / *LMHeadModel)")
+    if task is Task.TEXT_CLASSIFICATION and causal_base:
+        raise ShiraInputError(f"config.architectures={architectures!r}: task 'text-classification' needs an encoder "
+                              f"or a *ForSequenceClassification base, found a causal LM")
 
 
 def _auto_task(config: "PretrainedConfig", adapter_task_type: Optional[str]) -> Task:
@@ -177,51 +162,13 @@ def auto_model_class(task: Task) -> type:
     return getattr(transformers, names[Task(task)])
 
 
-def ort_model_class(task: Task) -> type:
-    """The optimum.onnxruntime class that runs an ONNX folder exported for `task`."""
-    import optimum.onnxruntime as ort
-
-    names = {
-        Task.TEXT_GENERATION_WITH_PAST: "ORTModelForCausalLM",
-        Task.TEXT_GENERATION: "ORTModelForCausalLM",
-        Task.FEATURE_EXTRACTION: "ORTModelForFeatureExtraction",
-        Task.TEXT_CLASSIFICATION: "ORTModelForSequenceClassification",
-    }
-    return getattr(ort, names[Task(task)])
-
-
 def load_base_model(model_dir: PathLike, task: Task, **kwargs: Any) -> "PreTrainedModel":
     """The base model for `task` in fp32, eval mode; `kwargs` go to `from_pretrained`
-    (e.g. num_labels for a fresh classification head)."""
-    cls = auto_model_class(task)
-    try:
-        with warnings.catch_warnings(), _quiet_loggers("transformers"):
-            warnings.simplefilter("ignore")
-            model = cls.from_pretrained(model_dir, local_files_only=True, **kwargs)  # fp32: the 4.x default
-    except (OSError, ValueError, KeyError) as exc:
-        raise ShiraInputError(f"{model_dir}: cannot load as {cls.__name__} for task {Task(task).value!r} ({exc})") from None
-    return model.eval()
+    (e.g. num_labels for a fresh classification head). Nothing in the folder runs code."""
+    from shira_export.artifacts.hf_folder import load_model
 
-
-def export_onnx(model: "PreTrainedModel", output_dir: PathLike, *, task: Task, opset: Optional[int] = None) -> list[Path]:
-    """Export an in-memory model with optimum-onnx into `output_dir` (may already exist);
-    returns the .onnx files written. Models past 2 GB get ONNX external data (optimum's rule)."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
-    output_dir = Path(output_dir)
-    # config.json should name the class exported (save_pretrained does this; optimum does not).
-    model.config.architectures = [type(model).__name__]
-    # optimum writes config/generation_config only into a folder it creates itself.
-    build = output_dir / "_optimum_build"
-    with warnings.catch_warnings(), _quiet_loggers("optimum", "transformers", "torch.onnx"):
-        warnings.simplefilter("ignore")
-        onnx_export_from_model(
-            model, build, task=Task(task).value, opset=opset, do_validation=False, preprocessors=None
-        )
-    for item in build.iterdir():
-        os.replace(item, output_dir / item.name)
-    build.rmdir()
-    return sorted(output_dir.glob("*.onnx"))
+    kwargs.setdefault("dtype", torch.float32)  # transformers 5 loads in the checkpoint's dtype otherwise
+    return load_model(model_dir, auto_model_class(task), **kwargs)
 
 
 def convert_onnx_to_fp16(path: PathLike) -> Path:
@@ -232,7 +179,7 @@ def convert_onnx_to_fp16(path: PathLike) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from shira_export.export.onnx_io import needs_external_data
+    from shira_export.export.onnx_io import save_onnx
 
     path = Path(path)
     model = onnx.load(path, load_external_data=True)
@@ -246,27 +193,8 @@ def convert_onnx_to_fp16(path: PathLike) -> Path:
     model = convert_float_to_float16(model, keep_io_types=False)
     for name in old_data:
         (path.parent / name).unlink(missing_ok=True)
-    external = needs_external_data(model)
-    onnx.save(model, path, save_as_external_data=external, all_tensors_to_one_file=True,
-              location=f"{path.name}_data", size_threshold=1024)
+    save_onnx(model, path)
     return path
-
-
-class _quiet_loggers:
-    """Raise the named loggers to ERROR for the duration (exporters log every step at INFO/WARNING)."""
-
-    def __init__(self, *names: str) -> None:
-        self._loggers = [logging.getLogger(n) for n in names]
-        self._levels: list[int] = []
-
-    def __enter__(self) -> None:
-        self._levels = [lg.level for lg in self._loggers]
-        for lg in self._loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        for lg, level in zip(self._loggers, self._levels):
-            lg.setLevel(level)
 
 
 def copy_tokenizer_files(model_dir: PathLike, output_dir: PathLike) -> list[Path]:

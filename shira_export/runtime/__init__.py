@@ -1,6 +1,8 @@
-"""onnxruntime sessions over sparse exports: many adapters, the adapter chosen per call."""
+"""onnxruntime sessions over export folders: sparse ones with many adapters chosen per
+call (`ShiraSession`), merged ones (`PlainSession`), generation with the KV cache."""
 
 from shira_export.runtime.generation import CausalLMOutput, ShiraORTModelForCausalLM
+from shira_export.runtime.plain import PlainSession
 from shira_export.runtime.session import Mode, ShiraSession
 
-__all__ = ["Mode", "ShiraSession", "ShiraORTModelForCausalLM", "CausalLMOutput"]
+__all__ = ["Mode", "ShiraSession", "PlainSession", "ShiraORTModelForCausalLM", "CausalLMOutput"]

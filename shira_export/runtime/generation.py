@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from shira_export.errors import ShiraInputError
+from shira_export.runtime.plain import PlainSession
 from shira_export.runtime.session import Mode, ShiraSession
 
 __all__ = ["ShiraORTModelForCausalLM", "CausalLMOutput"]
@@ -34,10 +36,12 @@ class CausalLMOutput:
 class ShiraORTModelForCausalLM:
     """`model = ShiraORTModelForCausalLM("out")`; `model.generate(ids, adapter="a")`."""
 
-    def __init__(self, folder_or_session: Union[PathLike, ShiraSession], *, mode: Union[Mode, str, None] = None,
-                 **session_kwargs) -> None:
-        self.session = (folder_or_session if isinstance(folder_or_session, ShiraSession)
-                        else ShiraSession(folder_or_session, mode=mode, **session_kwargs))
+    def __init__(self, folder_or_session: Union[PathLike, ShiraSession, "PlainSession"], *,
+                 mode: Union[Mode, str, None] = None, **session_kwargs) -> None:
+        # a sparse folder opens a ShiraSession; a session passed in (ShiraSession, or a
+        # PlainSession over a merged folder) is used as it is
+        self.session = (ShiraSession(folder_or_session, mode=mode, **session_kwargs)
+                        if isinstance(folder_or_session, (str, os.PathLike)) else folder_or_session)
         inputs = {i.name: i for i in self.session.session.get_inputs()}
         if "input_ids" not in inputs:
             raise ShiraInputError(f"{self.session.manifest.folder}: the graph has no input_ids (not a language model)")
@@ -157,9 +161,8 @@ class ShiraORTModelForCausalLM:
 
 
 def _read_config(folder):
-    try:
-        from transformers import AutoConfig
+    from shira_export.artifacts.hf_folder import load_config
 
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception:  # a folder without config.json still runs; EOS must then be passed explicitly
-        return None
+    if not (Path(folder) / "config.json").is_file():
+        return None  # a folder without config.json still runs; EOS must then be passed explicitly
+    return load_config(folder)

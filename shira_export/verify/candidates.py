@@ -1,7 +1,7 @@
 """The candidate side: an export folder described by `OUT_DIR/shira_export.json`.
 
-Merged ONNX folders run in ONNX Runtime through optimum's ORTModel classes (greedy
-generation with the KV cache through `.generate`); merged safetensors folders load with
+Merged ONNX folders run in plain ONNX Runtime (`runtime.PlainSession`; greedy generation
+with the KV cache through the runtime's loop); merged safetensors folders load with
 transformers; sparse folders run through `shira_export.runtime` with the adapter chosen
 per call.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from shira_export.errors import ShiraInputError
 from shira_export.export.manifest import MANIFEST_NAME, load_manifest_json
 from shira_export.verify.inputs import InputBatch
-from shira_export.verify.reference import OUTPUTS, TaskFamily, TorchRunner, greedy_generate, task_family
+from shira_export.verify.reference import OUTPUTS, TaskFamily, TorchRunner, task_family
 
 __all__ = ["MANIFEST_NAME", "Kind", "Manifest", "AdapterEntry", "read_manifest", "open_candidate", "session_options", "CandidateRunner"]
 
@@ -121,49 +121,51 @@ def session_options(threads: Optional[int]):
 
 
 class _MergedOrt:
+    """A merged ONNX folder in plain onnxruntime (whichever exporter wrote it); causal LMs
+    generate with the KV cache through the runtime's generation loop."""
+
     variants = ("",)
 
     def __init__(self, manifest: Manifest, threads: Optional[int] = None) -> None:
-        import onnx
-        from optimum.onnxruntime import (
-            ORTModelForCausalLM,
-            ORTModelForFeatureExtraction,
-            ORTModelForSequenceClassification,
-        )
+        from shira_export.runtime import PlainSession, ShiraORTModelForCausalLM
 
         onnx_files = sorted(manifest.folder.glob("*.onnx"))
         if not onnx_files:
             raise ShiraInputError(f"{manifest.folder}: merged ONNX export without a .onnx file")
-        if not (manifest.folder / "config.json").is_file():
-            raise ShiraInputError(f"{manifest.folder}: merged ONNX export without config.json (optimum needs it to load)")
         name = "model.onnx" if (manifest.folder / "model.onnx").is_file() else onnx_files[0].name
         self.family = manifest.family
-        if self.family is TaskFamily.CAUSAL_LM:
-            graph_inputs = [i.name for i in onnx.load(manifest.folder / name, load_external_data=False).graph.input]
-            has_past = any(n.startswith("past_key_values") for n in graph_inputs)
-            self.model = ORTModelForCausalLM.from_pretrained(manifest.folder, file_name=name, use_cache=has_past,
-                                                             session_options=session_options(threads))
-        elif self.family is TaskFamily.FEATURE_EXTRACTION:
-            self.model = ORTModelForFeatureExtraction.from_pretrained(
-                manifest.folder, file_name=name, session_options=session_options(threads))
-        else:
-            self.model = ORTModelForSequenceClassification.from_pretrained(
-                manifest.folder, file_name=name, session_options=session_options(threads))
+        self.session = PlainSession(manifest.folder, file_name=name, session_options=session_options(threads))
+        self.lm = None
+        if self.family is TaskFamily.CAUSAL_LM and any(n.startswith("past_key_values.") for n in self.session.input_names):
+            self.lm = ShiraORTModelForCausalLM(self.session)
 
     def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]:
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if self.family is TaskFamily.CAUSAL_LM:
-            kwargs["use_cache"] = False
-        elif "token_type_ids" in self.model.input_names:
-            import torch
+        return self._forward(batch.input_ids.numpy(), batch.attention_mask.numpy())
 
-            kwargs["token_type_ids"] = torch.zeros_like(batch.input_ids)
-        out = self.model(**kwargs)
-        return {name: np.asarray(getattr(out, name), dtype=np.float32) for name in OUTPUTS[self.family]}
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        if self.lm is not None:
+            return {"logits": np.asarray(self.lm.forward(ids, mask).logits, np.float32)}
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids), "position_ids": positions}
+        feeds = {k: v for k, v in feeds.items() if k in self.session.input_names}
+        names = list(OUTPUTS[self.family])
+        result = self.session.run(feeds, output_names=names)
+        return {n: np.asarray(result[n], np.float32) for n in names}
 
     def generate(self, batch: InputBatch, n_tokens: int, adapter: AdapterEntry) -> dict[str, np.ndarray]:
-        # a graph without past_key_values inputs regenerates the whole prefix each step
-        return {"": greedy_generate(self.model, batch, n_tokens, use_cache=self.model.can_use_cache)}
+        if self.lm is None:  # a graph without a cache: each step runs the whole sequence again
+            ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
+            new = []
+            for _ in range(n_tokens):
+                token = self._forward(ids, mask)["logits"][:, -1].argmax(-1)[:, None]
+                new.append(token)
+                ids, mask = np.concatenate([ids, token], 1), np.concatenate([mask, np.ones_like(token)], 1)
+            return {"": np.concatenate(new, axis=1)}
+        config = self.lm.config
+        pad = getattr(config, "pad_token_id", None) if config is not None else None
+        out = self.lm.generate(batch.input_ids, batch.attention_mask, max_new_tokens=n_tokens,
+                               min_new_tokens=n_tokens, do_sample=False, pad_token_id=pad)
+        return {"": np.asarray(out)[:, batch.input_ids.shape[1]:]}
 
 
 class _MergedTorch:

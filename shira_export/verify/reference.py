@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import enum
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -51,33 +50,18 @@ def task_family(task: str, *, where: str = "task") -> TaskFamily:
 
 
 def load_base_model(model_dir: Union[str, Path], family: TaskFamily, *, dtype: Union[torch.dtype, str] = torch.float32) -> torch.nn.Module:
-    """The HF model in `model_dir` (fp32 unless `dtype`, e.g. "auto"), eval mode."""
+    """The HF model in `model_dir` (fp32 unless `dtype`, e.g. "auto"), eval mode; nothing in
+    the folder can run code (`artifacts.hf_folder`)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ShiraInputError(f"{model_dir}: --model must be a Hugging Face model folder (config.json not found)")
+    from shira_export.artifacts.hf_folder import load_model
+
     auto = {
         TaskFamily.CAUSAL_LM: AutoModelForCausalLM,
         TaskFamily.FEATURE_EXTRACTION: AutoModel,
         TaskFamily.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
     }[family]
-    with _quiet_transformers():
-        model = auto.from_pretrained(model_dir, dtype=dtype)
-    return model.eval()
-
-
-@contextmanager
-def _quiet_transformers():
-    """Silence load-time notices (e.g. "newly initialized" heads the adapter replaces)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
+    return load_model(model_dir, auto, dtype=dtype)
 
 
 def merged_reference(
@@ -100,10 +84,10 @@ def merged_reference(
     if labels is not None and model_dir is not None:
         from transformers import AutoModelForSequenceClassification
 
-        with _quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, dtype=torch.float32, num_labels=labels, ignore_mismatched_sizes=True
-            ).eval()
+        from shira_export.artifacts.hf_folder import load_model
+
+        model = load_model(model_dir, AutoModelForSequenceClassification, dtype=torch.float32, num_labels=labels,
+                           ignore_mismatched_sizes=True)
     shira = ShiraModel.from_pretrained(model if model is not None else copy.deepcopy(base), adapter_dir)
     return shira.merge_and_unload().eval()
 
@@ -139,6 +123,9 @@ class TorchRunner:
         kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if self.family is TaskFamily.CAUSAL_LM:
             kwargs["use_cache"] = False
+            # positions from the mask, as generate() and the ONNX graphs take them: with left
+            # padding, models that default to 0..n-1 would otherwise shift every real token
+            kwargs["position_ids"] = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(**kwargs)
         return {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.family]}
 
