@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shira_export._io import atomic_path
+from shira_export._io import atomic_path, describe_path
 from shira_export.errors import ShiraInputError
 from shira_export.tuner.config import CONFIG_NAME, ShiraConfig
 from shira_export.tuner.masks import layer_shape
@@ -28,6 +28,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _VALUES = ".shira_weight"
 _INDICES = ".shira_indices"
+_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 
 __all__ = ["AdapterCheckpoint", "SparseDelta", "read_adapter_dir", "write_adapter_dir", "WEIGHTS_NAME"]
@@ -104,8 +105,9 @@ def _check_delta(path: Path, module: str, indices: torch.Tensor, values: torch.T
     key = f"{KEY_PREFIX}{module}"
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dim() != 2 or indices.shape[0] != 2:
         _fail(path, f"{key}{_INDICES}: expected an integer tensor of shape (2, nnz), found {indices.dtype} {tuple(indices.shape)}")
-    if values.dim() != 1 or not values.dtype.is_floating_point:
-        _fail(path, f"{key}{_VALUES}: expected a 1-D float tensor, found {values.dtype} {tuple(values.shape)}")
+    if values.dim() != 1 or values.dtype not in _VALUE_DTYPES:  # float8 & co. have no isfinite / merge kernels
+        _fail(path, f"{key}{_VALUES}: expected a 1-D float16/bfloat16/float32/float64 tensor, found {values.dtype} "
+                    f"{tuple(values.shape)}")
     if indices.shape[1] != values.shape[0]:
         _fail(path, f"{key}: {indices.shape[1]} index pairs but {values.shape[0]} values (they must match)")
     if not torch.isfinite(values).all():
@@ -128,7 +130,8 @@ def read_adapter_dir(directory: Union[str, os.PathLike], *, name: str = "default
     """Read and validate a PEFT-layout SHiRA adapter folder (written by PEFT or by us)."""
     path = Path(directory)
     if not path.is_dir():
-        raise ShiraInputError(f"{path}: adapter folder not found (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise ShiraInputError(f"{path}: adapter folder {describe_path(path, want='folder')} (expected a folder with "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     config = ShiraConfig.from_pretrained(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():

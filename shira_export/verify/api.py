@@ -61,6 +61,8 @@ def verify(
     targets = _targets(manifest, [Path(a) for a in adapters])
     family = manifest.family
     base = load_base_model(model, family)
+    if family is TaskFamily.CAUSAL_LM:
+        _check_positions(prof, base.config)
     batches = _batches(prof, base.config, manifest.folder, Path(model), inputs)
     # tiny models: one thread each; on busy CPUs thread hand-offs cost 40x the math
     small = sum(p.numel() for p in base.parameters()) < _SMALL_MODEL
@@ -170,6 +172,13 @@ def _same(a: Path, b: Optional[str]) -> bool:
     return b is not None and Path(b).is_dir() and a.resolve() == Path(b).resolve()
 
 
+def _check_positions(prof: Profile, config) -> None:
+    n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(n_pos, int) and prof.greedy_tokens > n_pos - 3:
+        raise ShiraInputError(f"greedy_tokens={prof.greedy_tokens}: the model has {n_pos} positions; a prompt plus "
+                              f"the greedy tokens must fit, so at most {max(n_pos - 3, 0)}")
+
+
 def _batches(prof: Profile, config, candidate: Path, model: Path, inputs: Optional[PathLike]):
     n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
     max_length = max(1, n_pos - prof.greedy_tokens - 2)
@@ -195,6 +204,7 @@ def _compare(prof, family, reference, runner, entry, batches, bar):
     for batch in batches:
         bar.update()
         ref_out = reference.forward(batch)
+        _check_finite(ref_out, name, batch)
         try:
             cand_out = runner.forward(batch, entry)
         except candidate_errors() as exc:  # a candidate that cannot run at a valid shape fails parity (a bug propagates)
@@ -253,6 +263,18 @@ def _compare(prof, family, reference, runner, entry, batches, bar):
                                                     details=details), extra=where))
     compared = {key: diff for key, (_, diff) in diffs.items() if diff.details()["max_abs_per_input"]}
     return records, compared
+
+
+def _check_finite(ref_out: Mapping[str, object], name: str, batch) -> None:
+    """A reference that is not finite cannot judge anything: the base model or the adapter
+    (values near the float32 limit, say) is the problem, not the export."""
+    import numpy as np
+
+    bad = sorted(k for k, v in ref_out.items() if not np.isfinite(np.asarray(v)).all())
+    if bad:
+        raise ShiraInputError(f"[{name}] the PyTorch reference gives NaN/Inf in {bad} on input {batch.name}: the "
+                              f"base model with this adapter overflows (check the adapter's values); nothing to "
+                              f"compare the export with")
 
 
 def _judge(prof: Profile, r: CheckRecord, *, fixed: Optional[float] = None, what: str = "", extra: str = "") -> CheckRecord:

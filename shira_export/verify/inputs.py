@@ -57,10 +57,17 @@ def read_texts(path: Union[str, Path], *, limit: Optional[int] = None) -> list[s
     """Non-empty lines of a .txt file, or the "text" field (or string) of each .jsonl line."""
     path = Path(path)
     if not path.is_file():
-        raise ShiraInputError(f"{path}: inputs file not found (expected a .txt or .jsonl file)")
+        from shira_export._io import describe_path
+
+        raise ShiraInputError(f"{path}: inputs file {describe_path(path, want='file')} (expected a .txt or .jsonl file)")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShiraInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a .txt or "
+                              f".jsonl file") from None
     texts: list[str] = []
     is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
         if is_jsonl:
