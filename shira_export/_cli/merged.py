@@ -9,6 +9,10 @@ from shira_export._cli import add_output_options
 FORMATS = ("onnx", "safetensors")
 TASKS = ("auto", "text-generation-with-past", "text-generation", "feature-extraction", "text-classification")
 DTYPES = ("fp32", "fp16")
+# shira_export.export.exporters.Exporter (not imported here: --help must not load torch)
+EXPORTERS = ("auto", "torch", "optimum")
+EXPORTER_HELP = ("ONNX exporter: torch (torch.onnx dynamo, any transformers), optimum (optimum-onnx, "
+                 "transformers 4.x), auto (optimum when installed and it supports the model, else torch)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "merged",
         help="merge an adapter into the base model and export it (ONNX or safetensors), verified",
         description="Fold a SHiRA adapter into the base weights (W + S) and write a plain model folder: "
-        "ONNX via optimum-onnx, or a Hugging Face safetensors folder. Unless --no-verify, the result is "
+        "ONNX (torch.onnx or optimum-onnx), or a Hugging Face safetensors folder. Unless --no-verify, the result is "
         "checked against PyTorch and the figures are written to OUT_DIR/parity.json "
         "(exit 1 on a parity failure, 2 on bad input).",
     )
@@ -26,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--task", default="auto", choices=TASKS)
-    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: optimum's for the model)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 18, or optimum's for the model)")
+    p.add_argument("--exporter", default="auto", choices=EXPORTERS, help=EXPORTER_HELP)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     add_output_options(p, quantize_help="quantize the weights with ONNX Runtime (int8: dynamic; int4: MatMulNBits); ONNX only")
     p.set_defaults(func=_run)
@@ -48,9 +53,11 @@ def _run(args: argparse.Namespace) -> int:
         verify=args.verify,
         quantize=args.quantize,
         block_size=args.block_size,
+        exporter=args.exporter,
     )
     size = sum((result.output_dir / f).stat().st_size for f in result.files)
-    print(f"wrote {result.output_dir} ({result.format.value}, {result.task.value}, {result.dtype.value}, "
+    exporter = f", exporter {result.exporter.value}" if result.exporter is not None else ""
+    print(f"wrote {result.output_dir} ({result.format.value}, {result.task.value}, {result.dtype.value}{exporter}, "
           f"{len(result.files)} files, {size / 1e6:.1f} MB)")
     for f in result.files:
         print(f"  {f}")

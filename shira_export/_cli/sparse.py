@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from shira_export._cli import add_output_options
+from shira_export._cli.merged import EXPORTER_HELP, EXPORTERS
 
 TASKS = ("auto", "text-generation-with-past", "feature-extraction", "text-classification")
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sparse",
         help="export the base model once + one small .onnx_adapter per adapter (switch per call)",
-        description="Export BASE_DIR with optimum-onnx, add a sparse-delta branch at every layer any adapter "
+        description="Export BASE_DIR to ONNX (torch.onnx or optimum-onnx), add a sparse-delta branch at every layer any adapter "
         "targets, and write OUT_DIR/adapters/<name>.onnx_adapter per adapter (onnxruntime's adapter format). "
         "Unless --no-verify, each adapter is checked against PyTorch (OUT_DIR/parity.json; exit 1 on failure).",
     )
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--task", default="auto", choices=TASKS)
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset, >= 16 (default 18)")
+    p.add_argument("--exporter", default="auto", choices=EXPORTERS, help=EXPORTER_HELP)
     add_output_options(p, quantize_help="quantize the constant base weights (int8: dynamic; int4: MatMulNBits); deltas stay fp32")
     p.set_defaults(func=_run)
 
@@ -50,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
 
     result = export_sparse(args.model, parse_named(args.adapter), args.output, task=args.task, opset=args.opset,
                            overwrite=args.overwrite, verify=args.verify,
-                           quantize=args.quantize, block_size=args.block_size)
+                           quantize=args.quantize, block_size=args.block_size, exporter=args.exporter)
     print(f"wrote {result.output_dir}: {result.model_path.name} with {len(result.targets)} sparse-delta sites")
     for name, path in result.adapter_paths.items():
         print(f"  {name}: {path.relative_to(result.output_dir)} ({path.stat().st_size / 1e3:.1f} kB)")
