@@ -1,0 +1,227 @@
+"""genai's model builder as the base: tiny Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma
+from config classes, SHiRA adapters (PEFT's and ours) attached to the builder's packed
+MatMul / MatMulNBits sites; parity against PyTorch with the adapter merged, the
+no-adapter graph equal to the builder's own, genai's greedy tokens equal to the graph's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+og = pytest.importorskip("onnxruntime_genai")
+pytest.importorskip("onnxruntime_genai.models.builder")
+sys.path.insert(0, str(Path(__file__).parent))
+from verify_helpers import save_word_tokenizer
+
+from shira_export import ShiraConfig, get_shira_model
+from shira_export.errors import ShiraInputError
+from shira_export.export.genai_builder import build_genai_model, export_merged_genai, export_sparse_genai
+from shira_export.export.manifest import read_sparse_manifest
+from shira_export.runtime.genai import GenaiGraphRunner, genai_greedy
+
+VOCAB = 100  # the builder takes any Linear with out_features == vocab for the LM head: keep it unique
+# GroupQueryAttention on CPU needs head_size % 16 == 0
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "original_max_position_embeddings": 128}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+}
+ATTN = {"phi3": ["qkv_proj", "o_proj"]}
+MLP = {"phi3": ["gate_up_proj", "down_proj"]}
+IDS = np.array([[5, 17, 33, 8, 41, 7, 9], [12, 3, 77, 50, 21, 64, 30]], np.int64)
+
+
+def _make_base(family: str, root: Path) -> Path:
+    import transformers as tf
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(tf, model_cls)(getattr(tf, config_cls)(**COMMON, **extra)).eval()
+    with torch.no_grad():  # a non-trivial norm weight shows a wrongly-wired norm
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    path = root / f"{family}_base"
+    model.save_pretrained(path)
+    save_word_tokenizer(path, VOCAB)
+    return path
+
+
+def _our_adapter(base: Path, path: Path, targets, seed: int) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_shira_model(model, ShiraConfig(r=4, target_modules=targets, init_weights=False, random_seed=seed)).save_pretrained(path)
+    return path
+
+
+def _peft_adapter(base: Path, path: Path, targets, seed: int) -> Path:
+    from peft import ShiraConfig as PeftShiraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), PeftShiraConfig(r=4, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "shira_weight" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+def _merged_logits(base: Path, adapter, ids) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    from shira_export.tuner import ShiraModel
+
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    if adapter is not None:
+        model = ShiraModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.numpy()
+
+
+def _torch_greedy(base: Path, adapter, ids, n: int) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    from shira_export.tuner import ShiraModel
+
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    if adapter is not None:
+        model = ShiraModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    x = torch.as_tensor(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x[:, ids.shape[1]:].numpy()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_export(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    base = _make_base(family, root)
+    attn = ATTN.get(family, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mlp = MLP.get(family, ["gate_proj", "up_proj", "down_proj"])
+    adapters = {
+        "attn": _our_adapter(base, root / "attn", [attn[0], attn[-2]] if family != "phi3" else attn, seed=1),
+        "mlp": (_peft_adapter if family == "llama" else _our_adapter)(base, root / "mlp", mlp + attn[1:2], seed=2),
+    }
+    out = export_sparse_genai(base, adapters, root / "out", precision="fp32").output_dir
+    return family, root, base, adapters, out
+
+
+def test_fp32_matches_pytorch_merged_and_base_equals_builder(family_export):
+    family, root, base, adapters, out = family_export
+    runner = GenaiGraphRunner(out)
+    plain = GenaiGraphRunner(build_genai_model(base, root / "plain", precision="fp32"))
+    np.testing.assert_array_equal(runner.logits(IDS), plain.logits(IDS))  # no adapter: the builder's graph, exactly
+    assert np.abs(runner.logits(IDS) - _merged_logits(base, None, IDS)).max() <= 1e-4
+    for name, folder in adapters.items():
+        ref = _merged_logits(base, folder, IDS)
+        got = runner.logits(IDS, adapter=name)
+        assert np.abs(got - ref).max() <= 1e-4, (family, name)
+        assert np.abs(ref - _merged_logits(base, None, IDS)).max() > 1e-2  # the adapter matters (test can fail)
+        # decode path (short-input branch) too: 8 greedy tokens equal PyTorch's (argmax, no EOS rule)
+        np.testing.assert_array_equal(runner.greedy(IDS, n_tokens=8, adapter=name), _torch_greedy(base, folder, IDS, 8))
+
+
+def test_manifest_sites_keep_module_names_and_packing(family_export):
+    family, _, _, adapters, out = family_export
+    manifest = read_sparse_manifest(out)
+    assert manifest.extra["exporter"] == "genai"
+    modules = {t.module for t in manifest.targets}
+    assert all(m.startswith("model.layers.") for m in modules)
+    if family != "phi3":  # q and v share the packed qkv node
+        q = next(t for t in manifest.targets if t.module.endswith("layers.0.self_attn.q_proj"))
+        v = next(t for t in manifest.targets if t.module.endswith("layers.0.self_attn.v_proj"))
+        assert q.node == v.node and "qkv_proj" in q.node
+    import onnxruntime as ort
+
+    params = ort.AdapterFormat.read_adapter(str(out / "adapters" / "attn.onnx_adapter")).get_parameters()
+    assert all(k.startswith("shira.model.layers.") and k.endswith((".indices", ".values")) for k in params)
+
+
+def test_genai_runs_the_folder_and_equals_the_graph(tmp_path_factory):
+    """Llama fp32 and int4: genai's greedy tokens equal the plain-onnxruntime loop over the
+    same graph, base and every adapter, batch 1 and 2, adapters chosen per generator."""
+    root = tmp_path_factory.mktemp("genai_llama")
+    base = _make_base("llama", root)
+    adapters = {"a": _our_adapter(base, root / "a", ["q_proj", "v_proj", "down_proj"], 1),
+                "b": _our_adapter(base, root / "b", ["k_proj", "o_proj", "up_proj"], 2)}
+    for precision in ("fp32", "int4"):
+        out = export_sparse_genai(base, adapters, root / precision, precision=precision).output_dir
+        assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["log_severity_level"] == 3
+        runner = GenaiGraphRunner(out)
+        model = og.Model(str(out))
+        loaded = og.Adapters(model)
+        for n in adapters:
+            loaded.load(str(out / "adapters" / f"{n}.onnx_adapter"), n)
+        seen = set()
+        for name in ["a", None, "b", "a"]:
+            for rows in (IDS[:1], IDS):
+                want = runner.greedy(rows, n_tokens=8, adapter=name)
+                got = genai_greedy(model, rows.tolist(), 8, adapter=name, adapters=loaded)
+                np.testing.assert_array_equal(got, want, err_msg=f"{precision} {name} batch {len(rows)}")
+                seen.add((name, tuple(want[0])))
+        assert len({t for _, t in seen}) == 3  # base, a and b generate different tokens
+
+
+def test_int4_and_int8_parity_through_verify_profiles(tmp_path_factory, monkeypatch):
+    """int4 / int8 (MatMulNBits sites, activation-side delta) and fp32 through shira_export.verify
+    with its profiles; the runner is runtime.genai's (wired the way open_candidate would)."""
+    from shira_export.runtime import genai as genai_runtime
+    from shira_export.verify import api, verify
+
+    original = api.open_candidate
+    monkeypatch.setattr(api, "open_candidate", lambda m, threads=None: genai_runtime.open_genai(m, threads=threads)
+                        if m.raw.get("exporter") == "genai" else original(m, threads=threads))
+    root = tmp_path_factory.mktemp("verify_llama")
+    base = _make_base("llama", root)
+    adapters = {"a": _our_adapter(base, root / "a", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], 1)}
+    for precision in ("int4", "int8", "fp32"):
+        out = export_sparse_genai(base, adapters, root / precision, precision=precision).output_dir
+        # a 2-layer random model's logits are near-ties: int4's base top-1 is ~0.8 already
+        overrides = {"min_top1": 0.7} if precision == "int4" else None
+        report = verify(model=base, candidate=out, profile=precision, overrides=overrides, progress=False)
+        assert report.passed, [f.summary for f in report.failures]
+        assert {r.adapter for r in report.records} >= {"a", "base"}
+
+
+def test_merged_through_the_builder(tmp_path):
+    base = _make_base("mistral", tmp_path)
+    adapter = _our_adapter(base, tmp_path / "a", ["q_proj", "v_proj", "down_proj"], 3)
+    out = export_merged_genai(base, adapter, tmp_path / "merged", precision="fp32")
+    runner = GenaiGraphRunner(out)
+    assert np.abs(runner.logits(IDS) - _merged_logits(base, adapter, IDS)).max() <= 1e-4
+    manifest = json.loads((out / "shira_export.json").read_text())
+    assert manifest["kind"] == "merged" and manifest["adapter"]["name"] == "a"
+    np.testing.assert_array_equal(genai_greedy(out, IDS[:1].tolist(), 6), runner.greedy(IDS[:1], n_tokens=6))
+
+
+def test_bad_input(tmp_path):
+    base = _make_base("llama", tmp_path)
+    adapter = _our_adapter(base, tmp_path / "a", ["q_proj"], 1)
+    with pytest.raises(ShiraInputError, match="precision"):
+        export_sparse_genai(base, [adapter], tmp_path / "x", precision="int3")
+    with pytest.raises(ShiraInputError, match="fp16"):
+        export_sparse_genai(base, [adapter], tmp_path / "x", precision="fp16")
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ShiraInputError, match="tokenizer"):
+        export_sparse_genai(bare, [adapter], tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
