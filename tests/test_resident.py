@@ -29,8 +29,14 @@ def _logits(model) -> torch.Tensor:
 
 
 def _no_grad_logits(model) -> torch.Tensor:
-    with torch.no_grad():  # the delta on the activations, over the base weight
-        return _logits(model)
+    """The delta on the activations, over the base weight (in train mode a no-grad
+    forward takes the resident path too, for gradient checkpointing: turn it off)."""
+    model.resident_training = False
+    try:
+        with torch.no_grad():
+            return _logits(model)
+    finally:
+        model.resident_training = True
 
 
 @pytest.mark.parametrize("factory", [tiny_opt, tiny_gpt2], ids=["linear", "conv1d"])

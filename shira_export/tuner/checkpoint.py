@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -126,13 +126,18 @@ def _check_delta(path: Path, module: str, indices: torch.Tensor, values: torch.T
     return SparseDelta(indices=indices[:, order].contiguous(), values=values[order].contiguous())
 
 
-def read_adapter_dir(directory: Union[str, os.PathLike], *, name: str = "default") -> AdapterCheckpoint:
-    """Read and validate a PEFT-layout SHiRA adapter folder (written by PEFT or by us)."""
+def read_adapter_dir(
+    directory: Union[str, os.PathLike], *, name: str = "default", config: Optional[ShiraConfig] = None
+) -> AdapterCheckpoint:
+    """Read and validate a PEFT-layout SHiRA adapter folder (written by PEFT or by us);
+    `config` given: used instead of the folder's adapter_config.json."""
     path = Path(directory)
     if not path.is_dir():
         raise ShiraInputError(f"{path}: adapter folder {describe_path(path, want='folder')} (expected a folder with "
                               f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-    config = ShiraConfig.from_pretrained(path)
+    if config is not None and not isinstance(config, ShiraConfig):
+        raise ShiraInputError(f"config: expected a ShiraConfig, found {type(config).__name__}")
+    config = ShiraConfig.from_pretrained(path) if config is None else config
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         pickles = [p for p in _PICKLES if (path / p).exists()]

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
+
+from shira_export.errors import ShiraInputError
+from shira_export.tuner.defaults import DEFAULT_TARGET_MODULES  # noqa: F401  (re-exported)
+from shira_export.tuner.patterns import PatternError, compile_target_pattern
 
 CONFIG_NAME = "adapter_config.json"
 # The PEFT release whose on-disk format we write (read side accepts any).
@@ -26,27 +31,8 @@ class MaskType(str, Enum):
     CUSTOM = "custom"
 
 
-# Default targets per `config.model_type`, as PEFT maps them for SHiRA.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"],
-}
+# Keys PEFT writes that are not ShiraConfig fields (informational on load).
+_IGNORED_KEYS = {"peft_type", "peft_version", "runtime_config"}
 
 _TASK_TYPES = {"SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
 
@@ -71,7 +57,9 @@ class ShiraConfig:
     revision: Optional[str] = None
     inference_mode: bool = False
     auto_mapping: Optional[dict] = None
-    # Not serialized: a callable mask_fn(base_layer, r, **kwargs) -> 0/1 (out, in) mask.
+    # Not serialized: a callable mask_fn(base_layer, r, ...) -> 0/1 (out, in) mask. As in
+    # PEFT it may be set after construction (`config.mask_fn = fn`); it gets only the
+    # keyword arguments it accepts (random_seed=, grad=).
     mask_fn: Optional[Callable[..., Any]] = field(default=None, repr=False, compare=False)
     peft_type: str = field(default="SHIRA", init=False)
 
@@ -89,11 +77,6 @@ class ShiraConfig:
             raise ValueError(
                 f"ShiraConfig.mask_type must be one of {allowed}, got {self.mask_type!r}"
             ) from None
-        if self.mask_type is MaskType.CUSTOM and self.mask_fn is None and not self.inference_mode:
-            raise ValueError(
-                "ShiraConfig.mask_type='custom' needs mask_fn=callable(base_layer, r, **kwargs) "
-                "returning a 0/1 mask of shape (out, in) with r*(in+out) ones"
-            )
         if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)):
             raise ValueError(f"ShiraConfig.random_seed must be an int or None, got {self.random_seed!r}")
         if self.target_modules is not None:
@@ -102,6 +85,10 @@ class ShiraConfig:
             if isinstance(self.target_modules, str):
                 if not self.target_modules:
                     raise ValueError("ShiraConfig.target_modules is an empty string")
+                try:
+                    compile_target_pattern(self.target_modules)
+                except PatternError as exc:
+                    raise ValueError(f"ShiraConfig.target_modules regex {self.target_modules[:80]!r}: {exc}") from None
             elif isinstance(self.target_modules, list):
                 if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                     raise ValueError(
@@ -133,7 +120,7 @@ class ShiraConfig:
             if isinstance(value, Enum):
                 value = value.value
             out[f.name] = value
-        out["peft_version"] = PEFT_FORMAT_VERSION
+        out["peft_version"] = format_version()
         return dict(sorted(out.items()))
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
@@ -145,27 +132,54 @@ class ShiraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> "ShiraConfig":
-        peft_type = data.get("peft_type", "SHIRA")
+        """A config from adapter_config.json's object. `peft_type` must say SHIRA; keys
+        this version does not know are ignored with a warning that names them (as PEFT
+        does for configs written by a newer release)."""
+        if "peft_type" not in data:
+            raise ShiraInputError(f"{source}: no 'peft_type' key (expected \"peft_type\": \"SHIRA\"; "
+                                  f"is this a PEFT adapter_config.json?)")
+        peft_type = data["peft_type"]
         if str(peft_type).upper() != "SHIRA":
-            raise ValueError(f"{source}: peft_type is {peft_type!r}, expected 'SHIRA' (this is not a SHiRA adapter)")
+            raise ShiraInputError(f"{source}: peft_type is {peft_type!r}, expected 'SHIRA' (this is not a SHiRA adapter)")
         known = {f.name for f in fields(cls) if f.init and f.name != "mask_fn"}
+        unknown = sorted(k for k in data if k not in known and k not in _IGNORED_KEYS)
+        if unknown:
+            warnings.warn(f"{source}: unexpected keys {unknown} for ShiraConfig, ignored (written by a newer "
+                          f"PEFT or another tool?)", stacklevel=2)
         kwargs = {k: v for k, v in data.items() if k in known}
         # A saved adapter's mask is in its indices; a custom mask_fn is not needed to load it.
-        kwargs["inference_mode"] = True if data.get("mask_type") == "custom" else kwargs.get("inference_mode", False)
+        if data.get("mask_type") == "custom":
+            kwargs["inference_mode"] = True
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: invalid SHiRA config: {exc}") from None
+            raise ShiraInputError(f"{source}: invalid SHiRA config: {exc}") from None
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ShiraConfig":
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (expected a PEFT adapter folder)")
+    def from_json_file(cls, path_json_file: Union[str, os.PathLike]) -> dict[str, Any]:
+        """The JSON object of a config file, as PEFT's from_json_file returns it (a dict)."""
+        path = Path(path_json_file)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not readable JSON: {exc}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ShiraInputError(f"{path}: not readable JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+            raise ShiraInputError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        return data
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], subfolder: Optional[str] = None) -> "ShiraConfig":
+        """The config of an adapter folder (a local folder: there is no model hub here)."""
+        folder = Path(directory) if subfolder is None else Path(directory) / subfolder
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            raise ShiraInputError(f"{path}: no {CONFIG_NAME} (expected a PEFT adapter folder)")
+        return cls.from_dict(cls.from_json_file(path), source=str(path))
+
+
+def format_version() -> str:
+    """What `peft_version` records: the PEFT release whose format is written, then, in
+    PEFT's own "version@build" form (PEFT dev builds append "@<commit>"), this package."""
+    from shira_export import __version__
+
+    return f"{PEFT_FORMAT_VERSION}@shira_export-{__version__}"

@@ -24,6 +24,7 @@ from torch.autograd.graph import increment_version
 
 from shira_export import _native
 from shira_export.tuner.masks import layer_shape
+from shira_export.tuner.mixed import current_rows, mixed_layer_forward
 from shira_export.tuner.sparse_ops import (
     SparsePlan,
     gather_flat,
@@ -44,6 +45,11 @@ class _Resident:
     base: torch.Tensor  # W's entries at the support before the merge
     values: torch.Tensor  # a copy of the values merged (W holds base + scale * values)
     scale: float
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _settle_hook(module: "ShiraLayer", *args, **kwargs) -> None:
@@ -89,6 +95,7 @@ class ShiraLayer(nn.Module):
         # A weight shared with another module (a tied head) must never hold W + S between
         # calls: train such a layer with the delta on the activations instead.
         self.weight_shared = False
+        self.resident = True  # False: train on the delta path too (ShiraModel.resident_training)
         self.train(base_layer.training)  # a new wrapper follows the model's train/eval mode
         self.register_state_dict_pre_hook(_settle_hook)
         self.register_load_state_dict_pre_hook(_settle_hook)
@@ -333,9 +340,12 @@ class ShiraLayer(nn.Module):
     # ---- forward ----------------------------------------------------------------------
     def _training_adapter(self) -> Optional[str]:
         """The one adapter this call trains, when the fast merged path applies: train mode
-        with grad enabled (eval mode never writes W, so concurrent inference stays safe)."""
-        if (not (self.training and torch.is_grad_enabled()) or self.merged_adapters or self.weight_shared
-                or len(self.active_adapters) != 1):
+        (eval mode never writes W, so concurrent inference stays safe). A no-grad forward
+        in train mode takes it too, so that reentrant gradient checkpointing computes its
+        first pass (no grad) and its recompute (grad) the same way. Hooks on the base
+        layer need its own forward: such a layer uses the delta path, and they run."""
+        if (not self.training or not self.resident or self.merged_adapters or self.weight_shared
+                or len(self.active_adapters) != 1 or _has_hooks(self.base_layer)):
             return None
         name = self.active_adapters[0]
         if name not in self.shira_weight or not self.shira_weight[name].requires_grad:
@@ -343,6 +353,9 @@ class ShiraLayer(nn.Module):
         return name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.disable_adapters and current_rows() is not None:
+            self.settle()
+            return mixed_layer_forward(self, x, *args, **kwargs)  # adapter_names=[...]: one per row
         name = None if self.disable_adapters else self._training_adapter()
         if name is not None:
             # Training: W holds W + S (rewritten only when the values changed), so the

@@ -8,6 +8,8 @@ from typing import Optional
 
 from torch import nn
 
+from shira_export.tuner.mixed import current_rows, mixed_head_forward
+
 
 class ModulesToSaveWrapper(nn.Module):
     def __init__(self, original_module: nn.Module) -> None:
@@ -38,6 +40,8 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        if not self.disable_adapters and current_rows() is not None and args:
+            return mixed_head_forward(self, *args, **kwargs)  # adapter_names=[...]: one per row
         return self.active_module()(*args, **kwargs)
 
     def __getattr__(self, name: str):
