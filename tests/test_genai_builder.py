@@ -152,6 +152,15 @@ def test_manifest_sites_keep_module_names_and_packing(family_export):
 
     params = ort.AdapterFormat.read_adapter(str(out / "adapters" / "attn.onnx_adapter")).get_parameters()
     assert all(k.startswith("shira.model.layers.") and k.endswith((".indices", ".values")) for k in params)
+    # the fingerprint covers modules and weights, not nodes: the torch/optimum route's files fit here too
+    from transformers import AutoModelForCausalLM
+
+    from shira_export.export import graph_delta
+
+    named = dict(AutoModelForCausalLM.from_pretrained(family_export[2]).named_modules())
+    expected = [graph_delta.TargetSite(m, "", "", *named[m].weight.shape, False,
+                                       graph_delta._digest(named[m].weight.detach().numpy())) for m in sorted(modules)]
+    assert manifest.base_fingerprint == graph_delta.graph_fingerprint(expected)
 
 
 def test_genai_runs_the_folder_and_equals_the_graph(tmp_path_factory):

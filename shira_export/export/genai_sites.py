@@ -149,7 +149,7 @@ def builder_sites(pieces: Sequence[Piece], weights: Mapping[str, np.ndarray]) ->
     for p in pieces:
         first.setdefault(p.module, p)
     return [TargetSite(m, p.node, p.weight, *np.asarray(weights[m]).shape, False,
-                       graph_delta._digest(np.asarray(weights[m], np.float32).T))
+                       graph_delta._digest(np.asarray(weights[m], np.float32)))  # as locate_targets: (out, in)
             for m, p in sorted(first.items())]
 
 
