@@ -15,6 +15,7 @@ from typing import Optional, Protocol, Union
 
 import numpy as np
 
+from shira_export._io import confined
 from shira_export.errors import ShiraInputError
 from shira_export.export.manifest import MANIFEST_NAME, load_manifest_json
 from shira_export.verify.inputs import InputBatch
@@ -90,7 +91,7 @@ def read_manifest(folder: Union[str, Path]) -> Manifest:
         for name, entry in adapters.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
                 raise ShiraInputError(f"{path}: key 'adapters.{name}' expected {{'file': str, 'source': str}}, found {entry!r}")
-            if not (folder / entry["file"]).is_file():
+            if not confined(folder, entry["file"], what=f"{path}: adapters.{name}.file").is_file():
                 raise ShiraInputError(f"{path}: adapters.{name}.file {entry['file']!r} not found in {folder}")
             entries.append(AdapterEntry(name, entry.get("source"), entry["file"]))
         entries = tuple(entries)
