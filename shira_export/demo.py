@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from shira_export._io import atomic_write_text, check_output_location
+from shira_export._io import atomic_write_text
 from shira_export.errors import ShiraInputError
 from shira_export.demo_data import TASKS, build_base_model, task_batches
 from shira_export.tuner.config import ShiraConfig
@@ -72,14 +72,16 @@ def run_demo(
         raise ShiraInputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ShiraInputError(f"{out}: output folder exists and is not empty (pass --overwrite)")
-    fresh = not out.exists() or not any(out.iterdir())
-    check_output_location(out, overwrite=True)  # not the current or the home folder
+    created, empty = not out.exists(), not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _run(out, steps=steps, r=r, log=log)
     except BaseException:
-        if fresh:  # a folder this run created holds only partial results: remove it
+        if created:  # a folder this run created holds only partial results: remove it
             shutil.rmtree(out, ignore_errors=True)
+        elif empty:  # an empty folder given to us: empty it again, keep the folder
+            for child in out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
         raise
 
 
