@@ -11,6 +11,10 @@ interleaved rounds:
 
 Prints a table and writes tools/results/bench_runtime.json.
 Usage: python tools/bench_runtime.py [--rounds 7] [--layers 12] [--work DIR]
+
+`--genai` instead times onnxruntime-genai (tools/bench_genai.py): a Llama-shaped ~125M
+model from LlamaConfig, r=8 on q/k/v/o, decode tokens/s and prefill time of the genai
+builder's graph merged, the builder's graph + sparse delta, and our sparse graph.
 """
 
 from __future__ import annotations
@@ -213,4 +217,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--genai" in sys.argv[1:] or "--genai-export-ours" in sys.argv[1:]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_genai import main as genai_main
+
+        genai_main([a for a in sys.argv[1:] if a != "--genai"])
+    else:
+        main()
