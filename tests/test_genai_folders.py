@@ -150,3 +150,40 @@ def test_non_decoder_folders_and_bad_input(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 4, "num_attention_heads": 1}))
     assert write_genai_config(tmp_path) is None
     assert not (tmp_path / "genai_config.json").exists()
+
+
+@pytest.fixture(scope="module", params=[("fp16", None), ("fp32", "int8"), ("fp32", "int4")],
+                ids=["merged-fp16", "merged-int8", "merged-int4"])
+def merged_folder(request, tmp_path_factory):
+    pytest.importorskip("optimum.exporters.onnx")
+    from shira_export.export.merged import export_merged
+
+    dtype, quantize = request.param
+    root = tmp_path_factory.mktemp(f"merged_{dtype}_{quantize}")
+    base = make_base("llama", root)
+    adapter = make_adapters("llama", base, root)["a"]
+    out = root / "out"
+    export_merged(base, adapter, out, format="onnx", dtype=dtype, quantize=quantize, verify=False)
+    assert write_genai_config(out) == out / "genai_config.json"
+    return out
+
+
+def test_merged_folders_run_in_genai_like_onnxruntime(merged_folder):
+    """Merged folders (fp16, int8, int4): genai's greedy tokens equal optimum's
+    ORTModelForCausalLM on the same folder, batch 1 and a padded batch of 2."""
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out = merged_folder
+    ort_model = ORTModelForCausalLM.from_pretrained(out, use_cache=True, use_io_binding=False)
+    opened = (og.Model(str(out)), None, json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"])
+    for prompts, lengths in ((PROMPTS[:1], LENGTHS[:1]), (PROMPTS, LENGTHS)):
+        width = max(lengths)
+        ids = np.zeros((len(prompts), width), np.int64)
+        mask = np.zeros_like(ids)
+        for i, (row, n) in enumerate(zip(prompts, lengths)):
+            ids[i, width - n:] = row[:n]
+            mask[i, width - n:] = 1
+        want = ort_model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                                  max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)[:, width:].numpy()
+        np.testing.assert_array_equal(_genai_tokens(opened, None, prompts, lengths), want)
