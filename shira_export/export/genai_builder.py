@@ -145,7 +145,7 @@ def export_sparse_genai(
         if ckpt.modules_to_save:
             raise ShiraInputError(f"{named[name]}: adapter has modules_to_save {sorted(ckpt.modules_to_save)}, which a "
                                   f"sparse export cannot switch per call; use a merged export for this adapter")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="float32").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
     for ckpt in checkpoints.values():
         ckpt.validate_against(model)
     all_weights = _linear_weights(model)
@@ -219,7 +219,7 @@ def export_merged_genai(
     model_dir, adapter_dir, output_dir = Path(model_dir), Path(adapter_dir), Path(output_dir)
     name = check_adapter_name(adapter_name or adapter_dir.name)
     ckpt = read_adapter_dir(adapter_dir, name=name)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="float32").eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
     ckpt.validate_against(base)
     merged = ShiraModel.from_pretrained(base, adapter_dir, adapter_name=ckpt.name).merge_and_unload().eval()
     with tempfile.TemporaryDirectory(prefix="shira_genai_merged_") as hf, atomic_dir(output_dir, overwrite=overwrite) as tmp:
