@@ -1,6 +1,8 @@
 """Merged export on an OPT-125m-shaped model (random weights): time and file sizes per
-format and dtype, against the peer (optimum's `main_export` of the plain base folder,
-which is what a merged ONNX export costs at the least).
+format, dtype and exporter, against the peer (optimum's `main_export` of the plain base
+folder, which is what a merged ONNX export costs at the least). Where optimum-onnx is
+installed (transformers 4.x), both exporters run in the same rounds and their ratio is
+printed; on transformers 5 only the torch route runs.
 
     python tools/bench_merged.py [--rounds 2] [--workdir DIR]
 
@@ -79,16 +81,22 @@ def main() -> int:
     print(f"building an OPT-125m-shaped model in {root} ...", file=sys.stderr)
     base, adapter, nnz = _prepare(root)
 
-    ours, peer = [], []
+    from shira_export.export.exporters.optimum_export import optimum_available
+
+    exporters = ["torch", "optimum"] if optimum_available() else ["torch"]
+    ours: dict[str, list[float]] = {e: [] for e in exporters}
+    peer: list[float] = []
     for _ in range(args.rounds):  # interleaved
-        ours.append(_ours(base, adapter, root / "onnx", format="onnx", verify=False))
-        peer.append(_peer(base, root / "peer"))
-    rows = [
-        {"what": "merged onnx fp32 (no verify)", "seconds": statistics.median(ours), "runs": ours,
-         "size_mb": _size_mb(root / "onnx", "*.onnx*")},
-        {"what": "peer: optimum main_export of the base", "seconds": statistics.median(peer), "runs": peer,
-         "size_mb": _size_mb(root / "peer", "*.onnx*")},
-    ]
+        for exporter in exporters:
+            ours[exporter].append(_ours(base, adapter, root / f"onnx-{exporter}", format="onnx", verify=False,
+                                        exporter=exporter))
+        if optimum_available():
+            peer.append(_peer(base, root / "peer"))
+    rows = [{"what": f"merged onnx fp32, exporter {e} (no verify)", "seconds": statistics.median(runs), "runs": runs,
+             "size_mb": _size_mb(root / f"onnx-{e}", "*.onnx*")} for e, runs in ours.items()]
+    if peer:
+        rows.append({"what": "peer: optimum main_export of the base", "seconds": statistics.median(peer), "runs": peer,
+                     "size_mb": _size_mb(root / "peer", "*.onnx*")})
     for label, kwargs, pattern in [
         ("merged onnx fp32 + verify", dict(format="onnx"), "*.onnx*"),
         ("merged onnx fp16 (no verify)", dict(format="onnx", dtype="fp16", verify=False), "*.onnx*"),
@@ -107,20 +115,29 @@ def main() -> int:
             row["failures"] = [r["message"] for r in report["records"] if r["passed"] is False]
         rows.append(row)
 
-    ratio = rows[0]["seconds"] / rows[1]["seconds"]
+    ratios = {}
+    if peer:
+        ratios = {f"{e} / optimum main_export of the base": statistics.median(ours[e]) / statistics.median(peer)
+                  for e in exporters}
+        ratios["torch exporter / optimum exporter"] = statistics.median(ours["torch"]) / statistics.median(ours["optimum"])
     print(f"\nOPT-125m-shaped (random weights), SHiRA r=32 on q_proj/v_proj ({nnz:,} nonzeros), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n")
-    print(f"| {'export':<38} | {'seconds':>8} | {'verify s':>8} | {'size MB':>8} | {'max_abs':>9} |")
-    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 11}|")
+    print(f"| {'export':<44} | {'seconds':>8} | {'verify s':>8} | {'size MB':>8} | {'max_abs':>9} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 11}|")
     for r in rows:
         verify_s = f"{r['verify_seconds']:.1f}" if "verify_seconds" in r else "-"
         max_abs = f"{r['max_abs']:.2e}" if "max_abs" in r else "-"
         verify_s += "" if r.get("verdict", "pass") == "pass" else " FAIL"
-        print(f"| {r['what']:<38} | {r['seconds']:>8.1f} | {verify_s:>8} | {r['size_mb']:>8.1f} | {max_abs:>9} |")
-    print(f"\nmerged onnx export / optimum export of the base: {ratio:.2f}x")
+        print(f"| {r['what']:<44} | {r['seconds']:>8.1f} | {verify_s:>8} | {r['size_mb']:>8.1f} | {max_abs:>9} |")
+    for label, ratio in ratios.items():
+        print(f"merged onnx export, {label}: {ratio:.2f}x")
+    if not ratios:
+        print("optimum-onnx is not installed: no peer row (run in a transformers 4.x environment with "
+              "shira-export[optimum] for the ratios)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"model": "opt-125m-shaped", "config": OPT_125M, "shira_r": 32, "nnz": nnz,
-                                   "rounds": args.rounds, "rows": rows, "ratio_ours_to_peer": ratio}, indent=2) + "\n")
+                                   "rounds": args.rounds, "rows": rows, "ratios": ratios,
+                                   "transformers": __import__("transformers").__version__}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
