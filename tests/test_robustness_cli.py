@@ -52,7 +52,8 @@ def _cli(args, capsys) -> tuple[int, str]:
 def _input_error(args, capsys, *fragments: str) -> str:
     code, err = _cli(args, capsys)
     assert code == 2, err
-    assert "Traceback" not in err and err.startswith("shira-export: error: "), err
+    last = err.strip().splitlines()[-1].split("\r")[-1].strip()  # progress bars may come first
+    assert "Traceback" not in err and "shira-export: error: " in last, err
     for fragment in fragments:
         assert fragment in err, err
     return err
@@ -182,7 +183,7 @@ def test_classification_on_a_causal_base(tiny, tmp_path, capsys):
     _input_error(_merged(tiny, tmp_path / "o", "--task", "text-classification"), capsys, "text-classification")
     seq_cls = _copy_adapter(tiny / "a", tmp_path / "seq", config={"task_type": "SEQ_CLS"})
     _input_error(["merged", "--model", tiny / "base", "--adapter", seq_cls, "--format", "safetensors", "--output",
-                  tmp_path / "o"], capsys, "SEQ_CLS")
+                  tmp_path / "o"], capsys, "text-classification")
     assert not (tmp_path / "o").exists()
 
 
@@ -258,3 +259,44 @@ def test_demo_with_bad_steps_writes_nothing(tmp_path, capsys):
     with pytest.raises(ShiraInputError, match="steps"):
         run_demo(tmp_path / "d", steps=-3)
     assert not (tmp_path / "d").exists()
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from shira_export import _io
+from shira_export.cli import main
+sync, me = Path(sys.argv[1]), sys.argv[2]
+real = _io._publish
+def publish(tmp, path, overwrite):
+    (sync / f"ready-{me}").touch()  # this run's folder is built
+    while not (sync / "go").exists():  # wait for the other run's
+        time.sleep(0.01)
+    return real(tmp, path, overwrite)
+_io._publish = publish
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_two_merged_runs_to_one_new_output_one_wins_one_exits_2(tiny, tmp_path):
+    """Two processes build their folder before either publishes: the second must not
+    replace the first's output (it used to, and both exited 0)."""
+    import time
+
+    sync, work = tmp_path / "sync", tmp_path / "work"
+    sync.mkdir()
+    work.mkdir()
+    out = work / "out"
+    args = [str(a) for a in _merged(tiny, out, "--no-verify")]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(sync), str(i), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    while len(list(sync.glob("ready-*"))) < 2 and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    (sync / "go").touch()
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "another process created this output" in loser and "Traceback" not in loser
+    manifest = json.loads((out / "shira_export.json").read_text())
+    assert manifest["kind"] == "merged" and (out / "model.safetensors").is_file()
+    assert [p.name for p in work.iterdir()] == ["out"]  # the loser left no temp folder
