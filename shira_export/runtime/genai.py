@@ -148,11 +148,12 @@ def open_genai(manifest, *, threads: Optional[int] = None) -> GenaiCandidate:
 
 
 def genai_greedy(folder_or_model, prompts: Sequence[Sequence[int]], n_tokens: int, *, adapter: Optional[str] = None,
-                 adapters=None) -> np.ndarray:
+                 adapters=None, pad_token_id: Optional[int] = None) -> np.ndarray:
     """Greedy tokens from onnxruntime-genai (exactly `n_tokens` per row). Rows of different
     lengths are padded on the right with the config's pad_token_id, genai's convention
     (it masks pad tokens, so a prompt must not contain that id). `adapters`: an
-    `og.Adapters` already loaded; else the folder's manifest adapters are loaded."""
+    `og.Adapters` already loaded; else the folder's manifest adapters are loaded. With an
+    `og.Model` instead of a folder, ragged prompts need `pad_token_id` (the config's)."""
     import onnxruntime_genai as og
 
     if isinstance(folder_or_model, (str, os.PathLike)):
@@ -162,11 +163,15 @@ def genai_greedy(folder_or_model, prompts: Sequence[Sequence[int]], n_tokens: in
             adapters = og.Adapters(model)
             for name, path in _adapter_files(folder).items():
                 adapters.load(str(path), name)
-        pad = _genai_config(folder)["model"].get("pad_token_id", 0)
+        pad = _genai_config(folder)["model"].get("pad_token_id", 0) if pad_token_id is None else pad_token_id
     else:
-        model, pad = folder_or_model, 0
+        model, pad = folder_or_model, pad_token_id
     pad = pad[0] if isinstance(pad, list) else pad
     width = max(len(p) for p in prompts)
+    if pad is None:
+        if any(len(p) != width for p in prompts):
+            raise ShiraInputError("genai_greedy: prompts of different lengths need pad_token_id (genai masks that id)")
+        pad = 0
     batch = np.full((len(prompts), width), pad, np.int64)
     for i, row in enumerate(prompts):
         batch[i, :len(row)] = row
