@@ -3,6 +3,7 @@ against the budget r*(in+out) and the layer's shape."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -25,6 +26,19 @@ def _mask_fn_for(config: ShiraConfig):
     return get_mask_fn(config.mask_type)
 
 
+def _accepted(fn, kwargs: dict) -> dict:
+    """The keyword arguments `fn` takes (all of them if it has **kwargs): a PEFT-style
+    mask_fn(base_layer, r) without **kwargs must not get random_seed=."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: pass everything
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def draw_deltas(
     model: nn.Module, config: ShiraConfig, mask_grads: Optional[dict[str, torch.Tensor]] = None
 ) -> dict[str, SparseDelta]:
@@ -43,7 +57,7 @@ def draw_deltas(
         kwargs = {"random_seed": config.random_seed}
         if mask_grads is not None and path in mask_grads:
             kwargs["grad"] = mask_grads[path]
-        mask = mask_fn(base, config.r, **kwargs)
+        mask = mask_fn(base, config.r, **_accepted(mask_fn, kwargs))
         if tuple(mask.shape) != (out_f, in_f):
             raise ShiraInputError(f"module {path!r}: mask has shape {tuple(mask.shape)}, expected ({out_f}, {in_f})")
         ones = int((mask != 0).sum())

@@ -327,6 +327,14 @@ class ShiraLayer(nn.Module):
         return super().train(mode)
 
     @property
+    def weight(self) -> torch.Tensor:  # models that read `module.weight` (RWKV, tied heads), as PEFT's layers
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
