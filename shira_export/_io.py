@@ -91,6 +91,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     _name_fits(path)
     _make_parent(path.parent)
+    for stale, _ in _stale(path.parent, path.name):  # temp files of killed writers of this path
+        _remove(stale)
     fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -187,7 +189,7 @@ def check_output_location(output: PathLike, inputs: Iterable[Optional[PathLike]]
         if _inside(out, resolved) or _inside(resolved, out):
             raise ShiraInputError(f"{output}: overlaps the input folder {src} (resolved {resolved}); choose an output "
                                   f"outside the inputs (replacing it would delete or change an input)")
-    for keep, what in ((Path.cwd(), "the current folder"), (Path.home(), "the home folder")):
+    for keep, what in ((Path.cwd(), "the current folder"), (Path(os.path.expanduser("~")), "the home folder")):
         if _inside(keep.resolve(), out):
             raise ShiraInputError(f"{output}: is or contains {what}; choose a new folder for the output")
     return output
@@ -309,7 +311,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
             rename_noreplace(backup, path)
         raise
     if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+        _remove(backup)  # a folder, or the symlink OUT was (its target is not touched)
 
 
 # --- locks and confined paths -------------------------------------------------------------

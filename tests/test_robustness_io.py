@@ -266,3 +266,21 @@ def test_describe_path():
     assert _io.describe_path("/", want="file") == "is a folder, expected a file"
     assert _io.describe_path("/nope-nope", want="folder") == "not found"
     assert _io.describe_path(__file__, want="folder") == "is a file, expected a folder"
+
+
+def test_overwrite_of_a_symlinked_output_keeps_the_link_target(tmp_path):
+    target = _folder(tmp_path / "real", **{"a": "old"})
+    out = tmp_path / "out"
+    out.symlink_to(target)
+    with _io.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("new")
+    assert not out.is_symlink() and _tree(out) == {"b": "new"}
+    assert _tree(target) == {"a": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+
+
+def test_temp_files_of_a_killed_writer_are_cleaned_on_the_next_write(tmp_path):
+    dead = tmp_path / f".f.json.shira-{_io._host()}-999999999-abcd.tmp"  # no such process
+    dead.write_text("half")
+    _io.atomic_write_text(tmp_path / "f.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
