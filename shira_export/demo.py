@@ -123,7 +123,8 @@ def _run(out: Path, *, steps: int, r: int, log: Callable[[str], None]) -> DemoRe
         row = {}
         for adapter in [None, *adapter_dirs]:
             tokens = runtime.generate(ids, adapter=adapter, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id)
-            row[adapter or "(base)"] = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
+            row[adapter or "(base)"] = str(text).strip()
         generations[prompt] = row
     ids = tokenizer("the river", return_tensors="pt")["input_ids"]
     names = list(adapter_dirs)

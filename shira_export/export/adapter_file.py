@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def adapter_arrays(deltas: Mapping[str, object], sites: Sequence[TargetSite], *, source: str,
+def adapter_arrays(deltas: Mapping[str, Any], sites: Sequence[TargetSite], *, source: str,
                    fingerprint: str, unused: Sequence[str] = ()) -> AdapterArrays:
     """Convert checkpoint deltas (SparseDelta: int [2, nnz] (out, in), values [nnz]) to flat
     arrays; every module must be a site of the graph (or in `unused`: modules the graph's

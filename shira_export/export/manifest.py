@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ class SparseManifest:
         return atomic_write_text(Path(folder or self.folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=2) + "\n")
 
 
-def adapter_entry(folder: Union[str, Path], rel: str, source: str, nnz: int) -> dict:
+def adapter_entry(folder: Union[str, os.PathLike], rel: str, source: str, nnz: int) -> dict:
     """The manifest's record of an adapter file written at `folder/rel`: its sha256 is what
     loading checks (a changed or damaged file is refused, naming it)."""
     return {"file": rel, "source": source, "nnz": int(nnz), "sha256": sha256_file(Path(folder) / rel)}
@@ -92,7 +93,7 @@ def _check_adapters(path: Path, folder: Path, adapters: object) -> dict[str, dic
     return dict(adapters)
 
 
-def load_manifest_json(folder: Union[str, Path], *, expected: str) -> tuple[Path, dict]:
+def load_manifest_json(folder: Union[str, os.PathLike], *, expected: str) -> tuple[Path, dict]:
     """(path, parsed JSON object) of `folder/shira_export.json`; `expected` says what
     should have written it, for the error when it is missing."""
     path = Path(folder) / MANIFEST_NAME
@@ -111,7 +112,7 @@ def load_manifest_json(folder: Union[str, Path], *, expected: str) -> tuple[Path
     return path, raw
 
 
-def read_sparse_manifest(folder: Union[str, Path]) -> SparseManifest:
+def read_sparse_manifest(folder: Union[str, os.PathLike]) -> SparseManifest:
     """Parse `folder/shira_export.json` of a sparse export; errors name the file and key."""
     folder = Path(folder)
     path, raw = load_manifest_json(folder, expected="a folder written by `shira-export sparse`")

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class ShiraSession:
                                   f"'dense' feeds fp32 merged weights: use mode='portable' (the default here)")
         if not self.manifest.model_path.is_file():
             raise ShiraInputError(f"{self.manifest.model_path}: model file not found")
-        options = session_options or ort.SessionOptions()
+        options: Any = session_options or ort.SessionOptions()
         if session_options is None:
             options.log_severity_level = 3  # overridable initializers are intended: silence ORT's warning
         providers = list(providers or ["CPUExecutionProvider"])
