@@ -72,7 +72,7 @@ def _tokenizer(folder):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers' errors for incomplete tokenizer files
         raise ShiraInputError(f"{folder}: the tokenizer files do not load ({hint}): {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
