@@ -163,6 +163,27 @@ def test_manifest_sites_keep_module_names_and_packing(family_export):
     assert manifest.base_fingerprint == graph_delta.graph_fingerprint(expected)
 
 
+def test_shira_session_dense_and_portable_on_builder_graphs(family_export):
+    """ShiraSession opens a builder folder in both modes: dense (each packed weight read as
+    Concat of per-module weight inputs, adapters merged per module) equals portable and
+    PyTorch merged, for packed q/k/v, Phi-3's split gate_up, and the base."""
+    from shira_export.runtime import Mode, ShiraSession
+
+    family, _, base, adapters, out = family_export
+    runner = GenaiGraphRunner(out)
+    feeds = {"input_ids": IDS, "attention_mask": np.ones_like(IDS)}
+    for i in range(runner.layers):
+        for role in ("key", "value"):
+            feeds[f"past_key_values.{i}.{role}"] = np.zeros((2, runner.kv_heads, 0, runner.head_size), np.float32)
+    sessions = {m: ShiraSession(out, mode=m) for m in (Mode.DENSE, Mode.PORTABLE)}
+    assert ShiraSession(out).mode is Mode.DENSE
+    for name in [None, *adapters]:
+        ref = _merged_logits(base, adapters.get(name), IDS)
+        got = {m: s.run(feeds, adapter=name, output_names=["logits"])["logits"] for m, s in sessions.items()}
+        assert np.abs(got[Mode.DENSE] - got[Mode.PORTABLE]).max() <= 1e-5, (family, name)
+        assert np.abs(got[Mode.DENSE] - ref).max() <= 1e-4, (family, name)
+
+
 def test_genai_runs_the_folder_and_equals_the_graph(tmp_path_factory):
     """Llama fp32 and int4: genai's greedy tokens equal the plain-onnxruntime loop over the
     same graph, base and every adapter, batch 1 and 2, adapters chosen per generator."""

@@ -127,8 +127,8 @@ def export_sparse_genai(
 ):
     """Build the base with genai's model builder, attach a sparse delta at every builder node
     a targeted module lives in, and write one `.onnx_adapter` per adapter. Returns a
-    `SparseExportResult` (its folder reads with `read_sparse_manifest` / `ShiraSession`
-    in portable mode, and runs in `onnxruntime_genai` as it is). `builder_options` are the
+    `SparseExportResult` (its folder reads with `read_sparse_manifest` / `ShiraSession`,
+    and runs in `onnxruntime_genai` as it is). `builder_options` are the
     builder's extra options (e.g. {"block_size": 16, "accuracy_level": 1} for int4)."""
     from transformers import AutoModelForCausalLM
 

@@ -282,10 +282,10 @@ def to_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *,
     weight from an input `shira.<m>.weight`. With `defaults` the base weight stays as its
     initializer (overridable); without, it is returned instead ({module: array}) and the
     input is required."""
-    packed = [p for p in model.metadata_props if p.key == "shira.genai_groups" and '"node.' in p.value]
-    if packed:  # genai builder graphs: q|k|v share one weight, which a per-module weight input cannot feed
-        raise ShiraInputError("this graph packs several targeted modules into one weight (genai builder graph); "
-                              "the dense variant needs one weight per module: run it with mode='portable'")
+    if any(p.key == "shira.genai_groups" for p in model.metadata_props):  # genai builder graph: q|k|v packed
+        from shira_export.export.genai_sites import builder_dense_variant
+
+        return builder_dense_variant(model, sites, defaults=defaults)
     dense = onnx.ModelProto()
     dense.CopyFrom(model)
     graph = dense.graph
