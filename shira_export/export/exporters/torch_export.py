@@ -19,6 +19,7 @@ of 4 (all different, so no two axes are unified); parity is checked at other sha
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -191,24 +192,61 @@ def _program_for(model: "PreTrainedModel", task: str, opset: int):
     return wrapper, args, shapes, (graph_input_names(model, task), [output])
 
 
+# Traced graphs by structure (model class, config, task, opset, parameter names and shapes):
+# tracing is most of an export's time and depends only on the structure, so exporting the
+# same architecture again (another adapter merged into the same base, a test suite) only
+# swaps the weights in. The programs hold no weights between uses.
+_TRACED: "OrderedDict[tuple, Any]" = OrderedDict()
+_TRACED_MAX = 4
+
+
+def _structure_key(wrapper: torch.nn.Module, model: "PreTrainedModel", task: str, opset: int) -> tuple:
+    state = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in wrapper.state_dict().items())
+    return (type(model).__module__, type(model).__qualname__, model.config.to_json_string(use_diff=False), task,
+            opset, state)
+
+
+def _traced_program(wrapper, model, task: str, opset: int, args, shapes, inputs, outputs):
+    key = _structure_key(wrapper, model, task, opset)
+    program = _TRACED.pop(key, None)
+    if program is None:
+        try:
+            program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
+                                        output_names=outputs, opset_version=opset, optimize=False, verbose=False)
+        except Exception as exc:  # torch.export's failures are many classes; each means "this model"
+            raise ShiraInputError(
+                f"model_type {model.config.model_type!r}: torch.onnx (dynamo) cannot export it for task {task!r} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); try --exporter optimum on "
+                f"transformers 4.x") from None
+    _TRACED[key] = program
+    while len(_TRACED) > _TRACED_MAX:
+        _TRACED.popitem(last=False)
+    return program
+
+
 def export_with_torch(model: "PreTrainedModel", output_dir: Path, *, task: str, opset: int = 18) -> Path:
     """Write `output_dir/model.onnx` for `task`; returns its path."""
     import onnx
+    import onnx_ir as ir
 
     from shira_export.export.onnx_io import save_onnx
 
     model = model.eval()
     wrapper, args, shapes, (inputs, outputs) = _program_for(model, task, opset)
     with quiet_loggers(*_LOGGERS), torch.no_grad():
-        try:
-            program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                                        output_names=outputs, opset_version=opset, optimize=True, verbose=False)
-        except Exception as exc:  # torch.export's failures are many classes; each means "this model"
-            raise ShiraInputError(
-                f"model_type {model.config.model_type!r}: torch.onnx (dynamo) cannot export it for task {task!r} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); try --exporter optimum on transformers 4.x"
-            ) from None
-    proto = program.model_proto
+        program = _traced_program(wrapper, model, task, opset, args, shapes, inputs, outputs)
+        state = wrapper.state_dict()
+        program.apply_weights(state)
+        unoptimized = program.model_proto
+        for name in state:  # the cached program keeps the graph, not this model's weights
+            if name in program.model.graph.initializers:
+                program.model.graph.initializers[name].const_value = None
+        # constant folding (the weight transposes) and fusions, as torch.onnx's optimize=True
+        optimized = torch.onnx.ONNXProgram(ir.from_proto(unoptimized), None)
+        del unoptimized
+        optimized.optimize()
+        proto = optimized.model_proto
+        del optimized
     _check_contract(proto, inputs, outputs, model.config.model_type)
     path = Path(output_dir) / "model.onnx"
     save_onnx(proto, path)
