@@ -86,7 +86,7 @@ def export_ours(work: Path) -> Path:
     return out
 
 
-def time_genai(folder: Path, adapter, prompt: np.ndarray, tokens: int, rounds: int, threads: int):
+def time_genai(folder: Path, adapter, prompt: np.ndarray, tokens: int):
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
             del folders["ours sparse"]
     prompt = np.random.default_rng(0).integers(3, VOCAB, (1, 128), dtype=np.int64)
     threads = os.cpu_count() or 1
-    runners = {k: time_genai(f, ad, prompt, args.tokens, args.rounds, threads) for k, (f, ad) in folders.items()}
+    runners = {k: time_genai(f, ad, prompt, args.tokens) for k, (f, ad) in folders.items()}
     samples = {k: {"prefill": [], "tps": []} for k in runners}
     tokens = {}
     for _ in range(args.rounds):

@@ -223,7 +223,7 @@ def export_merged_genai(
     ckpt.validate_against(base)
     merged = ShiraModel.from_pretrained(base, adapter_dir, adapter_name=ckpt.name).merge_and_unload().eval()
     with tempfile.TemporaryDirectory(prefix="shira_genai_merged_") as hf, atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        merged.save_pretrained(hf)
+        merged.save_pretrained(hf)  # type: ignore[operator]
         for item in model_dir.iterdir():  # tokenizer and generation files the builder reads
             if item.is_file() and item.name not in ("config.json",) and not item.name.endswith((".safetensors", ".bin")):
                 if not (Path(hf) / item.name).exists():

@@ -149,9 +149,12 @@ def builder_sites(pieces: Sequence[Piece], weights: Mapping[str, np.ndarray]) ->
     first: dict[str, Piece] = {}
     for p in pieces:
         first.setdefault(p.module, p)
-    return [TargetSite(m, p.node, p.weight, *np.asarray(weights[m]).shape, False,
-                       graph_delta._digest(np.asarray(weights[m], np.float32)))  # as locate_targets: (out, in)
-            for m, p in sorted(first.items())]
+    sites = []
+    for m, p in sorted(first.items()):
+        w = np.asarray(weights[m], np.float32)
+        sites.append(TargetSite(m, p.node, p.weight, int(w.shape[0]), int(w.shape[1]), False,
+                                graph_delta._digest(w)))  # as locate_targets digests it: (out, in)
+    return sites
 
 
 def _group_key(output: str) -> str:

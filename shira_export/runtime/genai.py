@@ -84,7 +84,7 @@ class GenaiGraphRunner:
             options.add_active_adapter(self._adapters[adapter])
         return options
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, past: Optional[list], adapter: Optional[str]):
+    def step(self, ids: np.ndarray, mask: np.ndarray, past: Optional[dict], adapter: Optional[str]):
         """One forward: (logits, present) with `mask` over past + new tokens."""
         ids = np.asarray(ids, np.int64)
         batch, new = ids.shape
