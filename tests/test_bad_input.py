@@ -120,11 +120,16 @@ def test_r_too_large_and_unknown_target():
     ({"target_modules": []}, "non-empty list"),
     ({"target_modules": 3}, "list of names or a regex"),
     ({"task_type": "CAUSAL"}, "task_type must be one of"),
-    ({"mask_type": "custom"}, "needs mask_fn"),
 ])
 def test_config_validation(kwargs, fragment):
     with pytest.raises((ValueError, TypeError), match=fragment):
         ShiraConfig(**kwargs)
+
+
+def test_custom_mask_without_mask_fn_is_refused_when_used():
+    config = ShiraConfig(r=1, mask_type="custom")  # as in PEFT, mask_fn may be set after construction
+    with pytest.raises(ShiraInputError, match="needs mask_fn"):
+        get_shira_model(tiny_opt(), config)
 
 
 def test_config_json_round_trip(tmp_path):
