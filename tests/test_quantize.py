@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import onnx
@@ -94,7 +95,7 @@ def test_sparse_quantized_switches_adapters_and_keeps_files(exports, mode):
         assert (folder / rel).read_bytes() == (root / "sparse" / rel).read_bytes()
     graph = onnx.load(str(folder / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
-    assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops and "MatMul" in ops  # attention stays fp32
+    assert "MatMulNBits" in ops and "MatMul" in ops  # attention's activation x activation MatMuls stay fp32
     feeds = _feeds(tokens=7)
     outs = {name: _session_run(folder, feeds, name) for name in ("a", "b", None)}
     assert np.abs(outs["a"] - outs["b"]).max() > 1e-3
@@ -121,7 +122,7 @@ def _nbits(path) -> dict:
 def test_int4_keeps_the_last_third_of_matmuls_at_8_bits(exports, tmp_path):
     root, base, reports = exports
     report = reports["merged", "int4"]
-    assert report.int8_tail == pytest.approx(1 / 3) and report.matmuls_8bit == 4  # ceil(12 / 3)
+    assert report.options["int8_tail"] == pytest.approx(1 / 3) and report.matmuls_8bit == 4  # ceil(12 / 3), no head
     bits = _nbits(root / "merged_int4" / "model.onnx")
     eight = sorted(name for name, b in bits.items() if b == 8)
     assert len(bits) == 12 and len(eight) == 4 and all("layer.1/" in name for name in eight)  # the last layer
@@ -155,13 +156,15 @@ def test_short_and_long_delta_branches_agree(exports):
     a huge threshold (gather/scatter) give the same outputs on the same quantized graph."""
     from shira_export.export.manifest import read_sparse_manifest
     from shira_export.export.quant_delta import attach_quantized_deltas, strip_sparse_deltas
-    from shira_export.export.quant_graph import run_int4
+    from shira_export.export.quantize.graph import count_quantizable, run_nbits
 
     root, _, _ = exports
     targets = read_sparse_manifest(root / "sparse").targets
     model = onnx.load(str(root / "sparse" / "model.onnx"))
     io = strip_sparse_deltas(model, targets)
-    quantized, _ = run_int4(model, block_size=32, symmetric=False, accuracy_level=None, embeddings=True)
+    quantized, counts = run_nbits(model, count_quantizable(model, gemm=False)[0], bits=4, block_size=32,
+                                  symmetric=False, accuracy_level=None)
+    assert counts.matmuls_quantized == counts.matmuls_expected == 12 and not counts.missed
     lora = ort.LoraAdapter()
     lora.Load(str(root / "sparse" / "adapters" / "a.onnx_adapter"))
     options = ort.RunOptions()
@@ -176,14 +179,27 @@ def test_short_and_long_delta_branches_agree(exports):
     np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
 
 
-def test_int8_saturation_probe_is_reported(exports):
+def test_cpu_features_and_choices_are_recorded(exports, tmp_path, monkeypatch):
+    """The manifest says which CPU the folder was built on and what was chosen for it; the
+    dynamic int8 method uses 7-bit weights exactly when the CPU has no VNNI."""
+    from shira_export.export.quantize import QuantizeOptions, choose, cpu_features
+
     root, _, reports = exports
-    report = reports["merged", "int8"]
-    probe = report.probe
-    assert probe["weights_probed"] >= 1 and probe["use_reduce_range"] == report.reduce_range
-    assert probe["max_rel_error"]["full_range"] < 0.5  # finite and measured
-    forced = quantize_onnx_model(root / "merged", root / "merged_int8_rr", mode="int8", reduce_range=True)
-    assert forced.reduce_range is True and forced.probe is None
+    cpu = cpu_features()
+    details = json.loads((root / "merged_int8" / "shira_export.json").read_text())["quantization_details"]
+    assert details["choices"]["cpu"]["flags"] == list(cpu.flags) and details["choices"]["cpu"]["vnni"] == cpu.vnni
+    assert details["choices"]["accuracy_level_8bit"] == 4 and details["choices"]["table_bits"] == 8
+    assert details["options"]["int8_method"] == "blocks" and details["choices"]["reduce_range"] is None
+    dynamic = quantize_onnx_model(root / "merged", tmp_path / "dyn", mode="int8", int8_method="dynamic")
+    assert dynamic.reduce_range is (not cpu.vnni), dynamic.choices["reasons"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "dyn" / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+    forced = quantize_onnx_model(root / "merged", tmp_path / "rr", mode="int8", int8_method="dynamic", reduce_range=True)
+    assert forced.reduce_range is True and forced.choices["reasons"]["reduce_range"] == "given"
+    for flags, vnni in (("avx2 fma avx512f avx512_vnni", True), ("avx2 fma", False)):  # the other CPU kind
+        monkeypatch.setenv("SHIRA_EXPORT_CPU_FLAGS", flags)
+        chosen = choose(QuantizeOptions(mode="int8", int8_method="dynamic"))
+        assert chosen.cpu.vnni is vnni and chosen.reduce_range is (not vnni)
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
@@ -191,10 +207,13 @@ def test_int8_saturation_probe_is_reported(exports):
     ({"mode": "int4", "block_size": 48}, "block_size: expected one of"),
     ({"mode": "int4", "int8_tail": 1.5}, "int8_tail: expected a fraction in [0, 1]"),
     ({"mode": "int8", "reduce_range": "yes"}, "reduce_range"),
+    ({"mode": "int8", "int8_method": "static"}, "int8_method: expected one of ['blocks', 'dynamic']"),
+    ({"mode": "int8", "table_bits": 2}, "table_bits"),
+    ({"mode": "int8", "blok_size": 32}, "unknown option(s) ['blok_size']"),
 ])
 def test_bad_options_write_nothing(exports, tmp_path, kwargs, fragment):
     root, _, _ = exports
-    with pytest.raises(ShiraInputError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ShiraInputError, match=re.escape(fragment)):
         quantize_onnx_model(root / "merged", tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
@@ -225,7 +244,7 @@ def test_cli_merged_quantize_verifies_with_matching_profile(exports, tmp_path, m
     parity = json.loads((out / "parity.json").read_text())
     assert parity["profile"]["name"] == mode and parity["verdict"] == "pass"
     ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
-    assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops
 
 
 @pytest.mark.parametrize("extra, fragment", [(["--quantize", "int3"], None), (["--quantize", "int4", "--block-size", "48"], "block_size"),
@@ -293,10 +312,11 @@ def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
     assert big_floats == []
     quantized, expected = report.files["model.onnx"]["matmuls"]
     assert quantized == expected >= 2 * 6 + 1  # q/k/v/out/fc1/fc2 per layer + the tied head
-    if mode == "int4":  # the head writes a graph output: it stays at 4 bits, the last layer gets 8
-        heads = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
-        bits = _nbits(tmp_path / mode / "model.onnx")
-        assert len(heads) == 1 and bits[heads[0]] == 4 and report.matmuls_8bit == 4  # ceil(12 / 3)
+    heads = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
+    bits = _nbits(tmp_path / mode / "model.onnx")
+    assert len(heads) == 1 and bits[heads[0]] == 8  # the head (and the table it shares) at 8 bits in both modes
+    assert report.matmuls_8bit == (13 if mode == "int8" else 4 + 1)  # int4: ceil(12 / 3) of the body + the head
     # the tied head and the embedding lookup share one quantized table
     assert report.tied_tables_shared == 1
-    assert report.size_ratio < (0.3 if mode == "int8" else 0.25), report.size_ratio  # int4: 1/3 of MatMuls at 8 bits
+    # 8-bit blocks of 32: 8 + 1 (fp32 scale) + 0.25 (zero point) bits a weight; int4: 1/3 of the body and the head at 8
+    assert report.size_ratio < (0.32 if mode == "int8" else 0.27), report.size_ratio

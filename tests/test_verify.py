@@ -131,10 +131,16 @@ def test_merged_onnx_passes_with_real_numbers(opt_report):
     assert by[("logits", "cosine")].value > 0.99999
     assert by[("logits", "top1_agreement")].value == 1.0
     assert by[("generate", "greedy_prefix")].value == 1.0
-    assert by[("generate", "greedy_prefix")].details["prefix_lengths"]["seeded-3x7"] == [8, 8, 8]
+    assert by[("generate", "greedy_prefix")].details["prefix_lengths"]["seeded-3x7"] == [32, 32, 32]  # export's 32
     assert by[("logits", "max_abs")].threshold == 1e-4 and by[("logits", "max_abs")].passed
     assert by[("logits", "p50_abs")].passed is None  # reported, not judged, in fp32
-    assert {tuple(i["shape"]) for i in r.inputs} == {(1, 1), (1, 11), (3, 7), (3, 21)}
+    shapes = {i["name"]: tuple(i["shape"]) for i in r.inputs}
+    assert {shapes[f"seeded-{b}x{n}"] for b, n in ((1, 1), (1, 11), (3, 7), (3, 21))} == {(1, 1), (1, 11), (3, 7), (3, 21)}
+    assert shapes["seeded-2x94"] == (2, 94)  # long: 128 positions - 32 greedy tokens - 2
+    padded = {i["name"]: i for i in r.inputs if "lengths" in i}
+    assert padded["padded-3x17"]["lengths"] == [17, 9, 2] and padded["padded-3x17-left"]["used_for"] == "generate"
+    sentences = [i for i in r.inputs if i["source"] == "builtin sentences" and i.get("used_for") == "forward"]
+    assert sum(len(i["lengths"]) for i in sentences) == 48  # the tokenizer in the base folder encodes them all
     r.raise_for_failures()  # no-op on a pass
 
 
@@ -260,17 +266,13 @@ def test_fp16_export_passes_fp16_and_fails_fp32(opt, tmp_path):
     assert [(f.metric, f.value) for f in r32.failures] == [("max_abs", max_abs)]
 
 
-def test_int8_dynamic_quantization_judged_by_agreement(opt, tmp_path):
-    import shutil
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def test_int8_quantization_judged_by_agreement(opt, tmp_path):
+    from shira_export.export.quantize import quantize_onnx_model
 
     cand = tmp_path / "int8"
-    shutil.copytree(opt / "onnx", cand)
-    quantize_dynamic(opt / "onnx" / "model.onnx", cand / "model.onnx", weight_type=QuantType.QInt8, reduce_range=True)
-    manifest = json.loads((cand / "shira_export.json").read_text())
-    (cand / "shira_export.json").write_text(json.dumps({**manifest, "quantization": "int8"}))
-    r = verify(model=opt / "base", candidate=cand, profile="int8", overrides={"greedy_tokens": 16}, progress=False)
+    quantize_onnx_model(opt / "onnx", cand, mode="int8")
+    r = verify(model=opt / "base", candidate=cand, progress=False)  # the profile from the manifest: int8
+    assert r.profile["name"] == "int8" and r.profile["greedy_tokens"] == 32
     assert r.passed, r.to_markdown()
     by = {x.metric: x for x in r.records}
     assert by["max_abs"].value > 1e-3 and by["max_abs"].passed is None  # large, and not judged in int8

@@ -90,7 +90,8 @@ def test_nan_injected_into_logits(good, tmp_path):
     assert rc == 1
     assert ("default", "logits", "nan_count") in _failed(report)
     rec = next(r for r in report["records"] if r["metric"] == "nan_count")
-    positions = sum(b * s for b, s in (i["shape"] for i in report["inputs"]))
+    compared = [i for i in report["inputs"] if i.get("used_for") != "generate"]  # padded positions are not compared
+    positions = sum(sum(i["lengths"]) if "lengths" in i else i["shape"][0] * i["shape"][1] for i in compared)
     assert rec["value"] == positions  # exactly one NaN per position
     assert "Failures" in (tmp_path / "summary.md").read_text()
 
@@ -167,3 +168,62 @@ def test_a_model_file_that_does_not_load_is_a_failure_not_a_crash(good, tmp_path
     assert rc == 1
     assert _failed(report) == {("default", "(run)", "run_errors")}
     assert "candidate failed to load" in next(r["message"] for r in report["records"] if r["passed"] is False)
+
+
+def test_position_embeddings_corrupted_past_40_fail_by_default(good, tmp_path):
+    """Rows 40+ of the position table overwritten: verify's default inputs (a long batch,
+    padded batches, the built-in sentences) reach those positions (issue 16 item 7)."""
+    cand = _copy(good, tmp_path, "positions")
+    model = onnx.load(cand / "model.onnx")
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and "embed_positions" in n.name)
+    init = next(t for t in model.graph.initializer if t.name == gather.input[0])
+    table = numpy_helper.to_array(init).copy()
+    table[40 + 2:] = np.random.default_rng(0).standard_normal(table[42:].shape).astype(np.float32)  # OPT offset 2
+    init.CopyFrom(numpy_helper.from_array(table, init.name))
+    onnx.save(model, cand / "model.onnx")
+    rc, report, _ = _verify(good, cand, tmp_path)
+    assert rc == 1
+    assert ("default", "logits", "max_abs") in _failed(report)
+    rec = next(r for r in report["records"] if r["metric"] == "max_abs")
+    worst = rec["details"]["worst"]
+    assert worst["index"][1] >= 40  # the worst position is past the corrupted row
+
+
+@pytest.fixture(scope="module")
+def quantized(good, tmp_path_factory):
+    from shira_export.export.quantize import quantize_onnx_model
+
+    out = tmp_path_factory.mktemp("q") / "int8"
+    quantize_onnx_model(good / "onnx", out, mode="int8")
+    return out
+
+
+def test_the_quantized_export_passes_its_own_profile(good, quantized, tmp_path):
+    rc, report, _ = _verify(good, quantized, tmp_path)  # no --profile: the manifest says int8
+    assert rc == 0 and report["profile"]["name"] == "int8", _failed(report)
+
+
+@pytest.mark.parametrize("what", ["scale", "zero_point"])
+def test_one_wrong_scale_or_zero_point_fails(good, quantized, tmp_path, what):
+    """One block's scale x4, or one block's zero point moved by 64 steps, in one MatMulNBits."""
+    cand = tmp_path / "broken"
+    shutil.copytree(quantized, cand)
+    model = onnx.load(cand / "model.onnx")
+    # by op type, not by name: the first MatMulNBits (layer 0), and for the zero point one reading a ReLU's
+    # output (a zero point error is multiplied by the block's activation sum, ~0 after a LayerNorm)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    node = nbits[0] if what == "scale" else next(n for n in nbits if producers[n.input[0]].op_type == "Relu")
+    name = node.input[2] if what == "scale" else node.input[3]
+    init = next(t for t in model.graph.initializer if t.name == name)
+    values = numpy_helper.to_array(init).copy()
+    flat = values.reshape(-1)
+    if what == "scale":
+        flat[5] *= 4.0
+    else:
+        flat[5] = (int(flat[5]) + 64) % 256
+    init.CopyFrom(numpy_helper.from_array(values, name))
+    onnx.save(model, cand / "model.onnx")
+    rc, report, _ = _verify(good, cand, tmp_path)
+    assert rc == 1, report["records"]
+    assert {m for _, o, m in _failed(report) if o == "logits"} & {"cosine", "top1_agreement"}

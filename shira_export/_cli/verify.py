@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter folder (repeatable; default: the sources named in the candidate's manifest)")
     p.add_argument("--candidate", required=True, metavar="OUT_DIR", help="export folder with shira_export.json")
-    p.add_argument("--profile", default="fp32", choices=PROFILES, help="pass rule (default fp32)")
+    p.add_argument("--profile", default=None, choices=PROFILES, help="pass rule (default: the manifest's quantization, else dtype)")
     p.add_argument("--inputs", metavar="FILE", help="extra prompts: .txt (one per line) or .jsonl ({'text': ...})")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
                    help="override a threshold or setting, e.g. atol=1e-3, min_greedy=none, greedy_tokens=16")

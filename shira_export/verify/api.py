@@ -14,18 +14,35 @@ from typing import Mapping, Optional, Sequence, Union
 from shira_export._io import atomic_write_text
 from shira_export.errors import CandidateError, ShiraInputError, candidate_errors
 from shira_export.verify.candidates import AdapterEntry, Kind, Manifest, open_candidate, read_manifest
-from shira_export.verify.inputs import load_tokenizer, read_texts, seeded_batches, text_batches
+from shira_export.verify.inputs import default_batches, find_tokenizer, load_tokenizer, read_texts, text_batches
 from shira_export.verify.metrics import OutputDiff, greedy_prefix_lengths
 from shira_export.verify.profiles import RULES, Precision, Profile, get_profile
 from shira_export.verify.reference import OUTPUTS, TaskFamily, TorchRunner, load_base_model, merged_reference
 from shira_export.verify.report import CheckRecord, VerifyReport, environment, format_value
 
-__all__ = ["verify", "REPORT_NAME"]
+__all__ = ["verify", "REPORT_NAME", "export_check_settings", "manifest_profile", "EXPORT_GREEDY_TOKENS"]
 
 PathLike = Union[str, os.PathLike]
 REPORT_NAME = "parity.json"
 BASE_NAME = "base"  # the name under which the model with no adapter is reported
 _SMALL_MODEL = 20_000_000  # parameters; below this, torch and ORT run single-threaded
+# 32 greedy tokens: long enough for a frozen-shape bug in the KV cache to show; the same at
+# export time and in a standalone `verify`, so a folder gets one verdict
+EXPORT_GREEDY_TOKENS = 32
+
+
+def manifest_profile(manifest: Manifest) -> Precision:
+    """The profile a folder is judged by: its quantization, else its dtype (fp16), else fp32."""
+    if manifest.quantization in ("int8", "int4"):
+        return Precision(manifest.quantization)
+    return Precision.FP16 if manifest.dtype == "fp16" else Precision.FP32
+
+
+def export_check_settings(quantization: Optional[str] = None, dtype: str = "fp32") -> tuple[str, dict]:
+    """(profile, overrides) of the check an export runs on its own folder; a standalone
+    `verify` of that folder without --profile/--set uses exactly these."""
+    profile = quantization or ("fp16" if dtype == "fp16" else "fp32")
+    return profile, {"greedy_tokens": EXPORT_GREEDY_TOKENS}
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,7 @@ def verify(
     model: PathLike,
     adapters: Sequence[PathLike] = (),
     candidate: PathLike,
-    profile: Union[str, Precision] = "fp32",
+    profile: Optional[Union[str, Precision]] = None,
     inputs: Optional[PathLike] = None,
     overrides: Optional[Mapping[str, object]] = None,
     report_dir: Optional[PathLike] = None,
@@ -50,20 +67,26 @@ def verify(
 ) -> VerifyReport:
     """Run every check of `profile` on `candidate` against `model` + each adapter.
 
+    `profile` None: the one the candidate's manifest implies (manifest_profile), with the
+    export-time settings (export_check_settings) unless `overrides` sets them.
+
     `adapters` overrides the adapter dirs named in the candidate's manifest. Writes
     `report_dir/parity.json`, `junit` and `markdown` when given (and PNG histograms into
     `report_dir` with `plot=True`). Never raises on a parity failure: see `.passed` and
     `.raise_for_failures()`. Bad input raises `ShiraInputError`.
     """
     started = time.perf_counter()
-    prof = get_profile(profile, overrides)
     manifest = read_manifest(candidate)
+    if profile is None:
+        profile, defaults = export_check_settings(manifest_profile(manifest).value)
+        overrides = {**defaults, **(overrides or {})}
+    prof = get_profile(profile, overrides)
     targets = _targets(manifest, [Path(a) for a in adapters])
     family = manifest.family
     base = load_base_model(model, family)
     if family is TaskFamily.CAUSAL_LM:
         _check_positions(prof, base.config)
-    batches = _batches(prof, base.config, manifest.folder, Path(model), inputs)
+    batches = _batches(prof, base.config, manifest.folder, Path(model), inputs, family is TaskFamily.CAUSAL_LM)
     # tiny models: one thread each; on busy CPUs thread hand-offs cost 40x the math
     small = sum(p.numel() for p in base.parameters()) < _SMALL_MODEL
     try:
@@ -96,7 +119,8 @@ class _Unloadable:
     def forward(self, batch, adapter):
         raise CandidateError(self.message)
 
-    generate = forward
+    def generate(self, batch, n_tokens, adapter):  # generate-only batches reach it without a forward first
+        raise CandidateError(self.message)
 
 
 def _run_all(prof, family, base, model_dir, runner, targets, batches, progress):
@@ -179,10 +203,12 @@ def _check_positions(prof: Profile, config) -> None:
                               f"the greedy tokens must fit, so at most {max(n_pos - 3, 0)}")
 
 
-def _batches(prof: Profile, config, candidate: Path, model: Path, inputs: Optional[PathLike]):
+def _batches(prof: Profile, config, candidate: Path, model: Path, inputs: Optional[PathLike], causal: bool):
     n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
-    max_length = max(1, n_pos - prof.greedy_tokens - 2)
-    batches = seeded_batches(config.vocab_size, seed=prof.seed, max_length=max_length)
+    max_length = max(1, n_pos - prof.greedy_tokens - 2) if causal else n_pos
+    batches = default_batches(config.vocab_size, seed=prof.seed, max_length=max_length, causal=causal,
+                              tokenizer=find_tokenizer(candidate, model),
+                              pad_token_id=getattr(config, "pad_token_id", None), text_limit=prof.builtin_texts)
     if inputs is not None:
         texts = read_texts(inputs, limit=prof.max_texts)
         tokenizer = load_tokenizer(candidate, model)
@@ -203,21 +229,23 @@ def _compare(prof, family, reference, runner, entry, batches, bar):
     causal = family is TaskFamily.CAUSAL_LM and prof.greedy_tokens > 0
     for batch in batches:
         bar.update()
-        ref_out = reference.forward(batch)
-        _check_finite(ref_out, name, batch)
-        try:
-            cand_out = runner.forward(batch, entry)
-        except candidate_errors() as exc:  # a candidate that cannot run at a valid shape fails parity (a bug propagates)
-            run_errors.append(f"{batch.name} {batch.shape}: {type(exc).__name__}: {_short(exc)}")
-            continue
-        for key, (out, diff) in diffs.items():
-            got = cand_out.get(key)
-            if got is None or got.shape != ref_out[out].shape:
-                found = "missing" if got is None else list(got.shape)
-                shape_errors[key].append(f"{batch.name}: expected {list(ref_out[out].shape)}, found {found}")
-            else:
-                diff.add(batch.name, ref_out[out], got)
-        if not causal:
+        if batch.forward:
+            ref_out = reference.forward(batch)
+            _check_finite(ref_out, name, batch)
+            try:
+                cand_out = runner.forward(batch, entry)
+            except candidate_errors() as exc:  # a candidate that cannot run at a valid shape fails parity (a bug propagates)
+                run_errors.append(f"{batch.name} {batch.shape}: {type(exc).__name__}: {_short(exc)}")
+                continue
+            mask = batch.attention_mask.numpy() if batch.padded else None
+            for key, (out, diff) in diffs.items():
+                got = cand_out.get(key)
+                if got is None or got.shape != ref_out[out].shape:
+                    found = "missing" if got is None else list(got.shape)
+                    shape_errors[key].append(f"{batch.name}: expected {list(ref_out[out].shape)}, found {found}")
+                else:  # padded positions are not compared; per-row outputs (classifier logits) have none
+                    diff.add(batch.name, ref_out[out], got, mask=mask if mask is not None and got.ndim == 3 else None)
+        if not causal or not batch.generate:
             continue
         ref_tokens = reference.generate(batch, prof.greedy_tokens)
         try:

@@ -1,4 +1,10 @@
-"""Inputs for parity checks: seeded token batches at untraced shapes, and a user's texts."""
+"""Inputs for parity checks: seeded token batches at untraced shapes, long and padded
+batches, the built-in sentence set (verify.sentences) through the model's tokenizer, and a
+user's texts.
+
+Padding: encoders (and every forward comparison) pad on the right, so valid tokens keep
+their positions whatever a runtime derives them from; decoders generate from left-padded
+prompts, as batched generation does. Padded positions are not compared."""
 
 from __future__ import annotations
 
@@ -11,28 +17,42 @@ import torch
 
 from shira_export.errors import ShiraInputError
 
-__all__ = ["InputBatch", "SEEDED_SHAPES", "seeded_batches", "read_texts", "text_batches", "load_tokenizer"]
+__all__ = ["InputBatch", "SEEDED_SHAPES", "LONG_LENGTH", "seeded_batches", "read_texts", "text_batches",
+           "load_tokenizer", "find_tokenizer", "default_batches"]
 
 # optimum traces decoders and encoders with dummy inputs of batch 2 x 16 tokens; these
 # shapes avoid both and cover batch 1, batch > 2, odd lengths and a single token.
 SEEDED_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 11), (3, 7), (3, 21))
+LONG_LENGTH = 128  # the long batch: a usual sentence/prompt range (or the model's positions when fewer)
+TEXT_BATCH = 16  # built-in sentences per padded batch
 
 
 @dataclass(frozen=True)
 class InputBatch:
-    """One batch fed to both models. `attention_mask` is all ones (no padding)."""
+    """One batch fed to both models; zeros in `attention_mask` are padding (not compared)."""
 
     name: str
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     source: str
+    forward: bool = True  # compared in a forward pass
+    generate: bool = True  # causal LMs also generate greedily from it
 
     @property
     def shape(self) -> list[int]:
         return list(self.input_ids.shape)
 
+    @property
+    def padded(self) -> bool:
+        return not bool(self.attention_mask.all())
+
     def describe(self) -> dict:
-        return {"name": self.name, "shape": self.shape, "source": self.source}
+        out = {"name": self.name, "shape": self.shape, "source": self.source}
+        if self.padded:
+            out["lengths"] = [int(n) for n in self.attention_mask.sum(1)]
+        if not (self.forward and self.generate):
+            out["used_for"] = "forward" if self.forward else "generate"
+        return out
 
 
 def seeded_batches(
@@ -119,4 +139,71 @@ def text_batches(
                 "(the tokenizer does not belong to this model)"
             )
         batches.append(InputBatch(f"text-{i}", ids, torch.ones_like(ids), source))
+    return batches
+
+
+def find_tokenizer(*folders: Union[str, Path]):
+    """The first tokenizer among `folders`, or None when none has one."""
+    try:
+        return load_tokenizer(*folders)
+    except ShiraInputError:
+        return None
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _padded_pair(name: str, rows: Sequence[Sequence[int]], pad_id: int, source: str, *,
+                 causal: bool) -> list[InputBatch]:
+    """Right padding for the forward comparison; decoders also generate from a left-padded copy."""
+    ids, mask = _pad(rows, pad_id, "right")
+    if not causal:
+        return [InputBatch(name, ids, mask, source, generate=False)]
+    left_ids, left_mask = _pad(rows, pad_id, "left")
+    return [InputBatch(name, ids, mask, source, generate=False),
+            InputBatch(name + "-left", left_ids, left_mask, source, forward=False)]
+
+
+def default_batches(vocab_size: int, *, seed: int, max_length: int, causal: bool, tokenizer=None,
+                    pad_token_id: Optional[int] = None, text_limit: Optional[int] = None) -> list[InputBatch]:
+    """Every run's inputs: the seeded shapes, one long batch (LONG_LENGTH tokens, or
+    `max_length` when smaller), one padded seeded batch, and, with a tokenizer, the built-in
+    sentences (verify.sentences) encoded with its special tokens in padded batches."""
+    from shira_export.verify.sentences import SENTENCES
+
+    batches = seeded_batches(vocab_size, seed=seed, max_length=max_length)
+    long = min(LONG_LENGTH, max_length)
+    gen = torch.Generator().manual_seed(seed + 1)
+    batches.append(InputBatch(f"seeded-2x{long}", *(lambda ids: (ids, torch.ones_like(ids)))(
+        torch.randint(0, vocab_size, (2, long), generator=gen, dtype=torch.long)), f"seeded(seed={seed + 1})",
+        generate=False))  # forward only: a long prompt plus greedy tokens would pass the positions
+    pad = 0 if pad_token_id is None or not 0 <= int(pad_token_id) < vocab_size else int(pad_token_id)
+    lengths = [min(n, max_length) for n in (17, 9, 2)]
+    rows = [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    batches += _padded_pair(f"padded-3x{lengths[0]}", rows, pad, f"seeded(seed={seed + 1})", causal=causal)
+    if tokenizer is None:
+        return batches
+    texts = list(SENTENCES[:text_limit] if text_limit else SENTENCES)
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    encoded = [e for e in encoded if e]
+    if any(max(e) >= vocab_size for e in encoded):
+        raise ShiraInputError(f"the tokenizer found with the model gives ids past its vocab_size {vocab_size} "
+                              f"(the tokenizer does not belong to this model)")
+    tok_pad = getattr(tokenizer, "pad_token_id", None)
+    tok_pad = tok_pad if tok_pad is not None else getattr(tokenizer, "eos_token_id", None)
+    pad = pad if tok_pad is None or not 0 <= tok_pad < vocab_size else int(tok_pad)
+    for start in range(0, len(encoded), TEXT_BATCH):
+        chunk = encoded[start:start + TEXT_BATCH]
+        pair = _padded_pair(f"sentences-{start}-{start + len(chunk) - 1}", chunk, pad, "builtin sentences", causal=causal)
+        if start:  # greedy generation from the first text batch only (cost)
+            pair = [b for b in pair if b.forward]
+        batches += pair
     return batches

@@ -47,6 +47,7 @@ class Profile:
     greedy_tokens: int = 8  # N tokens generated greedily (KV cache on) per prompt
     seed: int = 0  # seed of the token batches
     max_texts: int = 16  # lines used from a user's inputs file
+    builtin_texts: int = 48  # built-in sentences (verify.sentences) used when the folder has a tokenizer
 
 
 # metric name -> (profile field, comparison). Metrics absent here are reported only.
@@ -74,7 +75,7 @@ _PROFILES = {
     Precision.INT4: Profile("int4", min_cosine=0.98, min_top1=0.8, min_label_agreement=0.8, min_greedy_mean=0.25),
 }
 
-_INT_FIELDS = {"greedy_tokens", "seed", "max_texts"}
+_INT_FIELDS = {"greedy_tokens", "seed", "max_texts", "builtin_texts"}
 
 
 def get_profile(name: Union[str, Precision], overrides: Optional[Mapping[str, object]] = None) -> Profile:

@@ -1,4 +1,5 @@
-"""Tied embeddings after quantization: one quantized table for a tied LM head and its lookup.
+"""Tied embeddings after quantization: one quantized table for a tied LM head and its lookup
+(4- or 8-bit MatMulNBits heads with GatherBlockQuantized lookups, or int8 MatMulInteger).
 
 `fold_transposed_weights` gives a tied head (OPT, GPT-2) its own transposed copy of the
 embedding table so the quantizers can read a constant B; the lookup is quantized apart, so
@@ -59,7 +60,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def _is_head(node: onnx.NodeProto, inits: dict) -> bool:
     if node.op_type == "MatMulNBits":
         a = _attrs(node)  # g_idx (input 4) reorders K: not a row-wise table any more
-        return (a.get("bits", 4) == 4 and a["K"] % a["block_size"] == 0 and len(node.input) < 5
+        return (a.get("bits", 4) in (4, 8) and a["K"] % a["block_size"] == 0 and len(node.input) < 5
                 and all(i in inits for i in node.input[1:4] if i))
     return (node.op_type == "MatMulInteger" and len(node.input) == 4 and node.input[1] in inits
             and node.input[3] in inits and len(inits[node.input[1]].dims) == 2)
@@ -76,10 +77,11 @@ class _Head:
 
     def __init__(self, node: onnx.NodeProto, arr: Callable[[str], np.ndarray], scale: Optional[str]) -> None:
         self.node, self.arr, self.scale = node, arr, scale
-        self.int4 = node.op_type == "MatMulNBits"
+        self.int4 = node.op_type == "MatMulNBits"  # blockwise (4 or 8 bits), else MatMulInteger
+        self.bits = 8
         if self.int4:
             a = _attrs(node)
-            self.n, self.k, self.block = a["N"], a["K"], a["block_size"]
+            self.n, self.k, self.block, self.bits = a["N"], a["K"], a["block_size"], a.get("bits", 4)
         else:
             self.k, self.n = arr(node.input[1]).shape
         self._table: Optional[tuple[np.ndarray, np.ndarray]] = None
@@ -90,12 +92,19 @@ class _Head:
             if self.int4:
                 blocks = self.k // self.block
                 scales = self.arr(self.node.input[2]).reshape(self.n, blocks).astype(np.float32)
-                zp = (_unpack4(self.arr(self.node.input[3]), blocks) if len(self.node.input) > 3 and self.node.input[3]
-                      else np.full((self.n, blocks), 8, np.float32))
-                q = _unpack4(self.arr(self.node.input[1]).reshape(self.n, -1), self.k).reshape(self.n, blocks, -1)
+                has_zp = len(self.node.input) > 3 and self.node.input[3]
+                if self.bits == 8:
+                    zp = (self.arr(self.node.input[3]).reshape(self.n, blocks).astype(np.float32) if has_zp
+                          else np.full((self.n, blocks), 128, np.float32))
+                    q = self.arr(self.node.input[1]).reshape(self.n, blocks, -1).astype(np.float32)
+                else:
+                    zp = (_unpack4(self.arr(self.node.input[3]), blocks) if has_zp
+                          else np.full((self.n, blocks), 8, np.float32))
+                    q = _unpack4(self.arr(self.node.input[1]).reshape(self.n, -1), self.k).reshape(self.n, blocks, -1)
                 w = ((q - zp[..., None]) * scales[..., None]).reshape(self.n, self.k)
                 self._table = w, np.abs(scales).max(axis=1)
             else:
+                assert self.scale is not None  # int8 heads without a scale are filtered out in share_tied_embeddings
                 scale = np.broadcast_to(self.arr(self.scale).astype(np.float32).reshape(-1), (self.n,))
                 zp = np.broadcast_to(self.arr(self.node.input[3]).astype(np.float32).reshape(-1), (self.n,))
                 q = self.arr(self.node.input[1]).astype(np.float32).T
@@ -119,7 +128,7 @@ def _int8_scale(node: onnx.NodeProto, consumers: dict, producers: dict, inits: d
     mul = consumers.get(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
     if mul is None or mul.op_type != "Mul":
         return None
-    product = producers.get(next((i for i in mul.input if i != cast.output[0]), ""))
+    product = producers.get(next((i for i in mul.input if i != cast.output[0]), ""))  # type: ignore[union-attr]
     if product is None or product.op_type != "Mul":
         return None
     found = [i for i in product.input if i in inits and _numel(inits[i]) in (1, inits[node.input[1]].dims[1])]
@@ -137,7 +146,9 @@ def _lookup_table(node: onnx.NodeProto, consumers: dict, inits: dict,
             return None
         n, k = data.dims
         block, bits = a.get("block_size", 128), a.get("bits", 4)
-        if data.data_type == TensorProto.UINT8:
+        if data.data_type == TensorProto.UINT8 and bits == 8:
+            q = arr(node.input[0]).astype(np.float32)
+        elif data.data_type == TensorProto.UINT8:
             if bits != 4:
                 return None
             q, k = _unpack4(arr(node.input[0]), 2 * k), 2 * k
@@ -151,9 +162,10 @@ def _lookup_table(node: onnx.NodeProto, consumers: dict, inits: dict,
         scales = arr(node.input[2]).astype(np.float32).reshape(n, blocks)
         if len(node.input) > 3 and node.input[3]:
             zp = arr(node.input[3])
-            zp = _unpack4(zp, blocks) if data.data_type == TensorProto.UINT8 else zp.astype(np.float32).reshape(n, blocks)
+            zp = (_unpack4(zp, blocks) if data.data_type == TensorProto.UINT8 and bits == 4
+                  else zp.astype(np.float32).reshape(n, blocks))
         else:
-            zp = np.full((n, blocks), 8.0 if data.data_type == TensorProto.UINT8 else 0.0, np.float32)
+            zp = np.full((n, blocks), (1 << (bits - 1)) if data.data_type == TensorProto.UINT8 else 0.0, np.float32)
         w = (q.reshape(n, blocks, block) - zp[..., None]) * scales[..., None]
         return w.reshape(n, k), np.abs(scales).max(axis=1)
     if node.op_type == "Gather" and node.input[0] in inits and _attrs(node).get("axis", 0) == 0:
@@ -163,8 +175,8 @@ def _lookup_table(node: onnx.NodeProto, consumers: dict, inits: dict,
                 or not all(i in inits and _numel(inits[i]) == 1 for i in dq.input[1:] if i)):
             return None  # quantize_dynamic writes one scale per table; anything else is not this pattern
         scale = float(arr(dq.input[1]).reshape(-1)[0])
-        zp = float(arr(dq.input[2]).reshape(-1)[0]) if len(dq.input) > 2 and dq.input[2] else 0.0
-        w = (arr(node.input[0]).astype(np.float32) - zp) * scale
+        zero = float(arr(dq.input[2]).reshape(-1)[0]) if len(dq.input) > 2 and dq.input[2] else 0.0
+        w = (arr(node.input[0]).astype(np.float32) - zero) * scale
         return w, np.full(data.dims[0], abs(scale), np.float32)
     return None
 
@@ -182,7 +194,7 @@ def _rewire(graph: onnx.GraphProto, node: onnx.NodeProto, consumers: dict, head:
         blocks = head.k // head.block
         b, scales = head.node.input[1], head.node.input[2]
         new = [] if any(f"{b}_rows" in n.output for n in graph.node) else [  # a second lookup of one table
-            helper.make_node("Reshape", [b, _const(graph, f"{b}_rows_shape", np.array([head.n, head.k // 2]))],
+            helper.make_node("Reshape", [b, _const(graph, f"{b}_rows_shape", np.array([head.n, head.k * head.bits // 8]))],
                              [f"{b}_rows"], name=f"{base}_shared_rows")]
         inputs = [f"{b}_rows", ids, scales]
         if list(head.arr(scales).shape) != [head.n, blocks]:
@@ -190,14 +202,14 @@ def _rewire(graph: onnx.GraphProto, node: onnx.NodeProto, consumers: dict, head:
                                         [f"{scales}_rows"], name=f"{base}_shared_scales"))
             inputs[2] = f"{scales}_rows"
         if len(head.node.input) > 3 and head.node.input[3]:
-            zp, width = head.node.input[3], (blocks + 1) // 2
+            zp, width = head.node.input[3], (blocks + 1) // 2 if head.bits == 4 else blocks
             if list(head.arr(zp).shape) != [head.n, width]:
                 new.append(helper.make_node("Reshape", [zp, _const(graph, f"{zp}_rows_shape", np.array([head.n, width]))],
                                             [f"{zp}_rows"], name=f"{base}_shared_zp"))
                 zp = f"{zp}_rows"
             inputs.append(zp)
         new.append(helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{base}_shared", domain="com.microsoft",
-                                    bits=4, block_size=head.block, gather_axis=0, quantize_axis=1))
+                                    bits=head.bits, block_size=head.block, gather_axis=0, quantize_axis=1))
         old = [node]
     else:  # B is [K, N]: gather columns, then transpose only the gathered [K, tokens] slice
         dq = consumers[node.output[0]]
@@ -215,7 +227,7 @@ def _rewire(graph: onnx.GraphProto, node: onnx.NodeProto, consumers: dict, head:
                                      [f"{p}_zp_col"], name=f"{p}_zp_col"),
                     helper.make_node("Sub", [rows, f"{p}_zp_col"], [f"{p}_centered"], name=f"{p}_sub")]
             rows = f"{p}_centered"
-        scale = head.scale
+        scale = str(head.scale)
         if _numel(next(i for i in graph.initializer if i.name == scale)) > 1:
             new += [helper.make_node("Gather", [scale, f"{p}_ids"], [f"{p}_scale"], name=f"{p}_scale_gather"),
                     helper.make_node("Unsqueeze", [f"{p}_scale", _const(graph, "shira_shared_axis1", np.array([1]))],

@@ -4,18 +4,17 @@
 - `computed_weight_matmuls`: MatMul/Gemm nodes whose weight is computed in the graph
   (e.g. ScatterND into W). ORT's quantizers skip those silently (ANCHORS 6), so callers
   raise instead of shipping an fp32 layer inside an "int8" model.
-- `run_int8` / `run_int4`: onnxruntime's dynamic int8 and MatMulNBits quantizers, with
-  their logging muted and the counts of quantized vs quantizable ops returned.
-- `share_tied_embeddings` (export.quant_tied): after quantization, a tied LM head and its
-  embedding lookup read one quantized table instead of two copies.
+- `fold_transposed_weights`, `gemms_to_matmuls`: make every constant weight a MatMul's B.
+- `run_int8_dynamic` / `run_nbits`: onnxruntime's dynamic int8 and MatMulNBits (4 or 8
+  bits) quantizers, muted, each returning the counts of quantized vs asked-for ops.
+- `drop_unused_initializers`: the fp32 originals the quantizers leave behind.
+Nodes are found by op type and constant weights, never by exporter-specific names.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -23,8 +22,8 @@ from typing import Iterator, Optional, Sequence
 import onnx
 from onnx import TensorProto
 
+from shira_export._quiet import quiet_loggers
 from shira_export.errors import ShiraInputError
-from shira_export.export.quant_tied import share_tied_embeddings
 
 __all__ = [
     "QUANTIZED_OPS",
@@ -33,10 +32,21 @@ __all__ = [
     "computed_weight_matmuls",
     "count_quantizable",
     "fold_transposed_weights",
-    "run_int8",
-    "run_int4",
-    "share_tied_embeddings",
+    "gemms_to_matmuls",
+    "weight_initializers",
+    "run_int8_dynamic",
+    "run_nbits",
+    "drop_unused_initializers",
+    "quiet",
 ]
+
+# ORT's quantizers log one INFO line per node (some on the root logger)
+_QUANT_LOGGERS = ("", "onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
+
+
+def quiet() -> quiet_loggers:
+    return quiet_loggers(*_QUANT_LOGGERS)
+
 
 # Ops a quantizer leaves behind; one of them in the input means "already quantized".
 QUANTIZED_OPS = frozenset({
@@ -88,7 +98,8 @@ def _numel(init: TensorProto) -> int:
     return n
 
 
-def _weights(model: onnx.ModelProto) -> dict[str, TensorProto]:
+def weight_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    """2-D float initializers of at least _MIN_WEIGHT elements: weights and tables."""
     return {i.name: i for i in model.graph.initializer
             if i.data_type in _FLOAT and len(i.dims) == 2 and _numel(i) >= _MIN_WEIGHT}
 
@@ -96,7 +107,7 @@ def _weights(model: onnx.ModelProto) -> dict[str, TensorProto]:
 def computed_weight_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMul/Gemm nodes (subgraphs included) whose B is computed from a weight initializer
     by other nodes (no activation involved): quantizers skip these without a word."""
-    weights = _weights(model)
+    weights = weight_initializers(model)
     overridable = {i.name for i in model.graph.input} & {i.name for i in model.graph.initializer}
     consts = {i.name for i in model.graph.initializer} - ({i.name for i in model.graph.input} - overridable)
     derived: dict[str, bool] = {}  # tensor -> reads a weight; present only for constant-only tensors
@@ -128,7 +139,7 @@ def fold_transposed_weights(model: onnx.ModelProto) -> list[str]:
     own transposed initializer, in place, so the quantizer sees a constant B. Returns the nodes."""
     from onnx import numpy_helper
 
-    weights = _weights(model)
+    weights = weight_initializers(model)
     producers = {out: n for n in model.graph.node for out in n.output}
     folded: list[str] = []
     for node in model.graph.node:
@@ -156,7 +167,7 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> list[str]:
     only: without this, the Gemm layers (e.g. OPT's fc1/fc2) would stay fp32."""
     from onnx import helper, numpy_helper
 
-    weights = _weights(model)
+    weights = weight_initializers(model)
     graph = model.graph
     rewritten: list[str] = []
     new_nodes: list[onnx.NodeProto] = []
@@ -187,47 +198,32 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> list[str]:
 
 def count_quantizable(model: onnx.ModelProto, *, gemm: bool) -> tuple[list[str], list[str]]:
     """(MatMul[/Gemm] nodes, Gather nodes) of the main graph reading a constant 2-D float weight."""
-    weights = _weights(model)
+    weights = weight_initializers(model)
     ops = ("MatMul", "Gemm") if gemm else ("MatMul",)
     matmuls = [n.name for n in model.graph.node if n.op_type in ops and len(n.input) > 1 and n.input[1] in weights]
     gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in weights]
     return matmuls, gathers
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """ORT's quantizers log one INFO line per node (some on the root logger)."""
-    names = ("", "onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 def _missed(model: onnx.ModelProto, expected: Sequence[str]) -> tuple[str, ...]:
     """Expected nodes whose weight is still a float initializer (int8 keeps a quantized
     Gather's name, so the name alone does not tell)."""
-    weights = _weights(model)
+    weights = weight_initializers(model)
     slot = {"MatMul": 1, "Gemm": 1, "Gather": 0}
     left = {n.name for n in model.graph.node
             if n.op_type in slot and len(n.input) > slot[n.op_type] and n.input[slot[n.op_type]] in weights}
     return tuple(name for name in expected if name in left)
 
 
-def run_int8(model: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, embeddings: bool,
-             exclude: Sequence[str] = (), external: bool = False) -> tuple[onnx.ModelProto, OpCounts]:
+def run_int8_dynamic(model: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, embeddings: bool,
+                     exclude: Sequence[str] = (), external: bool = False) -> tuple[onnx.ModelProto, OpCounts]:
     """Dynamic int8 (weights int8 offline, activations uint8 per call) of MatMul/Gemm, and of
     embedding Gathers when `embeddings`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     matmuls, gathers = count_quantizable(model, gemm=True)
     ops = ["MatMul", "Gemm"] + (["Gather"] if embeddings else [])
-    with tempfile.TemporaryDirectory(prefix="shira_q8_") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="shira_q8_") as tmp, quiet():
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(model, out, op_types_to_quantize=ops, per_channel=per_channel, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), use_external_data_format=external,
@@ -241,28 +237,37 @@ def run_int8(model: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, e
                             len(gathers), len(gathers) - sum(1 for m in missed if m in gathers), missed)
 
 
-def run_int4(model: onnx.ModelProto, *, block_size: int, symmetric: bool, accuracy_level: Optional[int],
-             embeddings: bool, exclude: Sequence[str] = ()) -> tuple[onnx.ModelProto, OpCounts]:
-    """Weight-only 4-bit blocks (`MatMulNBits`; embeddings as `GatherBlockQuantized`)."""
+def run_nbits(model: onnx.ModelProto, names: Sequence[str], *, bits: int, block_size: int, symmetric: bool,
+              accuracy_level: Optional[int]) -> tuple[onnx.ModelProto, OpCounts]:
+    """The MatMuls `names` as `bits`-bit `MatMulNBits` blocks (weight-only); every other node
+    untouched. Counts: MatMuls asked for vs quantized (Gathers: see quantize.tables)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    matmuls, gathers = count_quantizable(model, gemm=False)
-    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
-    axes = (("MatMul", 0), ("Gather", 1)) if embeddings else (("MatMul", 0),)
+    matmuls, _ = count_quantizable(model, gemm=False)
+    wanted = set(names)
+    if not wanted:
+        return model, OpCounts(0, 0, 0, 0, ())
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # the quantizer edits its input in place
-    with _quiet():
-        quantizer = MatMulNBitsQuantizer(copy, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level, nodes_to_exclude=list(exclude),
-                                         op_types_to_quantize=ops, quant_axes=axes)
+    # an earlier MatMulNBits run re-ties an excluded tied head to Transpose(table): fold it again
+    fold_transposed_weights(copy)
+    # nodes_to_include does not narrow the selection in ORT 1.32; excluding the rest does
+    with quiet(), _ignore_invalid():  # all-zero blocks: the quantizer's np.where picks its fallback
+        quantizer = MatMulNBitsQuantizer(copy, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                         accuracy_level=accuracy_level,
+                                         nodes_to_exclude=[m for m in matmuls if m not in wanted],
+                                         op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
         quantizer.process()
     result = quantizer.model.model
-    counts = Counter(n.op_type for n in result.graph.node)
-    expected = [m for m in matmuls if m not in exclude]
-    gathers = [g for g in gathers if g not in exclude] if embeddings else []
-    missed = _missed(result, expected + gathers)
-    return result, OpCounts(len(expected), counts["MatMulNBits"], len(gathers),
-                            len(gathers) - sum(1 for m in missed if m in gathers), missed)
+    left = {n.name for n in result.graph.node if n.op_type == "MatMul"}  # by name: a computed B is missed too
+    missed = tuple(m for m in names if m in left)
+    return result, OpCounts(len(wanted), len(wanted) - len(missed), 0, 0, missed)
+
+
+def _ignore_invalid():
+    import numpy as np
+
+    return np.errstate(invalid="ignore", divide="ignore")
 
 
 def _referenced_names(graph: onnx.GraphProto, names: set) -> None:
