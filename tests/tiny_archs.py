@@ -20,6 +20,7 @@ class Arch:
     head: str  # transformers Auto class
     targets: list[str]
     peft_task: Optional[str] = None
+    task: str = "auto"  # the export task (auto: from the adapter / the architecture)
     since: str = "4.41"  # first transformers version that has it
     extra: dict = field(default_factory=dict)
 
@@ -52,7 +53,8 @@ ARCHS: dict[str, Arch] = {
     "roberta_cls": Arch("RobertaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                               intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=258,
                                               num_labels=3, pad_token_id=1),
-                        "AutoModelForSequenceClassification", ["query", "value"], "SEQ_CLS"),
+                        "AutoModelForSequenceClassification", ["query", "value"], "SEQ_CLS",
+                        task="text-classification"),
 }
 
 

@@ -105,6 +105,14 @@ def _check_weights(folder: Path) -> None:
                           f"AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
 
 
+def _takes_dtype() -> bool:
+    """transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return (major, minor) >= (4, 56)
+
+
 @contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """transformers 5 draws a bar per load; ours (tqdm on the whole step) is enough."""
@@ -127,6 +135,8 @@ def load_model(folder: PathLike, auto_class: type, **kwargs: Any) -> "PreTrained
     folder = Path(folder)
     read_config_json(folder)
     _check_weights(folder)
+    if "dtype" in kwargs and not _takes_dtype():
+        kwargs["torch_dtype"] = kwargs.pop("dtype")
     try:
         with quiet_loggers("transformers"), _no_progress_bars():
             model = auto_class.from_pretrained(folder, **SAFE_LOAD_KWARGS, **kwargs)
