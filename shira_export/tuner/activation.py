@@ -6,7 +6,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
-import torch
 
 from shira_export.errors import ShiraInputError
 from shira_export.tuner.mixed import BASE_ROW, mixed_batch

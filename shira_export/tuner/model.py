@@ -12,7 +12,6 @@ import copy
 import inspect
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -33,7 +32,6 @@ __all__ = ["ShiraModel", "get_shira_model", "inject_adapter_in_model"]
 
 _SEQ_CLS_HEADS = ("classifier", "score")
 
-
 class _ForwardToModel:
     """Instance-level forward carrying the wrapped model's signature, so that
     transformers.Trainer keeps the dataset columns the model accepts."""
@@ -47,7 +45,6 @@ class _ForwardToModel:
             return self.owner.model(*args, **kwargs)
         with self.owner._mixed(adapter_names):
             return self.owner.model(*args, **kwargs)
-
 
 class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
     def __init__(
@@ -141,8 +138,6 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         """Put back the base weights that training keeps merged (see ShiraLayer.settle)."""
         for _, layer in self.shira_layers():
             layer.settle()
-
-    _settle = settle
 
     def _warn_if_resident(self, where: str) -> None:
         if self._quiet or self._warned_resident or not any(layer._resident is not None for _, layer in self.shira_layers()):
@@ -327,7 +322,6 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         self._active = [adapter_name]
         self._refresh_trainable()
 
-
 def get_shira_model(
     model: nn.Module,
     config: ShiraConfig,
@@ -338,7 +332,6 @@ def get_shira_model(
 ) -> ShiraModel:
     """Wrap `model` with a new SHiRA adapter; only the adapter's values train."""
     return ShiraModel(model, config, adapter_name, mask_grads=mask_grads, resident_training=resident_training)
-
 
 def inject_adapter_in_model(
     config: ShiraConfig,
