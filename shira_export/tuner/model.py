@@ -32,6 +32,7 @@ __all__ = ["ShiraModel", "get_shira_model", "inject_adapter_in_model"]
 
 _SEQ_CLS_HEADS = ("classifier", "score")
 
+
 class _ForwardToModel:
     """Instance-level forward carrying the wrapped model's signature, so that
     transformers.Trainer keeps the dataset columns the model accepts."""
@@ -45,6 +46,7 @@ class _ForwardToModel:
             return self.owner.model(*args, **kwargs)
         with self.owner._mixed(adapter_names):
             return self.owner.model(*args, **kwargs)
+
 
 class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
     def __init__(
@@ -322,6 +324,7 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         self._active = [adapter_name]
         self._refresh_trainable()
 
+
 def get_shira_model(
     model: nn.Module,
     config: ShiraConfig,
@@ -332,6 +335,7 @@ def get_shira_model(
 ) -> ShiraModel:
     """Wrap `model` with a new SHiRA adapter; only the adapter's values train."""
     return ShiraModel(model, config, adapter_name, mask_grads=mask_grads, resident_training=resident_training)
+
 
 def inject_adapter_in_model(
     config: ShiraConfig,
