@@ -132,6 +132,10 @@ def export_merged(
 
                 steps.set_postfix_str(f"quantize {quantize}")
                 quantize_onnx_model(tmp, tmp, mode=quantize, block_size=block_size)  # in place, updates the manifest
+            if fmt is Format.ONNX and resolved is Task.TEXT_GENERATION_WITH_PAST:
+                from shira_export.export.genai_config import write_genai_config
+
+                write_genai_config(tmp)  # the folder also runs in onnxruntime-genai as it is
             steps.update()
             report = None
             if verify:

@@ -166,6 +166,10 @@ def export_sparse(
 
             # in place: the base weights are quantized, the delta branches re-attached in fp32
             quant_report = quantize_onnx_model(tmp, tmp, mode=quantize, block_size=block_size).to_json()
+        if resolved.value == "text-generation-with-past":
+            from shira_export.export.genai_config import write_genai_config
+
+            write_genai_config(tmp)  # the folder also runs in onnxruntime-genai, adapters included
         report = None
         if verify:  # before the folder is published (as merged does): a run killed here publishes nothing
             from shira_export.verify import verify as run_verify
