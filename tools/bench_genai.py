@@ -8,17 +8,17 @@ folder run by onnxruntime-genai with greedy search:
     builder merged    genai's model builder on the adapter-merged model (export_merged_genai)
     builder + delta   genai's builder graph + our sparse delta, adapter active (export_sparse_genai)
     builder base      the same folder with no adapter active
-    ours sparse       our optimum/torch-route sparse graph + genai_config.json, adapter active
+    ours <exporter>   our sparse graph (torch or optimum exporter) + genai_config.json, adapter active
 
 prefill = time of append_tokens for a 128-token prompt (first logits included);
 decode = tokens/s over the next N tokens.
 
     python tools/bench_runtime.py --genai [--rounds 3] [--tokens 32] [--work DIR]
 
-The builder needs transformers 5; "ours sparse" needs an exporter for this environment.
-Until the torch exporter lands, export that folder in the old venv first:
+The builder needs transformers 5 (the main environment, which also has the torch
+exporter); for an optimum-route row too, export that folder in the old venv first:
 
-    /work/venv-tf4/bin/python tools/bench_runtime.py --genai-export-ours --work DIR
+    /work/venv-tf4/bin/python tools/bench_runtime.py --genai-export-ours --exporter optimum --work DIR
 """
 
 from __future__ import annotations
@@ -73,15 +73,20 @@ def build_adapter(work: Path, base: Path, r: int = 8) -> Path:
     return path
 
 
-def export_ours(work: Path) -> Path:
-    """Our sparse export (the exporter this environment has) + genai_config.json."""
+def export_ours(work: Path, exporter: str = "auto") -> Path:
+    """Our sparse export (`exporter`: "torch", "optimum" or "auto") + genai_config.json,
+    into work/ours_sparse_<exporter>."""
+    import inspect
+
     from shira_export.export.genai_config import write_genai_config
     from shira_export.export.sparse import export_sparse
 
-    base, adapter = build_base(work), build_adapter(work, build_base(work))
-    out = work / "ours_sparse"
+    base = build_base(work)
+    adapter = build_adapter(work, base)
+    out = work / f"ours_sparse_{exporter}"
     if not (out / "genai_config.json").exists():
-        export_sparse(base, {"a": adapter}, out, verify=False, overwrite=True)
+        kwargs = {"exporter": exporter} if "exporter" in inspect.signature(export_sparse).parameters else {}
+        export_sparse(base, {"a": adapter}, out, verify=False, overwrite=True, **kwargs)
         write_genai_config(out)
     return out
 
@@ -122,32 +127,34 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--genai-export-ours", action="store_true", help="only export 'ours sparse' (old venv)")
+    ap.add_argument("--genai-export-ours", action="store_true", help="only export 'ours sparse' (e.g. in the old venv)")
+    ap.add_argument("--exporter", default="torch", help="our exporter for the 'ours' row: torch | optimum | auto")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_genai_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.genai_export_ours:
-        print(f"wrote {export_ours(work)}")
+        print(f"wrote {export_ours(work, args.exporter)}")
         return
     from shira_export.export.genai_builder import export_merged_genai, export_sparse_genai
 
     base = build_base(work)
     adapter = build_adapter(work, base)
     folders = {"builder merged": (work / "builder_merged", None), "builder + delta": (work / "builder_sparse", "a"),
-               "builder base": (work / "builder_sparse", None), "ours sparse": (work / "ours_sparse", "a")}
+               "builder base": (work / "builder_sparse", None)}
     t = time.perf_counter()
     if not (work / "builder_merged" / "genai_config.json").exists():
         export_merged_genai(base, adapter, work / "builder_merged", adapter_name="a", overwrite=True)
     if not (work / "builder_sparse" / "genai_config.json").exists():
         export_sparse_genai(base, {"a": adapter}, work / "builder_sparse", overwrite=True)
     print(f"builder exports: {time.perf_counter() - t:.1f} s")
-    if not (work / "ours_sparse" / "genai_config.json").exists():
-        try:
-            export_ours(work)
-        except Exception as exc:  # no exporter in this environment yet: say how to make the folder
-            print(f"ours sparse: not exported here ({type(exc).__name__}: {exc}); run\n"
-                  f"  /work/venv-tf4/bin/python tools/bench_runtime.py --genai-export-ours --work {work}")
-            del folders["ours sparse"]
+    try:
+        export_ours(work, args.exporter)
+    except Exception as exc:  # no such exporter in this environment: say how to make the folder
+        print(f"ours sparse ({args.exporter}): not exported here ({type(exc).__name__}: {exc}); for the optimum route run\n"
+              f"  /work/venv-tf4/bin/python tools/bench_runtime.py --genai-export-ours --exporter optimum --work {work}")
+    for folder in sorted(work.glob("ours_sparse_*")):
+        if (folder / "genai_config.json").exists():
+            folders[f"ours {folder.name.rsplit('_', 1)[1]}"] = (folder, "a")
     prompt = np.random.default_rng(0).integers(3, VOCAB, (1, 128), dtype=np.int64)
     threads = os.cpu_count() or 1
     runners = {k: time_genai(f, ad, prompt, args.tokens) for k, (f, ad) in folders.items()}
