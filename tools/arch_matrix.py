@@ -36,7 +36,7 @@ def _figures(report) -> dict:
             "failures": [f.summary for f in report.failures[:3]]}
 
 
-def _sparse_adapter(arch: str, model, adapter: Path, root: Path) -> Path:
+def _sparse_adapter(arch: str, adapter: Path, root: Path) -> Path:
     """A classification adapter carries its head (modules_to_save), which a sparse export cannot
     switch per call; its sparse row uses an adapter on the encoder only, the head from the base."""
     from shira_export import ShiraConfig, get_shira_model
@@ -44,7 +44,7 @@ def _sparse_adapter(arch: str, model, adapter: Path, root: Path) -> Path:
     if ARCHS[arch].peft_task != "SEQ_CLS":
         return adapter
     path = root / f"{arch}-adapter-encoder"
-    get_shira_model(model, ShiraConfig(r=2, target_modules=ARCHS[arch].targets, init_weights=False,
+    get_shira_model(build(arch), ShiraConfig(r=2, target_modules=ARCHS[arch].targets, init_weights=False,
                                        random_seed=4)).save_pretrained(path)
     return path
 
@@ -70,7 +70,7 @@ def run_one(arch: str, exporter: str, root: Path) -> dict:
                 result = export_merged(base, adapter, root / f"{arch}-merged", exporter=exporter)
                 chosen = result.exporter.value
             else:
-                result = export_sparse(base, {"a": _sparse_adapter(arch, model, adapter, root)},
+                result = export_sparse(base, {"a": _sparse_adapter(arch, adapter, root)},
                                        root / f"{arch}-sparse", exporter=exporter, task=spec.task)
                 chosen = json.loads((root / f"{arch}-sparse" / "shira_export.json").read_text())["exporter"]
             row[kind] = dict(_figures(result.report), exporter=chosen)
