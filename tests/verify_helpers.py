@@ -45,12 +45,14 @@ def write_manifest(folder: Path, *, task: str, fmt: str = "onnx", name: Optional
 
 
 def export_merged_onnx(merged: torch.nn.Module, hf_dir: Path, out: Path, *, task: str, source: Optional[Path]) -> Path:
-    """Save `merged` as an HF folder and export it with optimum (what the merged exporter does)."""
-    from optimum.exporters.onnx import main_export
+    """Save `merged` as an HF folder and export it with the installed exporter (auto: optimum
+    where installed, else torch.onnx), as the merged exporter does."""
+    from shira_export.export.exporters import choose_exporter, export_onnx
 
     merged.save_pretrained(hf_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        main_export(str(hf_dir), out, task=task, do_validation=False)
+        export_onnx(merged, out, task=task, exporter=choose_exporter("auto", merged.config, task))
     write_manifest(out, task=task, source=source)
     return out

@@ -10,9 +10,10 @@ FORMATS = ("onnx", "safetensors")
 TASKS = ("auto", "text-generation-with-past", "text-generation", "feature-extraction", "text-classification")
 DTYPES = ("fp32", "fp16")
 # shira_export.export.exporters.Exporter (not imported here: --help must not load torch)
-EXPORTERS = ("auto", "torch", "optimum")
+EXPORTERS = ("auto", "torch", "optimum", "genai")
 EXPORTER_HELP = ("ONNX exporter: torch (torch.onnx dynamo, any transformers), optimum (optimum-onnx, "
-                 "transformers 4.x), auto (optimum when installed and it supports the model, else torch)")
+                 "transformers 4.x), genai (onnxruntime-genai's model builder: Llama, Mistral, Qwen, Phi-3, "
+                 "Gemma; causal LMs), auto (optimum when installed and it supports the model, else torch)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

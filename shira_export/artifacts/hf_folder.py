@@ -22,7 +22,7 @@ from shira_export.errors import ShiraInputError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["check_config_dict", "read_config_json", "load_config", "load_model", "SAFE_LOAD_KWARGS"]
+__all__ = ["check_config_dict", "check_folder", "read_config_json", "load_config", "load_model", "SAFE_LOAD_KWARGS"]
 
 PathLike = Union[str, os.PathLike]
 SAFE_LOAD_KWARGS = {"trust_remote_code": False, "use_safetensors": True, "local_files_only": True}
@@ -125,6 +125,13 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def check_folder(folder: PathLike) -> None:
+    """The checks `load_model` makes, for tools that load the folder themselves (genai's
+    model builder): a config that selects no code, weights as safetensors."""
+    read_config_json(folder)
+    _check_weights(Path(folder))
 
 
 def load_model(folder: PathLike, auto_class: type, **kwargs: Any) -> "PreTrainedModel":

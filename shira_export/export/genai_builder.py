@@ -30,8 +30,10 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
+import torch
 
 from shira_export._io import atomic_dir, atomic_write_text
+from shira_export.artifacts.hf_folder import load_model
 from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta
 from shira_export.export.adapter_file import SUFFIX, adapter_arrays, check_adapter_name, write_adapter_file
@@ -63,10 +65,11 @@ def build_genai_model(model_dir: PathLike, output_dir: PathLike, *, precision: s
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
     except ImportError as exc:
         raise ShiraInputError(f"the genai exporter needs onnxruntime-genai (pip install onnxruntime-genai): {exc}") from None
+    from shira_export.artifacts.hf_folder import check_folder
+
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     _check_precision(precision)
-    if not (model_dir / "config.json").is_file():
-        raise ShiraInputError(f"{model_dir}: config.json not found (expected a Hugging Face model folder)")
+    check_folder(model_dir)  # the builder loads the folder itself: no code fields, no pickles
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
         raise ShiraInputError(f"{model_dir}: no tokenizer files (the genai builder loads the tokenizer; save it into the "
                               f"model folder with tokenizer.save_pretrained)")
@@ -121,7 +124,7 @@ def export_sparse_genai(
     *,
     precision: str = "fp32",
     overwrite: bool = False,
-    verify: bool = False,
+    verify: bool = True,
     token_threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD,
     builder_options: Optional[Mapping[str, object]] = None,
 ):
@@ -145,7 +148,7 @@ def export_sparse_genai(
         if ckpt.modules_to_save:
             raise ShiraInputError(f"{named[name]}: adapter has modules_to_save {sorted(ckpt.modules_to_save)}, which a "
                                   f"sparse export cannot switch per call; use a merged export for this adapter")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    model = load_model(model_dir, AutoModelForCausalLM, dtype=torch.float32)
     for ckpt in checkpoints.values():
         ckpt.validate_against(model)
     all_weights = _linear_weights(model)
@@ -219,7 +222,7 @@ def export_merged_genai(
     model_dir, adapter_dir, output_dir = Path(model_dir), Path(adapter_dir), Path(output_dir)
     name = check_adapter_name(adapter_name or adapter_dir.name)
     ckpt = read_adapter_dir(adapter_dir, name=name)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    base = load_model(model_dir, AutoModelForCausalLM, dtype=torch.float32)
     ckpt.validate_against(base)
     merged = ShiraModel.from_pretrained(base, adapter_dir, adapter_name=ckpt.name).merge_and_unload().eval()
     with tempfile.TemporaryDirectory(prefix="shira_genai_merged_") as hf, atomic_dir(output_dir, overwrite=overwrite) as tmp:

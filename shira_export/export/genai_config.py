@@ -181,7 +181,7 @@ def ensure_genai_tokenizer(folder: PathLike) -> Optional[Path]:
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(folder, use_fast=True, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(folder, use_fast=True, local_files_only=True, trust_remote_code=False)
     except Exception:  # a tokenizer transformers cannot convert: genai runs the model without one
         return None
     if not getattr(tok, "is_fast", False):

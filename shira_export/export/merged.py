@@ -114,6 +114,9 @@ def export_merged(
     ckpt = read_adapter_dir(folder, name=name)
     resolved = resolve_task(config, task, adapter_task_type=ckpt.config.task_type)
     chosen = choose_exporter(exporter, config, resolved.value) if fmt is Format.ONNX else None
+    if chosen is Exporter.GENAI:
+        return _merged_via_genai(model_dir, folder, output_dir, name=name, precision=quantize or precision.value,
+                                 overwrite=overwrite, verify=verify)
 
     steps = tqdm(total=4 if verify else 3, desc="merged export", unit="step", file=sys.stderr, leave=False)
     try:
@@ -248,6 +251,26 @@ def _manifest(fmt: Format, task: Task, dtype: Dtype, model_dir: Path, folder: Pa
         "base_model": str(model_dir.resolve()),
         "adapter": {"name": name, "source": str(folder.resolve())},
     }
+
+
+def _merged_via_genai(model_dir: Path, folder: Path, output_dir: Path, *, name: str, precision: str, overwrite: bool,
+                      verify: bool) -> MergedExport:
+    """onnxruntime-genai's model builder over the merged model (it loads folders itself)."""
+    from shira_export.export.genai_builder import export_merged_genai
+
+    export_merged_genai(model_dir, folder, output_dir, adapter_name=name, precision=precision, overwrite=overwrite)
+    report = None
+    if verify:
+        report = _verify(model_dir, folder, output_dir, precision)
+        report.write_json(output_dir / PARITY_NAME)
+    files = tuple(sorted(p.relative_to(output_dir) for p in output_dir.rglob("*") if p.is_file()))
+    result = MergedExport(output_dir=output_dir, format=Format.ONNX, task=Task.TEXT_GENERATION_WITH_PAST,
+                          dtype=Dtype.FP32, exporter=Exporter.GENAI, files=files,
+                          manifest_path=output_dir / MANIFEST_NAME,
+                          parity_path=output_dir / PARITY_NAME if verify else None, report=report)
+    if report is not None and not report.passed:
+        raise ParityFailure(f"{output_dir}: {_failure_summary(report)} (details: {output_dir / PARITY_NAME})", report)
+    return result
 
 
 def _verify(model_dir: Path, folder: Path, candidate: Path, profile: str) -> "VerifyReport":

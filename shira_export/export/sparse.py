@@ -129,6 +129,9 @@ def export_sparse(
     task_types = {c.config.task_type for c in checkpoints.values()} - {None}
     resolved = resolve_task(config, task, adapter_task_type=next(iter(task_types)) if len(task_types) == 1 else None)
     chosen = choose_exporter(exporter, config, resolved.value)
+    if chosen.value == "genai":  # genai's builder loads the folder itself and builds the base its own way
+        return _sparse_via_genai(model_dir, named, output_dir, precision=quantize or "fp32", overwrite=overwrite,
+                                 verify=verify, token_threshold=token_threshold)
     model = load_base_model(model_dir, resolved)
     for ckpt in checkpoints.values():
         ckpt.validate_against(model)
@@ -192,6 +195,20 @@ def export_sparse(
             failures = "; ".join(f.summary for f in result.report.failures[:3])
             raise ParityFailure(f"{output_dir}: sparse export does not match PyTorch: {failures} "
                                 f"(details: {result.parity_path})", report=result.report)
+    return result
+
+
+def _sparse_via_genai(model_dir: PathLike, named: dict[str, Path], output_dir: PathLike, *, precision: str,
+                      overwrite: bool, verify: bool, token_threshold: int) -> SparseExportResult:
+    from shira_export.export.genai_builder import export_sparse_genai
+
+    result = export_sparse_genai(model_dir, named, output_dir, precision=precision, overwrite=overwrite,
+                                 verify=verify, token_threshold=token_threshold)
+    if not result.passed:
+        assert result.report is not None  # passed is True without a report
+        failures = "; ".join(f.summary for f in result.report.failures[:3])
+        raise ParityFailure(f"{output_dir}: sparse export does not match PyTorch: {failures} "
+                            f"(details: {result.parity_path})", report=result.report)
     return result
 
 

@@ -126,25 +126,34 @@ class GenaiCandidate:
 
     variants = ("",)
 
-    def __init__(self, folder: PathLike, *, threads: Optional[int] = None) -> None:
+    def __init__(self, folder: PathLike, *, threads: Optional[int] = None, merged: bool = False) -> None:
         self.runner = GenaiGraphRunner(folder, threads=threads)
+        self.merged = merged  # the adapter is in the weights: every call runs the graph as it is
 
-    @staticmethod
-    def _name(adapter) -> Optional[str]:
-        return None if adapter.source is None and adapter.file is None else adapter.name
+    def _name(self, adapter) -> Optional[str]:
+        if self.merged or (adapter.source is None and adapter.file is None):
+            return None
+        return adapter.name
 
     def forward(self, batch, adapter) -> dict[str, np.ndarray]:
         return {"logits": self.runner.logits(batch.input_ids.numpy(), batch.attention_mask.numpy(),
                                              adapter=self._name(adapter))}
 
     def generate(self, batch, n_tokens: int, adapter) -> dict[str, np.ndarray]:
-        return {"": self.runner.greedy(batch.input_ids.numpy(), batch.attention_mask.numpy(), n_tokens,
-                                       adapter=self._name(adapter))}
+        ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
+        name = self._name(adapter)
+        if mask[:, 0].all():  # no left padding: one batched call
+            return {"": self.runner.greedy(ids, mask, n_tokens, adapter=name)}
+        # GroupQueryAttention derives positions from the mask's length, which holds for right
+        # padding only (as genai pads); a left-padded batch runs row by row, unpadded
+        rows = [self.runner.greedy(ids[i:i + 1, mask[i].astype(bool)], None, n_tokens, adapter=name)
+                for i in range(ids.shape[0])]
+        return {"": np.concatenate(rows, axis=0)}
 
 
 def open_genai(manifest, *, threads: Optional[int] = None) -> GenaiCandidate:
     """A verify runner for a folder whose manifest says `"exporter": "genai"`."""
-    return GenaiCandidate(manifest.folder, threads=threads)
+    return GenaiCandidate(manifest.folder, threads=threads, merged=manifest.raw.get("kind") == "merged")
 
 
 def genai_greedy(folder_or_model, prompts: Sequence[Sequence[int]], n_tokens: int, *, adapter: Optional[str] = None,

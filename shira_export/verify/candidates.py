@@ -187,6 +187,10 @@ class _MergedTorch:
 
 def open_candidate(manifest: Manifest, *, threads: Optional[int] = None) -> CandidateRunner:
     """A runner for the export described by `manifest` (`threads`: ORT intra-op threads)."""
+    if manifest.raw.get("exporter") == "genai":  # builder graphs: packed q|k|v, no fixed head size
+        from shira_export.runtime.genai import open_genai
+
+        return open_genai(manifest, threads=threads)
     if manifest.kind is Kind.MERGED:
         return _MergedOrt(manifest, threads) if manifest.format == "onnx" else _MergedTorch(manifest)
     from shira_export.verify.sparse import open_sparse

@@ -117,7 +117,7 @@ def load_tokenizer(*folders: Union[str, Path]):
     for folder in folders:
         folder = Path(folder)
         if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         tried.append(str(folder))
     raise ShiraInputError(
         f"--inputs needs a tokenizer: none found in {tried} (expected tokenizer.json or tokenizer_config.json)"

@@ -4,6 +4,9 @@ standard names out (see torch_export for the graph contract).
 - `torch`: `torch.onnx.export(dynamo=True)`; needs nothing beyond the core install and runs
   on transformers 5.
 - `optimum`: optimum-onnx (`pip install "shira-export[optimum]"`, transformers < 4.58).
+- `genai`: onnxruntime-genai's model builder (Llama, Mistral, Qwen2/3, Phi-3, Gemma, ...),
+  causal LMs only; it loads the folder itself, so it runs in `export.genai_builder`
+  rather than behind `export_onnx`.
 - `auto`: optimum when it is installed and lists the model type and task, else torch.
 
 Adding an exporter: a module here with `export_with_<name>(model, output_dir, task=, opset=)`,
@@ -30,6 +33,7 @@ class Exporter(str, Enum):
     AUTO = "auto"
     TORCH = "torch"
     OPTIMUM = "optimum"
+    GENAI = "genai"
 
 
 def choose_exporter(requested: Union[str, Exporter], config: "PretrainedConfig", task: str) -> Exporter:
@@ -44,6 +48,15 @@ def choose_exporter(requested: Union[str, Exporter], config: "PretrainedConfig",
     model_type = getattr(config, "model_type", None) or "<unknown>"
     if choice is Exporter.AUTO:
         return Exporter.OPTIMUM if optimum_supports(model_type, task) else Exporter.TORCH
+    if choice is Exporter.GENAI:
+        if task != "text-generation-with-past":
+            raise ShiraInputError(f"exporter 'genai': onnxruntime-genai's builder writes causal LMs with a KV cache "
+                                  f"(task 'text-generation-with-past'), found task {task!r}")
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            raise ShiraInputError("exporter 'genai': onnxruntime-genai is not installed "
+                                  '(pip install "shira-export[genai]")') from None
     if choice is Exporter.OPTIMUM:
         if not optimum_available():
             raise ShiraInputError('exporter \'optimum\': optimum-onnx is not installed or cannot import with this '
