@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 __all__ = ["quiet_loggers"]
 
@@ -23,7 +24,7 @@ class quiet_loggers:
         self._warnings.__enter__()
         warnings.simplefilter("ignore")
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._warnings.__exit__(*exc)
         for lg, level in zip(self._loggers, self._levels):
             lg.setLevel(level)

@@ -134,7 +134,7 @@ def check_folder(folder: PathLike) -> None:
     _check_weights(Path(folder))
 
 
-def load_model(folder: PathLike, auto_class: type, **kwargs: Any) -> "PreTrainedModel":
+def load_model(folder: PathLike, auto_class: Any, **kwargs: Any) -> "PreTrainedModel":
     """`auto_class.from_pretrained(folder)` in eval mode, with nothing in the folder able to
     run code. `kwargs` go to from_pretrained (dtype, num_labels, ...)."""
     from shira_export._quiet import quiet_loggers

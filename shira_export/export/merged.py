@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Any, TYPE_CHECKING, Optional, Union
 
 from tqdm import tqdm
 
@@ -189,7 +189,7 @@ def resolve_adapter_dir(adapter_dir: PathLike, adapter_name: Optional[str] = Non
     raise ShiraInputError(f"{root}: no {wanted}{hint}")
 
 
-def _enum(cls: type, value: object, what: str):
+def _enum(cls: type[Enum], value: object, what: str) -> Any:
     try:
         return cls(value)
     except ValueError:
@@ -222,7 +222,7 @@ def _merged_model(model_dir: Path, folder: Path, ckpt: "AdapterCheckpoint", task
     return ShiraModel.from_pretrained(model, folder, adapter_name=ckpt.name).merge_and_unload().eval()
 
 
-def _write_model(model: "nn.Module", out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int],
+def _write_model(model: Any, out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int],
                  exporter: Optional[Exporter]) -> None:
     # The merge ran in fp32; casting after it rounds W + S once, not W and S apart.
     if task.is_causal_lm:
@@ -230,7 +230,8 @@ def _write_model(model: "nn.Module", out: Path, *, fmt: Format, task: Task, dtyp
     if fmt is Format.SAFETENSORS:
         model.to(dtype.torch_dtype).save_pretrained(out, safe_serialization=True)
         return
-    assert exporter is not None  # chosen for every ONNX export
+    if exporter is None:
+        raise ValueError("an ONNX export needs a concrete exporter (choose_exporter)")
     path = export_onnx(model, out, task=task.value, exporter=exporter, opset=opset)
     if dtype is Dtype.FP16:
         convert_onnx_to_fp16(path)

@@ -124,7 +124,7 @@ class GenaiGraphRunner:
 class GenaiCandidate:
     """`shira_export.verify`'s CandidateRunner over a genai folder (`GenaiGraphRunner`)."""
 
-    variants = ("",)
+    variants: tuple[str, ...] = ("",)
 
     def __init__(self, folder: PathLike, *, threads: Optional[int] = None, merged: bool = False) -> None:
         self.runner = GenaiGraphRunner(folder, threads=threads)

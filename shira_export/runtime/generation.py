@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class ShiraORTModelForCausalLM:
             if step < min_new_tokens and eos:
                 logits[:, eos] = -float("inf")
             if do_sample:
-                probs = torch.softmax(warpers(out, logits), dim=-1)
+                probs = torch.softmax(warpers(cast(torch.LongTensor, out), logits), dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             else:
                 token = logits.argmax(dim=-1)
@@ -157,7 +157,7 @@ class ShiraORTModelForCausalLM:
                     break
             step_ids = token[:, None]
             mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-        return out
+        return cast(torch.LongTensor, out)
 
 
 def _read_config(folder):

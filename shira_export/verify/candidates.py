@@ -9,6 +9,7 @@ per call.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Union
@@ -50,7 +51,7 @@ class Manifest:
     raw: dict = field(default_factory=dict)
 
 
-def read_manifest(folder: Union[str, Path]) -> Manifest:
+def read_manifest(folder: Union[str, "os.PathLike[str]"]) -> Manifest:
     """Parse and check `folder/shira_export.json`; errors name the file and key."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -87,14 +88,14 @@ def read_manifest(folder: Union[str, Path]) -> Manifest:
     else:
         fmt = "onnx"
         adapters = need("adapters", dict)
-        entries = []
+        found: list[AdapterEntry] = []
         for name, entry in adapters.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
                 raise ShiraInputError(f"{path}: key 'adapters.{name}' expected {{'file': str, 'source': str}}, found {entry!r}")
             if not confined(folder, entry["file"], what=f"{path}: adapters.{name}.file").is_file():
                 raise ShiraInputError(f"{path}: adapters.{name}.file {entry['file']!r} not found in {folder}")
-            entries.append(AdapterEntry(name, entry.get("source"), entry["file"]))
-        entries = tuple(entries)
+            found.append(AdapterEntry(name, entry.get("source"), entry["file"]))
+        entries = tuple(found)
     return Manifest(folder, kind, task, family, fmt, raw.get("dtype"), quantization, entries, raw)
 
 
@@ -125,7 +126,7 @@ class _MergedOrt:
     """A merged ONNX folder in plain onnxruntime (whichever exporter wrote it); causal LMs
     generate with the KV cache through the runtime's generation loop."""
 
-    variants = ("",)
+    variants: tuple[str, ...] = ("",)
 
     def __init__(self, manifest: Manifest, threads: Optional[int] = None) -> None:
         from shira_export.runtime import PlainSession, ShiraORTModelForCausalLM
@@ -170,7 +171,7 @@ class _MergedOrt:
 
 
 class _MergedTorch:
-    variants = ("",)
+    variants: tuple[str, ...] = ("",)
 
     def __init__(self, manifest: Manifest) -> None:
         from shira_export.verify.reference import load_base_model

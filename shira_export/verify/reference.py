@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -49,7 +50,7 @@ def task_family(task: str, *, where: str = "task") -> TaskFamily:
         raise ShiraInputError(f"{where}: expected one of {sorted(_TASKS)}, found {task!r}") from None
 
 
-def load_base_model(model_dir: Union[str, Path], family: TaskFamily, *, dtype: Union[torch.dtype, str] = torch.float32) -> torch.nn.Module:
+def load_base_model(model_dir: Union[str, "os.PathLike[str]"], family: TaskFamily, *, dtype: Union[torch.dtype, str] = torch.float32) -> torch.nn.Module:
     """The HF model in `model_dir` (fp32 unless `dtype`, e.g. "auto"), eval mode; nothing in
     the folder can run code (`artifacts.hf_folder`)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -120,7 +121,7 @@ class TorchRunner:
 
     @torch.inference_mode()
     def forward(self, batch: InputBatch) -> dict[str, np.ndarray]:
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        kwargs: dict[str, object] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
         if self.family is TaskFamily.CAUSAL_LM:
             kwargs["use_cache"] = False
             # positions from the mask, as generate() and the ONNX graphs take them: with left

@@ -24,7 +24,7 @@ DENSE_SUFFIX = "@dense"
 class SparseRunner:
     """`CandidateRunner` over `shira_export.runtime` (base model = adapter None)."""
 
-    variants = ("", DENSE_SUFFIX)
+    variants: tuple[str, ...] = ("", DENSE_SUFFIX)
 
     def __init__(self, manifest, threads: Optional[int] = None) -> None:
         from shira_export.runtime import Mode, ShiraORTModelForCausalLM, ShiraSession

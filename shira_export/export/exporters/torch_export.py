@@ -61,9 +61,9 @@ class _CausalLMWithPast(torch.nn.Module):
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
         cache = DynamicCache()
-        layers = []
+        layers: list[Any] = []
         for i in range(self.n_layers):
-            layer = DynamicLayer()
+            layer: Any = DynamicLayer()
             layer.keys, layer.values = past[2 * i], past[2 * i + 1]
             layer.dtype, layer.device = past[2 * i].dtype, past[2 * i].device
             layer.is_initialized = True
@@ -155,13 +155,13 @@ def _sample_ids(model: "PreTrainedModel", shape: tuple[int, int]) -> torch.Tenso
     return torch.randint(0, max(vocab, 2), shape, generator=generator)
 
 
-def _program_for(model: "PreTrainedModel", task: str, opset: int):
+def _program_for(model: "PreTrainedModel", task: str, opset: int) -> tuple[torch.nn.Module, tuple, dict, tuple]:
     dim = torch.export.Dim
     batch, seq = dim("batch"), dim("sequence_length")
     dtype = next(model.parameters()).dtype
     if task == "text-generation-with-past":
         layout = _cache_layout(model)
-        wrapper = _CausalLMWithPast(model, len(layout), _positions(model))
+        wrapper: torch.nn.Module = _CausalLMWithPast(model, len(layout), _positions(model))
         past_len, total = dim("past_sequence_length"), dim("total_sequence_length")
         ids = _sample_ids(model, (_SAMPLE_BATCH, _SAMPLE_NEW))
         mask = torch.ones((_SAMPLE_BATCH, _SAMPLE_PAST + _SAMPLE_NEW), dtype=torch.long)
