@@ -3,12 +3,12 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ShiraConfig", "ShiraModel", "get_shira_model", "__version__"]
+__all__ = ["ShiraConfig", "ShiraModel", "get_shira_model", "inject_adapter_in_model", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `shira-export --help` and `import shira_export.errors` must not import torch.
-    if name in ("ShiraConfig", "ShiraModel", "get_shira_model"):
+    if name in ("ShiraConfig", "ShiraModel", "get_shira_model", "inject_adapter_in_model"):
         from shira_export import tuner
 
         return getattr(tuner, name)
