@@ -119,13 +119,14 @@ def _nbits(path) -> dict:
     return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
 
 
-def test_int4_keeps_the_last_third_of_matmuls_at_8_bits(exports, tmp_path):
+def test_int4_keeps_the_last_two_thirds_of_matmuls_at_8_bits(exports, tmp_path):
     root, base, reports = exports
     report = reports["merged", "int4"]
-    assert report.options["int8_tail"] == pytest.approx(1 / 3) and report.matmuls_8bit == 4  # ceil(12 / 3), no head
+    assert report.options["int8_tail"] == pytest.approx(2 / 3) and report.matmuls_8bit == 8  # ceil(12 * 2/3), no head
     bits = _nbits(root / "merged_int4" / "model.onnx")
     eight = sorted(name for name, b in bits.items() if b == 8)
-    assert len(bits) == 12 and len(eight) == 4 and all("layer.1/" in name for name in eight)  # the last layer
+    order = list(bits)  # graph order (the exported graph is topologically sorted): the first four are 4-bit
+    assert len(bits) == 12 and len(eight) == 8 and [bits[n] for n in order] == [4] * 4 + [8] * 8
     levels = {n.name: [a.i for a in n.attribute if a.name == "accuracy_level"]
               for n in onnx.load(str(root / "merged_int4" / "model.onnx")).graph.node if n.name in eight}
     assert all(v == [4] for v in levels.values())  # the fast int8 kernel (ORT's fallback is 26x slower)
@@ -315,8 +316,9 @@ def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
     heads = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
     bits = _nbits(tmp_path / mode / "model.onnx")
     assert len(heads) == 1 and bits[heads[0]] == 8  # the head (and the table it shares) at 8 bits in both modes
-    assert report.matmuls_8bit == (13 if mode == "int8" else 4 + 1)  # int4: ceil(12 / 3) of the body + the head
+    assert report.matmuls_8bit == (13 if mode == "int8" else 8 + 1)  # int4: ceil(12 * 2/3) of the body + the head
     # the tied head and the embedding lookup share one quantized table
     assert report.tied_tables_shared == 1
-    # 8-bit blocks of 32: 8 + 1 (fp32 scale) + 0.25 (zero point) bits a weight; int4: 1/3 of the body and the head at 8
-    assert report.size_ratio < (0.32 if mode == "int8" else 0.27), report.size_ratio
+    # 8-bit blocks of 32: 8 + 1 (fp32 scale) + 0.25 (zero point) bits a weight (0.29x), plus the graph itself, which
+    # weighs on a 0.5M-parameter model (0.307 with optimum's graph, 0.345 with the torch exporter's); int4: 2/3 at 8
+    assert report.size_ratio < (0.36 if mode == "int8" else 0.35), report.size_ratio

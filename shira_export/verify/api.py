@@ -221,7 +221,9 @@ def _compare(prof, family, reference, runner, entry, batches, bar):
     name = entry.name
     variants = runner.variants
     # candidate output name -> (reference output name, accumulated diff)
-    diffs = {out + v: (out, OutputDiff(out + v, argmax)) for v in variants for out, argmax in OUTPUTS[family].items()}
+    pooled = family is TaskFamily.FEATURE_EXTRACTION  # hidden states: also judged as sentence embeddings
+    diffs = {out + v: (out, OutputDiff(out + v, argmax, pooled=pooled))
+             for v in variants for out, argmax in OUTPUTS[family].items()}
     shape_errors: dict[str, list[str]] = {key: [] for key in diffs}
     run_errors: list[str] = []
     greedy: dict[str, dict[str, list[int]]] = {v: {} for v in variants}

@@ -17,7 +17,8 @@ __all__ = ["ArgmaxKind", "OutputDiff", "greedy_prefix_lengths", "FLOAT_METRICS"]
 _REL_FLOOR = 1e-6  # |ref| below this counts as this, so max_rel stays finite near zero
 _SAMPLE_CAP = 1_000_000  # abs diffs kept for the histogram
 
-FLOAT_METRICS = ("max_abs", "max_rel", "mean_abs", "p50_abs", "p90_abs", "p99_abs", "cosine", "nan_count", "inf_count")
+FLOAT_METRICS = ("max_abs", "max_rel", "mean_abs", "p50_abs", "p90_abs", "p99_abs", "cosine", "nan_count", "inf_count",
+                 "pooled_cosine")
 
 
 class ArgmaxKind(str, enum.Enum):
@@ -43,7 +44,9 @@ class OutputDiff:
 
     output: str
     argmax: ArgmaxKind = ArgmaxKind.NONE
+    pooled: bool = False  # [batch, tokens, features] states: also the worst mean-pooled row cosine (sentence embeddings)
     _abs: list = field(default_factory=list)
+    _pooled_cos: list = field(default_factory=list)
     _cos: list = field(default_factory=list)
     _max_rel: float = 0.0
     _nan: int = 0
@@ -59,6 +62,11 @@ class OutputDiff:
             raise ValueError(f"{self.output}: shape {list(cand.shape)} != reference {list(ref.shape)}")
         ref = np.asarray(ref, dtype=np.float64)
         cand = np.asarray(cand, dtype=np.float64)
+        if self.pooled and ref.ndim == 3:
+            weights = (np.ones(ref.shape[:2]) if mask is None else mask.astype(np.float64))[..., None]
+            a, b = (ref * weights).sum(1) / weights.sum(1), (cand * weights).sum(1) / weights.sum(1)
+            self._pooled_cos.append((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1),
+                                                                 1e-300))
         if mask is not None:
             ref, cand = ref[mask.astype(bool)], cand[mask.astype(bool)]
             index_of = np.argwhere(mask.astype(bool))
@@ -89,6 +97,11 @@ class OutputDiff:
             self._per_input[input_name] = float("nan")
         # cosine per position: a global cosine hides one bad row among many good ones
         ref_c, cand_c = np.where(finite, ref2, 0.0), np.where(finite, cand2, 0.0)
+        if self.argmax is ArgmaxKind.LABEL:
+            # a classifier's logits are defined up to a constant per row (softmax ignores it), so
+            # their raw cosine is not a property of the classifier (and blows up near zero logits,
+            # e.g. 0.98 for a 0.03 error on a row of norm 0.11): compare its probabilities
+            ref_c, cand_c = _softmax(ref_c), _softmax(cand_c)
         dot = (ref_c * cand_c).sum(-1)
         norms = np.linalg.norm(ref_c, axis=-1) * np.linalg.norm(cand_c, axis=-1)
         both_zero = (np.linalg.norm(ref_c, axis=-1) == 0) & (np.linalg.norm(cand_c, axis=-1) == 0)
@@ -114,6 +127,9 @@ class OutputDiff:
         out["inf_count"] = float(self._inf)
         if self.argmax is not ArgmaxKind.NONE:
             out[self.argmax.value] = self._agree / self._positions if self._positions else float("nan")
+        if self._pooled_cos:
+            pooled = np.concatenate(self._pooled_cos)
+            out["pooled_cosine"] = float(pooled.min()) if not np.isnan(pooled).any() else float("nan")
         return out
 
     def details(self) -> dict:
@@ -128,6 +144,11 @@ class OutputDiff:
         if diffs.size > _SAMPLE_CAP:
             diffs = np.random.default_rng(0).choice(diffs, _SAMPLE_CAP, replace=False)
         return diffs
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def greedy_prefix_lengths(ref_tokens: np.ndarray, cand_tokens: np.ndarray) -> list[int]:

@@ -38,6 +38,7 @@ class Profile:
     rtol: Optional[float] = None  # max |cand - ref| / max(|ref|, 1e-6)
     p99_atol: Optional[float] = None  # 99th percentile of |cand - ref|
     min_cosine: Optional[float] = None  # worst per-position cosine similarity
+    min_pooled_cosine: Optional[float] = None  # worst mean-pooled (sentence embedding) cosine, encoders
     min_top1: Optional[float] = None  # fraction of positions with the same argmax (LM logits)
     min_label_agreement: Optional[float] = None  # fraction of rows with the same label (classifiers)
     min_greedy: Optional[float] = None  # shortest identical greedy prefix / greedy_tokens
@@ -56,6 +57,7 @@ RULES: Mapping[str, tuple[str, str]] = {
     "max_rel": ("rtol", "<="),
     "p99_abs": ("p99_atol", "<="),
     "cosine": ("min_cosine", ">="),
+    "pooled_cosine": ("min_pooled_cosine", ">="),
     "top1_agreement": ("min_top1", ">="),
     "label_agreement": ("min_label_agreement", ">="),
     "greedy_prefix": ("min_greedy", ">="),
@@ -67,12 +69,12 @@ RULES: Mapping[str, tuple[str, str]] = {
 _PROFILES = {
     Precision.FP32: Profile("fp32", atol=1e-4, min_label_agreement=1.0, min_greedy=1.0),
     Precision.FP16: Profile(
-        "fp16", atol=0.2, min_cosine=0.999, min_top1=0.98, min_label_agreement=0.98, min_greedy_mean=0.75
+        "fp16", atol=0.2, min_cosine=0.999, min_pooled_cosine=0.999, min_top1=0.98, min_label_agreement=0.98, min_greedy_mean=0.75
     ),
     # quantized: one near-tie flips a greedy token and the rest of that row diverges, so the
     # mean prefix is judged rather than the shortest
-    Precision.INT8: Profile("int8", min_cosine=0.99, min_top1=0.9, min_label_agreement=0.9, min_greedy_mean=0.5),
-    Precision.INT4: Profile("int4", min_cosine=0.98, min_top1=0.8, min_label_agreement=0.8, min_greedy_mean=0.25),
+    Precision.INT8: Profile("int8", min_cosine=0.99, min_pooled_cosine=0.99, min_top1=0.9, min_label_agreement=0.9, min_greedy_mean=0.5),
+    Precision.INT4: Profile("int4", min_cosine=0.98, min_pooled_cosine=0.98, min_top1=0.8, min_label_agreement=0.8, min_greedy_mean=0.25),
 }
 
 _INT_FIELDS = {"greedy_tokens", "seed", "max_texts", "builtin_texts"}

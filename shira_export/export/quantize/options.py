@@ -61,7 +61,8 @@ class QuantizeOptions:
     accuracy_level_8bit: Optional[int] = None  # 8-bit MatMulNBits compute; None: chosen per CPU
     embeddings: bool = True  # quantize embedding tables (Gather over a constant table)
     table_bits: Optional[int] = None  # bits of embedding tables; None: 8
-    int8_tail: float = 1 / 3  # int4 only: fraction of the body MatMuls (nearest the output) at 8 bits
+    int8_tail: float = 2 / 3  # int4 only: fraction of the body MatMuls (nearest the output) at 8 bits
+    int8_first: float = 0.0  # int4 only: fraction of the body MatMuls (nearest the input) at 8 bits
     head_bits: int = 8  # int4 only: MatMuls writing a graph output (LM heads, classifiers)
     nodes_to_exclude: tuple[str, ...] = ()  # MatMul/Gather nodes left in fp32 on purpose
 
@@ -90,6 +91,11 @@ class QuantizeOptions:
         if isinstance(tail, bool) or not isinstance(tail, (int, float)) or math.isnan(tail) or not 0.0 <= tail <= 1.0:
             raise ShiraInputError(f"int8_tail: expected a fraction in [0, 1] of the MatMuls kept at 8 bits, found {tail!r}")
         set_(self, "int8_tail", float(tail))
+        first = self.int8_first
+        if isinstance(first, bool) or not isinstance(first, (int, float)) or math.isnan(first) or not 0.0 <= first <= 1.0:
+            raise ShiraInputError(f"int8_first: expected a fraction in [0, 1] of the MatMuls kept at 8 bits, "
+                                  f"found {first!r}")
+        set_(self, "int8_first", float(first))
         if isinstance(self.nodes_to_exclude, str) or not all(isinstance(n, str) for n in self.nodes_to_exclude):
             raise ShiraInputError(f"nodes_to_exclude: expected a sequence of node names, found {self.nodes_to_exclude!r}")
         set_(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
