@@ -113,9 +113,13 @@ def _returned_cache(out: Any) -> Any:
 
 def _cache_layout(model: "PreTrainedModel") -> list[tuple[int, int]]:
     """(kv heads, head dim) per layer, read off one real forward (configs spell them many ways)."""
+    from transformers.cache_utils import DynamicCache
+
     ids = torch.zeros((1, 2), dtype=torch.long)
+    # an empty cache passed in: some 4.x models return legacy tuples unless given one
+    kwargs = {_cache_argument(model): DynamicCache()}
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True, **kwargs)
     cache = _returned_cache(out)
     if cache is None or not hasattr(cache, "layers"):
         raise ShiraInputError(f"model_type {model.config.model_type!r}: the model returns no DynamicCache "
