@@ -85,6 +85,15 @@ def score(name: str, logits: np.ndarray, ref_logits: np.ndarray, labels: list[in
     return row
 
 
+def verify_folder(base_dir: Path, folder: Path) -> str:
+    """The folder's own verification (the profile its manifest names, the export-time settings):
+    what `shira-export verify --model BASE --candidate FOLDER` says."""
+    from shira_export.verify import verify
+
+    report = verify(model=base_dir, candidate=folder, report_dir=folder, progress=False)
+    return "PASS" if report.passed else "FAIL: " + "; ".join(f.message for f in report.failures[:2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="shira-minilm-")))
@@ -158,7 +167,8 @@ def main() -> None:
         extra = {"embedding_cosine_min": float(cos.min()), "embedding_cosine_mean": float(cos.mean()),
                  "model_mb": round((folder / "model.onnx").stat().st_size / 1e6, 2)}
         if report is not None:
-            extra.update(size_ratio=round(report.size_ratio, 4), details=report.to_json())
+            extra.update(size_ratio=round(report.size_ratio, 4), details=report.to_json(),
+                         verify=verify_folder(base_dir, folder))
         rows.append(score(name, logits, ref_logits, test_labels, extra))
 
     # -- sparse: fp32 base graph + adapter file; quantized base, same adapter file ---------
@@ -181,15 +191,16 @@ def main() -> None:
             extra = {"model_mb": round((folder / "model.onnx").stat().st_size / 1e6, 2),
                      "adapter_bytes": (folder / "adapters" / "topic.onnx_adapter").stat().st_size}
             if report is not None:
-                extra.update(size_ratio=round(report.size_ratio, 4), details=report.to_json())
+                extra.update(size_ratio=round(report.size_ratio, 4), details=report.to_json(),
+                             verify=verify_folder(base_dir, folder))
             rows.append(score(name, logits, ref_logits, test_labels, extra))
 
     print(f"\nheld-out: {len(test_texts)} sentences, {len(LABELS)} classes; reference = adapted fp32 PyTorch")
-    print(f"{'variant':<30} {'agree':>6} {'acc':>6} {'emb cos min':>11} {'logit cos':>9} {'MB':>7}")
+    print(f"{'variant':<30} {'agree':>6} {'acc':>6} {'emb cos min':>11} {'logit cos':>9} {'MB':>7}  verify")
     for r in rows:
         emb = f"{r['embedding_cosine_min']:.4f}" if "embedding_cosine_min" in r else "-"
         print(f"{r['variant']:<30} {r['label_agreement']:>6.3f} {r['accuracy']:>6.3f} {emb:>11} "
-              f"{r['logits_cosine_min']:>9.4f} {r.get('model_mb', '-'):>7}")
+              f"{r['logits_cosine_min']:>9.4f} {r.get('model_mb', '-'):>7}  {r.get('verify', '')[:60]}")
     (out / "results.json").write_text(json.dumps({"losses": [losses[0], losses[-1]], "rows": rows}, indent=2) + "\n")
     print(f"\nresults: {out / 'results.json'}")
 

@@ -3,6 +3,14 @@ switching on the quantized sparse graph.
 
     python examples/train_minilm_classifier.py --out /tmp/minilm     # builds the MiniLM folders
     python tools/bench_quantized.py --minilm /tmp/minilm [--opt] [--rounds 7]
+    python tools/bench_quantized.py --quality --out /tmp/qbench       # the quality table (docs/quantize.md)
+
+`--quality`: int8 / int4 x merged / sparse of the demo (`shira-export demo`), the MiniLM
+classifier (the adapter examples/train_minilm_classifier.py trains) and MiniLM feature
+extraction (SHiRA adapters on query/value), each exported with default options and its own
+verification (exit code and verdict), then measured against fp32 PyTorch: label agreement
+on the example's 42 held-out sentences and on the 48 built-in ones, worst mean-pooled
+sentence-embedding cosine over the built-in ones. Prints the CPU features and choices.
 
 MiniLM (real weights): one 1 x 64-token call per run. `--opt`: an OPT-125m-shaped decoder
 built from a config (random weights) with a SHiRA r=8 q/v adapter, merged and sparse exports
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -155,7 +164,7 @@ def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
 
     rows = []
     for phase, n, past in (("prefill 1x128", 128, 0), ("decode 1 @128", 1, 128)):
-        fns = {name: (lambda fn=fn, f=feeds(s, n, past): fn(f)) for name, (s, fn) in runners.items()}
+        fns = {name: functools.partial(fn, feeds(s, n, past)) for name, (s, fn) in runners.items()}
         ms = _median_ms(fns, rounds, 2 if n > 1 else 10)
         for name, value in ms.items():
             kind = name.split()[0]
@@ -165,14 +174,144 @@ def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
     return rows
 
 
+def _cli(*args: str) -> int:
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "shira_export.cli", *args], capture_output=True, text=True).returncode
+
+
+def bench_quality(out: Path) -> list[dict]:
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from minilm_data import HELD_OUT, split
+    from train_minilm_classifier import build_base, minilm_dir
+
+    from shira_export import ShiraConfig, ShiraModel, get_shira_model
+    from shira_export.export.quantize import cpu_features
+    from shira_export.training import train_adapter
+    from shira_export.verify.sentences import SENTENCES
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    print(f"cpu: {cpu_features()}")
+    if not (out / "demo").is_dir():
+        _cli("demo", "--output", str(out / "demo"))
+    demo = out / "demo"
+    for kind in ("merged", "sparse"):
+        for mode in ("int8", "int4"):
+            folder = out / f"demo_{kind}_{mode}"
+            args = (["merged", "--format", "onnx", "--adapter", str(demo / "adapters/poet")] if kind == "merged" else
+                    ["sparse", "--adapter", f"poet={demo / 'adapters/poet'}", "--adapter",
+                     f"engineer={demo / 'adapters/engineer'}"])
+            rc = _cli(*args, "--model", str(demo / "base"), "--quantize", mode, "--output", str(folder), "--overwrite")
+            rows.append({"model": "demo", "variant": f"{kind} {mode}", "exit": rc, **_verdict(folder)})
+            print(rows[-1], flush=True)
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    train_texts, train_labels = split(__import__("minilm_data").TRAIN)
+    base_dir, adapter = out / "minilm_base", out / "minilm_adapter"
+    if not (base_dir / "config.json").is_file():
+        build_base(base_dir, tok, train_texts, train_labels)
+    cls = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    if not (adapter / "adapter_config.json").is_file():
+        torch.manual_seed(0)
+        model = get_shira_model(copy.deepcopy(cls), ShiraConfig(r=16, target_modules=["query", "value"], random_seed=0))
+        enc = tok(train_texts, padding=True, return_tensors="pt")
+        train_adapter(model, [{**enc, "labels": torch.tensor(train_labels)}], steps=8, lr=5e-3)
+        model.save_pretrained(adapter)
+    held_out = split(HELD_OUT)[0]
+    feeds = _encode(tok, held_out + list(SENTENCES))
+    with torch.no_grad():
+        ref = ShiraModel.from_pretrained(copy.deepcopy(cls), adapter).merge_and_unload().eval()(
+            **{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+    for kind in ("merged", "sparse"):
+        for mode in ("int8", "int4"):
+            folder = out / f"cls_{kind}_{mode}"
+            args = (["merged", "--format", "onnx", "--adapter", str(adapter)] if kind == "merged" else
+                    ["sparse", "--adapter", f"topic={adapter}"])
+            rc = _cli(*args, "--model", str(base_dir), "--task", "text-classification", "--quantize", mode,
+                      "--output", str(folder), "--overwrite")
+            logits = _run(folder, feeds, "logits", None if kind == "merged" else "topic")
+            agree = logits.argmax(-1) == ref.argmax(-1)
+            rows.append({"model": "MiniLM classifier", "variant": f"{kind} {mode}", "exit": rc, **_verdict(folder),
+                         "agreement_held_out_42": round(float(agree[:len(held_out)].mean()), 4),
+                         "agreement_builtin_48": round(float(agree[len(held_out):].mean()), 4)})
+            print(rows[-1], flush=True)
+    plain = AutoModel.from_pretrained(minilm_dir()).eval()
+    for name, seed in (("fa", 1), ("fb", 2)):
+        if not (out / name / "adapter_config.json").is_file():
+            m = get_shira_model(copy.deepcopy(plain), ShiraConfig(r=16, target_modules=["query", "value"],
+                                                                  init_weights=False, random_seed=seed))
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "shira_weight" in n:
+                        p.mul_(0.02)  # about the size of the trained classifier adapter's values
+            m.save_pretrained(out / name)
+    feeds = _encode(tok, list(SENTENCES))
+    mask = feeds["attention_mask"][..., None].astype(np.float32)
+    for kind in ("merged", "sparse"):
+        for mode in ("int8", "int4"):
+            folder = out / f"emb_{kind}_{mode}"
+            args = (["merged", "--format", "onnx", "--adapter", str(out / "fa")] if kind == "merged" else
+                    ["sparse", "--adapter", f"fa={out / 'fa'}", "--adapter", f"fb={out / 'fb'}"])
+            rc = _cli(*args, "--model", str(minilm_dir()), "--task", "feature-extraction", "--quantize", mode,
+                      "--output", str(folder), "--overwrite")
+            worst = {}
+            for name in (["fa"] if kind == "merged" else ["fa", "fb"]):
+                with torch.no_grad():
+                    ref_h = ShiraModel.from_pretrained(copy.deepcopy(plain), out / name).merge_and_unload().eval()(
+                        **{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+                h = _run(folder, feeds, "last_hidden_state", None if kind == "merged" else name)
+                a, b = (h * mask).sum(1) / mask.sum(1), (ref_h * mask).sum(1) / mask.sum(1)
+                worst[name] = round(float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min()), 4)
+            rows.append({"model": "MiniLM embeddings", "variant": f"{kind} {mode}", "exit": rc, **_verdict(folder),
+                         "pooled_cosine_min_builtin_48": min(worst.values()), "per_adapter": worst})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _encode(tok, texts) -> dict:
+    enc = tok(list(texts), padding=True, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _run(folder: Path, feeds: dict, output: str, adapter) -> np.ndarray:
+    from shira_export.runtime import ShiraSession
+
+    if adapter is None:
+        session = ort.InferenceSession(str(folder / "model.onnx"), _options())
+        names = {i.name for i in session.get_inputs()}
+        return session.run([output], {k: v for k, v in feeds.items() if k in names})[0]
+    s = ShiraSession(folder, mode="portable", session_options=_options())
+    return s.run({k: v for k, v in feeds.items() if k in s.input_names}, adapter=adapter, output_names=[output])[output]
+
+
+def _verdict(folder: Path) -> dict:
+    """The export's own verification: verdict, failures, size, the choices it recorded."""
+    try:
+        parity = json.loads((folder / "parity.json").read_text())
+        details = json.loads((folder / "shira_export.json").read_text())["quantization_details"]
+    except (OSError, KeyError, ValueError) as exc:
+        return {"verify": f"no report ({type(exc).__name__})"}
+    failed = [f"{r['adapter']}:{r['output']}:{r['metric']}={r['value']:.4g}" for r in parity["records"]
+              if r["passed"] is False]
+    return {"verify": parity["verdict"], "failed": failed, "size_ratio": details["size_ratio"],
+            "cpu": details["choices"]["cpu"]["kind"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minilm", type=Path, help="output folder of examples/train_minilm_classifier.py")
     parser.add_argument("--opt", action="store_true", help="also build and time an OPT-125m-shaped decoder")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt in the OPT quality check")
+    parser.add_argument("--quality", action="store_true", help="the quality table (demo and MiniLM, every variant)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "shira_qbench")
     args = parser.parse_args()
     rows = []
+    if args.quality:
+        rows += bench_quality(args.out)
     if args.minilm:
         rows += bench_minilm(args.minilm, args.rounds)
     if args.opt:
