@@ -11,14 +11,14 @@ from shira_export.errors import ShiraInputError
 from shira_export.tuner.mixed import BASE_ROW, mixed_batch
 
 if TYPE_CHECKING:
-    from shira_export.tuner.model import ShiraModel
+    from shira_export.tuner._host import ShiraHost
 
 __all__ = ["ActivationMixin"]
 
 
 class ActivationMixin:
     @contextmanager
-    def disable_adapter(self: "ShiraModel") -> Iterator[None]:
+    def disable_adapter(self: ShiraHost) -> Iterator[None]:
         """Within the block the model computes the base model's outputs."""
         merged = {id(layer): list(layer.merged_adapters) for _, layer in self.shira_layers()}
         layers = [layer for _, layer in self.shira_layers()]
@@ -37,7 +37,7 @@ class ActivationMixin:
             for wrapper in wrappers:
                 wrapper.disable_adapters = False
 
-    def disable_adapter_layers(self: "ShiraModel") -> None:
+    def disable_adapter_layers(self: ShiraHost) -> None:
         """Until enable_adapter_layers(): base outputs, adapters frozen (as PEFT does,
         merged adapters are unmerged, and stay so after enabling)."""
         for _, layer in self.shira_layers():
@@ -49,14 +49,14 @@ class ActivationMixin:
             wrapper.disable_adapters = True
             wrapper.modules_to_save.requires_grad_(False)
 
-    def enable_adapter_layers(self: "ShiraModel") -> None:
+    def enable_adapter_layers(self: ShiraHost) -> None:
         for _, layer in self.shira_layers():
             layer.disable_adapters = False
         for _, wrapper in self._wrappers():
             wrapper.disable_adapters = False
         self._refresh_trainable()
 
-    def set_requires_grad(self: "ShiraModel", adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+    def set_requires_grad(self: ShiraHost, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
         """Turn gradients of the named adapters (values and modules_to_save copies) on or off."""
         for name in self._known(adapter_names):
             for _, layer in self.shira_layers():
@@ -66,7 +66,7 @@ class ActivationMixin:
                 if name in wrapper.modules_to_save:
                     wrapper.modules_to_save[name].requires_grad_(requires_grad)
 
-    def set_scale(self: "ShiraModel", adapter_name: str, scale: float) -> None:
+    def set_scale(self: ShiraHost, adapter_name: str, scale: float) -> None:
         """Inference-time strength: W + scale * S."""
         self._known([adapter_name])
         for _, layer in self.shira_layers():
@@ -78,7 +78,7 @@ class ActivationMixin:
 
     # ---- mixed batches ----------------------------------------------------------------
     @contextmanager
-    def _mixed(self: "ShiraModel", adapter_names: Sequence[str]) -> Iterator[None]:
+    def _mixed(self: ShiraHost, adapter_names: Sequence[str]) -> Iterator[None]:
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise ShiraInputError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
         unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
@@ -92,9 +92,11 @@ class ActivationMixin:
         with mixed_batch(adapter_names):
             yield
 
-    def generate(self: "ShiraModel", *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+    def generate(self: ShiraHost, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         """transformers' generate; with `adapter_names`, each row with its own adapter."""
+        # The ignores: torch's stub types a Module's unknown attribute as Tensor | Module;
+        # generate is the transformers model's own method.
         if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)  # type: ignore[operator]
         with self._mixed(adapter_names):
-            return self.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)  # type: ignore[operator]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -28,11 +28,12 @@ __all__ = ["compute_mask_grads"]
 def _target_weights(model: nn.Module, config: ShiraConfig) -> dict[str, tuple[nn.Parameter, bool]]:
     """path -> (weight, stored transposed) for each targeted layer; a layer already
     wrapped by SHiRA contributes its base layer's weight."""
-    modules = dict(model.named_modules())
-    found = {}
+    modules: dict[str, nn.Module] = dict(model.named_modules())
+    found: dict[str, tuple[nn.Parameter, bool]] = {}
     for path in resolve_target_modules(model, config):
         base = getattr(modules[path], "base_layer", modules[path])
-        found[path] = (base.weight, not isinstance(base, nn.Linear))  # Conv1D stores (in, out)
+        # Conv1D stores (in, out); the cast: torch types a Module attribute as Tensor | Module
+        found[path] = (cast(nn.Parameter, base.weight), not isinstance(base, nn.Linear))
     return found
 
 
@@ -87,6 +88,11 @@ def compute_mask_grads(
                 )
             loss.backward()
             for path, (weight, transposed) in targets.items():
+                if weight.grad is None:
+                    raise ShiraInputError(
+                        f"compute_mask_grads: batch {seen}'s loss gave no gradient to the weight of targeted "
+                        f"module {path!r} (the forward does not use it): leave it out of target_modules"
+                    )
                 g = weight.grad.detach().abs().to(torch.float32)
                 g = g.t() if transposed else g
                 grads[path] = g.clone() if path not in grads else grads[path].add_(g)

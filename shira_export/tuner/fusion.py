@@ -42,7 +42,7 @@ def _pad(delta: SparseDelta, target_nnz: int, out_f: int, in_f: int) -> SparseDe
 def fuse_deltas(
     ckpts: Sequence[AdapterCheckpoint], weights: Sequence[float], name: str, model: nn.Module
 ) -> AdapterCheckpoint:
-    modules = dict(model.named_modules())
+    modules: dict[str, nn.Module] = dict(model.named_modules())
     shapes: dict[str, tuple[int, int]] = {}
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for ckpt, weight in zip(ckpts, weights):
@@ -59,7 +59,7 @@ def fuse_deltas(
     config.mask_fn = None
     config.inference_mode = True
     config.target_modules = sorted(deltas)
-    heads = {}
+    heads: dict[str, dict[str, torch.Tensor]] = {}
     for ckpt in ckpts:  # a head (modules_to_save) cannot be fused: take the first adapter's
         for path, state in ckpt.modules_to_save.items():
             heads.setdefault(path, state)

@@ -4,7 +4,7 @@ against the budget r*(in+out) and the layer's shape."""
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ def draw_deltas(
     model: nn.Module, config: ShiraConfig, mask_grads: Optional[dict[str, torch.Tensor]] = None
 ) -> dict[str, SparseDelta]:
     mask_fn = _mask_fn_for(config)
-    modules = dict(model.named_modules())
+    modules: dict[str, nn.Module] = dict(model.named_modules())
     deltas: dict[str, SparseDelta] = {}
     for path in resolve_target_modules(model, config):
         base = getattr(modules[path], "base_layer", modules[path])
@@ -54,7 +54,7 @@ def draw_deltas(
                 f"module {path!r}: r={config.r} asks for {nnz} weights but the layer has only "
                 f"{out_f}x{in_f}={out_f * in_f} (use r <= {out_f * in_f // (out_f + in_f)})"
             )
-        kwargs = {"random_seed": config.random_seed}
+        kwargs: dict[str, Any] = {"random_seed": config.random_seed}
         if mask_grads is not None and path in mask_grads:
             kwargs["grad"] = mask_grads[path]
         mask = mask_fn(base, config.r, **_accepted(mask_fn, kwargs))

@@ -16,7 +16,7 @@ load_state_dict, adding an adapter) first puts the base entries back (`settle`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, cast
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ class _BufferDict(nn.Module):
     """Named buffers that follow .to()/.cuda() with the module (indices per adapter)."""
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._buffers[key]
+        return cast(torch.Tensor, self._buffers[key])  # __setitem__ stores tensors only
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
         self.register_buffer(key, value, persistent=False)
@@ -114,7 +114,7 @@ class ShiraLayer(nn.Module):
         """Install adapter `name` from validated, row-major sorted (out, in) indices."""
         if name in self.shira_weight:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_layer.weight
+        weight = self.weight
         indices = indices.to(device=weight.device, dtype=torch.int64).contiguous()
         self.shira_indices[name] = indices
         self.shira_weight[name] = nn.Parameter(
@@ -180,7 +180,7 @@ class ShiraLayer(nn.Module):
     def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
         self.settle()
         names = list(self.active_adapters if adapter_names is None else adapter_names)
-        weight = self.base_layer.weight
+        weight = self.weight
         for name in names:
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue
@@ -199,7 +199,7 @@ class ShiraLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def _merged_entries(self, name: str, saved: torch.Tensor) -> torch.Tensor:
-        weight = self.base_layer.weight
+        weight = self.weight
         return (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
 
     def _cached_merged_entries(self, name: str, base_entries: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ class ShiraLayer(nn.Module):
         """The base weight's entries at the adapter's support (no adapter merged now).
         Cached: a switch then costs two scatters. Anything else that writes the weight
         bumps its version, which drops the cache."""
-        weight = self.base_layer.weight
+        weight = self.weight
         if weight._version != self._own_version:
             self._base_entries.clear()
         entries = self._base_entries.get(name)
@@ -235,7 +235,7 @@ class ShiraLayer(nn.Module):
         the weight (the new support's entries are written right after the old one's are
         restored, block by block, while the block's cache lines are still in L1/L2)."""
         self.settle()
-        weight = self.base_layer.weight
+        weight = self.weight
         old = self.merged_adapters[0] if len(self.merged_adapters) == 1 else None
         # The new adapter's base entries must be cached already: read now, they would
         # include the old adapter's values where the supports overlap.
@@ -261,7 +261,7 @@ class ShiraLayer(nn.Module):
         bit); if something else wrote the weight while merged (its version moved), the
         deltas are subtracted instead, as PEFT does, so that the other write survives."""
         self.settle()
-        weight = self.base_layer.weight
+        weight = self.weight
         cache_valid = weight._version == self._own_version
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -281,7 +281,7 @@ class ShiraLayer(nn.Module):
         values: rewritten (O(nnz), no read of W) when they differ from what W holds.
         Compared by content, not by version: optimizers that write p.data (fused
         AdamW, the Trainer's default) leave the version as it was."""
-        weight = self.base_layer.weight
+        weight = self.weight
         res = self._resident
         if res is not None and (res.name != name or res.weight is not weight or weight._version != res.version):
             self.settle()
@@ -306,7 +306,7 @@ class ShiraLayer(nn.Module):
         res, self._resident = self._resident, None
         if res is None:
             return
-        weight = self.base_layer.weight
+        weight = self.weight
         index = self._storage_index(res.name)
         base = res.base.to(weight.device)
         if res.weight is weight and weight._version == res.version:  # only our writes since the merge
@@ -328,11 +328,12 @@ class ShiraLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # models that read `module.weight` (RWKV, tied heads), as PEFT's layers
-        return self.base_layer.weight
+        # nn.Linear's or Conv1D's Parameter (torch types a Module attribute as Tensor | Module)
+        return cast(torch.Tensor, self.base_layer.weight)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
+        return cast("Optional[torch.Tensor]", self.base_layer.bias)
 
     @property
     def merged(self) -> bool:
@@ -340,7 +341,7 @@ class ShiraLayer(nn.Module):
 
     def dense_delta(self, name: str) -> torch.Tensor:
         """The (out, in) dense delta (for tests and exports; never used in forward)."""
-        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.base_layer.weight.device)
+        delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
         rows, cols = self.shira_indices[name]
         delta[rows, cols] = self.delta_values(name).to(torch.float32)
         return delta
@@ -369,8 +370,7 @@ class ShiraLayer(nn.Module):
             # Training: W holds W + S (rewritten only when the values changed), so the
             # step costs a base layer plus the values' sampled gradient; W gets none.
             self._make_resident(name)
-            base = self.base_layer
-            return merged_weight_linear(x, base.weight, base.bias, self._scaled_values(name), self.plan(name),
+            return merged_weight_linear(x, self.weight, self.bias, self._scaled_values(name), self.plan(name),
                                         transposed=self.transposed_storage)
         self.settle()
         if self.disable_adapters:

@@ -4,7 +4,7 @@ what is merged warns and does nothing, a merged adapter cannot be deleted."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union, cast
 
 from torch import nn
 
@@ -12,13 +12,14 @@ from shira_export.errors import ShiraInputError
 from shira_export.tuner.fusion import fuse_deltas
 
 if TYPE_CHECKING:
-    from shira_export.tuner.model import ShiraModel
+    from shira_export.tuner._host import ShiraHost
+    from shira_export.tuner.modules_to_save import ModulesToSaveWrapper
 
 __all__ = ["LifecycleMixin"]
 
 
 class LifecycleMixin:
-    def merge_adapter(self: "ShiraModel", adapter_names: Optional[Union[str, Sequence[str]]] = None, *,
+    def merge_adapter(self: ShiraHost, adapter_names: Optional[Union[str, Sequence[str]]] = None, *,
                       safe_merge: bool = False) -> None:
         """Fold the adapters (default: the active ones) into the base weights in place;
         unmerge_adapter() restores them bit for bit."""
@@ -37,11 +38,11 @@ class LifecycleMixin:
         for _, layer in self.shira_layers():
             layer.merge(names, safe_merge=safe_merge)
 
-    def unmerge_adapter(self: "ShiraModel") -> None:
+    def unmerge_adapter(self: ShiraHost) -> None:
         for _, layer in self.shira_layers():
             layer.unmerge()
 
-    def _unwrap(self: "ShiraModel", *, merge: bool, safe_merge: bool = False,
+    def _unwrap(self: ShiraHost, *, merge: bool, safe_merge: bool = False,
                 adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
         if merge:
             with warnings.catch_warnings():
@@ -52,24 +53,25 @@ class LifecycleMixin:
             parent, child = self._locate(path)
             if hasattr(module, "base_layer"):
                 setattr(parent, child, module.base_layer)
-            else:
-                setattr(parent, child, module.active_module() if merge else module.original_module)
+            else:  # a modules_to_save wrapper: every ShiraLayer has base_layer
+                wrapper = cast("ModulesToSaveWrapper", module)
+                setattr(parent, child, wrapper.active_module() if merge else wrapper.original_module)
         self.__dict__.pop("_index", None)
         self.peft_config.clear()
-        self._active = []
+        self._active: list[str] = []
         return self.model
 
-    def merge_and_unload(self: "ShiraModel", *, safe_merge: bool = False,
+    def merge_and_unload(self: ShiraHost, *, safe_merge: bool = False,
                          adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
         """Fold the active adapter into the weights and return the plain transformers model."""
         return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
-    def unload(self: "ShiraModel") -> nn.Module:
+    def unload(self: ShiraHost) -> nn.Module:
         """Return the base model without any adapter."""
         self.unmerge_adapter()
         return self._unwrap(merge=False)
 
-    def delete_adapter(self: "ShiraModel", adapter_name: str) -> None:
+    def delete_adapter(self: ShiraHost, adapter_name: str) -> None:
         """Remove an adapter. As in PEFT, a merged adapter is refused: unmerge it first."""
         self._known([adapter_name])
         if any(adapter_name in layer.merged_adapters for _, layer in self.shira_layers()):
@@ -88,7 +90,7 @@ class LifecycleMixin:
             if rest or self.peft_config:
                 self.set_adapter(rest or next(iter(self.peft_config)))
 
-    def add_weighted_adapter(self: "ShiraModel", adapters: Sequence[str], weights: Sequence[float],
+    def add_weighted_adapter(self: ShiraHost, adapters: Sequence[str], weights: Sequence[float],
                              adapter_name: str) -> None:
         """New adapter = sum_i weights[i] * adapters[i] on the union of their supports
         (values summed where supports overlap). Saved and loaded like any adapter."""

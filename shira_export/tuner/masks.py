@@ -10,7 +10,7 @@ SNIP (top-k |W * grad|) and structured (whole rows and columns plus the diagonal
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -36,12 +36,18 @@ __all__ = [
 MaskFn = Callable[..., torch.Tensor]
 
 
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight: nn.Linear and Conv1D hold a Parameter (torch's stub types any
+    Module attribute as Tensor | Module)."""
+    return cast(torch.Tensor, layer.weight)
+
+
 def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of an nn.Linear or a transformers Conv1D."""
     if isinstance(base_layer, nn.Linear):
         return base_layer.out_features, base_layer.in_features
     if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
-        in_features, out_features = base_layer.weight.shape  # Conv1D stores (in, out)
+        in_features, out_features = _weight(base_layer).shape  # Conv1D stores (in, out)
         return out_features, in_features
     raise TypeError(f"SHiRA supports nn.Linear and transformers Conv1D, not {type(base_layer).__name__}")
 
@@ -72,7 +78,7 @@ def mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
 
 def base_weight_out_in(base_layer: nn.Module) -> torch.Tensor:
     """The base weight as a detached (out, in) fp32 tensor (Conv1D stores (in, out))."""
-    weight = base_layer.weight.detach()
+    weight = _weight(base_layer).detach()
     if not isinstance(base_layer, nn.Linear):
         layer_shape(base_layer)  # raises for unsupported layer types
         weight = weight.t()
@@ -99,7 +105,7 @@ def _checked_grad(base_layer: nn.Module, grad: Optional[torch.Tensor], mask_type
             f"mask_type={mask_type!r}: grad has shape {tuple(grad.shape)}, expected the layer's "
             f"(out, in) = ({out_f}, {in_f}) (Conv1D gradients must be transposed to (out, in))"
         )
-    return grad.detach().to(device=base_layer.weight.device, dtype=torch.float32)
+    return grad.detach().to(device=_weight(base_layer).device, dtype=torch.float32)
 
 
 def weight_magnitude_mask(base_layer: nn.Module, r: int, **kwargs) -> torch.Tensor:
@@ -156,7 +162,7 @@ def structured_mask(base_layer: nn.Module, r: int, random_seed: Optional[int] = 
             count += int(free.numel())
         if count == k:
             break
-    return mask.to(base_layer.weight.device)
+    return mask.to(_weight(base_layer).device)
 
 
 _BUILTIN: dict[MaskType, MaskFn] = {

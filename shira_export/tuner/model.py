@@ -12,7 +12,7 @@ import copy
 import inspect
 import warnings
 from collections import Counter
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from shira_export.tuner.persistence import PersistenceMixin
 __all__ = ["ShiraModel", "get_shira_model", "inject_adapter_in_model"]
 
 _SEQ_CLS_HEADS = ("classifier", "score")
+_Wrapper = TypeVar("_Wrapper", ShiraLayer, ModulesToSaveWrapper)
 
 
 class _ForwardToModel:
@@ -202,13 +203,13 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         config.modules_to_save = self._heads_to_save(config) or None
         self.settle()  # masks read the base weights
         deltas = draw_deltas(self.model, config, mask_grads)
-        heads = {p: {} for p in self._resolve_heads(config.modules_to_save or [])}
+        heads: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self._resolve_heads(config.modules_to_save or [])}
         self._install(AdapterCheckpoint(config=config, deltas=deltas, modules_to_save=heads, name=adapter_name),
                       trainable=not config.inference_mode)
 
     def _resolve_heads(self, names: Sequence[str]) -> list[str]:
         found = []
-        for path, module in self.model.named_modules():
+        for path, _ in self.model.named_modules():
             if any(path == n or path.endswith("." + n) for n in names) and ".modules_to_save." not in path:
                 if ".original_module" not in path:
                     found.append(path)
@@ -218,7 +219,7 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         parent_path, _, child = path.rpartition(".")
         return (self.model.get_submodule(parent_path) if parent_path else self.model), child
 
-    def _wrapped(self, path: str, wrapper_cls: type, created: list) -> nn.Module:
+    def _wrapped(self, path: str, wrapper_cls: type[_Wrapper], created: list[str]) -> _Wrapper:
         """The module at `path`, wrapped in `wrapper_cls` in place if it is not yet (then
         its path goes to `created`, for a rollback)."""
         parent, child = self._locate(path)
@@ -242,7 +243,10 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
     def _install(self, ckpt: AdapterCheckpoint, *, trainable: bool) -> None:
         """Put a validated checkpoint into the model. All or nothing: if anything fails
         on the way (memory, a device move, an interrupt), what was added is taken out."""
-        name, created, layers, heads = ckpt.name, [], [], []
+        name = ckpt.name
+        created: list[str] = []
+        layers: list[ShiraLayer] = []
+        heads: list[ModulesToSaveWrapper] = []
         try:
             for path, delta in ckpt.deltas.items():
                 layer = self._wrapped(path, ShiraLayer, created)

@@ -32,7 +32,7 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def set_adapter(self, name: Optional[str]) -> None:
-        self.active_adapter = name if name in self.modules_to_save else None
+        self.active_adapter = name if name is not None and name in self.modules_to_save else None
 
     def active_module(self) -> nn.Module:
         if self.disable_adapters or self.active_adapter is None:

@@ -20,15 +20,16 @@ position). Patterns are capped at MAX_PATTERN_CHARS characters and MAX_STATES st
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from typing import Callable
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     from re import _constants as _c
     from re import _parser as _p
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _p  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _p
 
 __all__ = ["MAX_PATTERN_CHARS", "MAX_STATES", "TargetPattern", "compile_target_pattern"]
 
@@ -58,15 +59,28 @@ _CATEGORIES: dict = {
 }
 
 
+def _is_char(v: str) -> Callable[[str], bool]:
+    return lambda ch: ch == v
+
+
+def _is_not_char(v: str) -> Callable[[str], bool]:
+    return lambda ch: ch != v
+
+
+def _in_range(lo: int, hi: int) -> Callable[[str], bool]:
+    return lambda ch: lo <= ord(ch) <= hi
+
+
 def _set_predicate(items: list) -> Callable[[str], bool]:
-    negate, tests = False, []
+    negate = False
+    tests: list[Callable[[str], bool]] = []
     for op, av in items:
         if op is _c.NEGATE:
             negate = True
         elif op is _c.LITERAL:
-            tests.append(lambda ch, v=chr(av): ch == v)
+            tests.append(_is_char(chr(av)))
         elif op is _c.RANGE:
-            tests.append(lambda ch, lo=av[0], hi=av[1]: lo <= ord(ch) <= hi)
+            tests.append(_in_range(av[0], av[1]))
         elif op is _c.CATEGORY and av in _CATEGORIES:
             tests.append(_CATEGORIES[av])
         else:
@@ -75,6 +89,12 @@ def _set_predicate(items: list) -> Callable[[str], bool]:
 
 
 class _Nfa:
+    start: int  # the entry state, set by whoever builds the NFA (seq returns it)
+    # Caches of run(), created on its first call: (states, char) -> states after the
+    # step, and (states, anchor context) -> their closure.
+    _steps: dict[tuple[frozenset[int], str], frozenset[int]]
+    _closures: dict[tuple[frozenset[int], tuple[bool, ...]], frozenset[int]]
+
     def __init__(self, dotall: bool) -> None:
         self.kind: list[int] = []
         self.arg: list = []
@@ -100,9 +120,9 @@ class _Nfa:
         if op in _REFUSED:
             raise PatternError(f"{_REFUSED[op]} are not supported (they need a backtracking matcher)")
         if op is _c.LITERAL:
-            return self._add(_CHAR, lambda ch, v=chr(av): ch == v, [nxt])
+            return self._add(_CHAR, _is_char(chr(av)), [nxt])
         if op is _c.NOT_LITERAL:
-            return self._add(_CHAR, lambda ch, v=chr(av): ch != v, [nxt])
+            return self._add(_CHAR, _is_not_char(chr(av)), [nxt])
         if op is _c.ANY:
             return self._add(_CHAR, (lambda ch: True) if self.dotall else (lambda ch: ch != "\n"), [nxt])
         if op is _c.IN:

@@ -12,27 +12,28 @@ import copy
 import os
 from collections import namedtuple
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
 
 from shira_export.errors import ShiraInputError
 from shira_export.tuner.checkpoint import KEY_PREFIX, AdapterCheckpoint, SparseDelta, read_adapter_dir, write_adapter_dir
-from shira_export.tuner.config import PEFT_FORMAT_VERSION, ShiraConfig
+from shira_export.tuner.config import PEFT_FORMAT_VERSION, MaskType, ShiraConfig
 from shira_export.tuner.targets import resolve_target_modules
 
 if TYPE_CHECKING:
-    from shira_export.tuner.model import ShiraModel
+    from shira_export.tuner._host import ShiraHost
 
 __all__ = ["PersistenceMixin"]
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 _HALF = (torch.float16, torch.bfloat16)
+_Host = TypeVar("_Host", bound="ShiraHost")  # from_pretrained returns the class it is called on
 
 
 class PersistenceMixin:
-    def _checkpoint(self: "ShiraModel", adapter_name: str, *, scaled: bool = False) -> AdapterCheckpoint:
+    def _checkpoint(self: ShiraHost, adapter_name: str, *, scaled: bool = False) -> AdapterCheckpoint:
         """The adapter as stored (raw values: the scale is an inference setting), or
         with the scale applied (for fusion)."""
         deltas = {
@@ -50,7 +51,7 @@ class PersistenceMixin:
         }
         return AdapterCheckpoint(config=self.peft_config[adapter_name], deltas=deltas, modules_to_save=heads, name=adapter_name)
 
-    def save_pretrained(self: "ShiraModel", save_directory: Union[str, os.PathLike],
+    def save_pretrained(self: ShiraHost, save_directory: Union[str, os.PathLike],
                         selected_adapters: Optional[Sequence[str]] = None) -> None:
         """Every adapter in PEFT's layout: "default" at the top, others in subfolders,
         and a model card (README.md) at the top."""
@@ -69,7 +70,7 @@ class PersistenceMixin:
         _write_model_card(self, root, names)
 
     def load_adapter(
-        self: "ShiraModel",
+        self: ShiraHost,
         path: Union[str, os.PathLike],
         adapter_name: str = "default",
         *,
@@ -112,7 +113,7 @@ class PersistenceMixin:
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_Host],
         model: nn.Module,
         path: Union[str, os.PathLike],
         adapter_name: str = "default",
@@ -122,7 +123,7 @@ class PersistenceMixin:
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
         resident_training: bool = True,
-    ) -> "ShiraModel":
+    ) -> _Host:
         """Wrap `model` and load the adapter at `path` (see load_adapter). On failure the
         model is given back unchanged: no wrapper left, requires_grad and mode as before."""
         flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -141,7 +142,7 @@ class PersistenceMixin:
         return shira
 
     # ---- the base model's state dict under its own keys --------------------------------
-    def _base_key_map(self: "ShiraModel") -> dict[str, str]:
+    def _base_key_map(self: ShiraHost) -> dict[str, str]:
         """current state_dict key -> the key the unwrapped model has (adapter keys left out)."""
         infixes = [(f"{p}.base_layer.", f"{p}.") for p, _ in self.shira_layers()]
         infixes += [(f"{p}.original_module.", f"{p}.") for p, _ in self._wrappers()]
@@ -159,13 +160,13 @@ class PersistenceMixin:
             mapping[key] = original
         return mapping
 
-    def get_base_model_state_dict(self: "ShiraModel") -> dict[str, torch.Tensor]:
+    def get_base_model_state_dict(self: ShiraHost) -> dict[str, torch.Tensor]:
         """The base model's state dict with its own keys (no base_layer / original_module
         infixes, no adapter tensors), base weights settled."""
         state = self.model.state_dict()
         return {original: state[key] for key, original in self._base_key_map().items()}
 
-    def set_base_model_state_dict(self: "ShiraModel", state_dict: dict[str, torch.Tensor], strict: bool = True):
+    def set_base_model_state_dict(self: ShiraHost, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Load a state dict with the base model's own keys; returns (missing_keys, unexpected_keys)."""
         to_current = {original: key for key, original in self._base_key_map().items()}
         unexpected = [k for k in state_dict if k not in to_current]
@@ -177,7 +178,7 @@ class PersistenceMixin:
         return IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 
 
-def _heads_by_module(shira: "ShiraModel", ckpt: AdapterCheckpoint, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _heads_by_module(shira: ShiraHost, ckpt: AdapterCheckpoint, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The file's non-SHiRA tensors regrouped under the declared modules_to_save modules
     (a RoBERTa head `classifier` holds classifier.dense.* and classifier.out_proj.*).
     A tensor under no declared module, or a head with missing keys, is refused."""
@@ -198,7 +199,7 @@ def _heads_by_module(shira: "ShiraModel", ckpt: AdapterCheckpoint, folder: Path)
             f"module that adapter_config.json declares in modules_to_save ({ckpt.config.modules_to_save!r}"
             f"{', plus classifier/score for SEQ_CLS' if ckpt.config.task_type == 'SEQ_CLS' else ''})"
         )
-    modules = dict(shira.model.named_modules())
+    modules: dict[str, nn.Module] = dict(shira.model.named_modules())
     for head, state in grouped.items():
         module = modules[head]
         own = getattr(module, "original_module", module).state_dict()
@@ -209,7 +210,7 @@ def _heads_by_module(shira: "ShiraModel", ckpt: AdapterCheckpoint, folder: Path)
     return grouped
 
 
-def _write_model_card(shira: "ShiraModel", root: Path, names: Sequence[str]) -> None:
+def _write_model_card(shira: ShiraHost, root: Path, names: Sequence[str]) -> None:
     """README.md as PEFT writes one (library_name: peft, base_model, the versions), kept
     and extended if the folder has one already."""
     from shira_export import __version__
@@ -235,7 +236,7 @@ def _write_model_card(shira: "ShiraModel", root: Path, names: Sequence[str]) -> 
         nnz = sum(layer.nnz(name) for _, layer in shira.shira_layers() if name in layer.shira_weight)
         layers = sum(1 for _, layer in shira.shira_layers() if name in layer.shira_weight)
         where = "this folder" if name == "default" else f"`{name}/`"
-        lines.append(f"- `{name}` ({where}): r={config.r}, mask {config.mask_type.value}, {nnz:,d} values "
+        lines.append(f"- `{name}` ({where}): r={config.r}, mask {MaskType(config.mask_type).value}, {nnz:,d} values "
                      f"over {layers} layers")
     lines += ["", "Load with `peft.PeftModel.from_pretrained(base, folder)` or "
               "`shira_export.ShiraModel.from_pretrained(base, folder)`.", "", "### Framework versions", "", *versions, ""]

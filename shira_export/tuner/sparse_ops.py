@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.autograd.graph import increment_version
@@ -85,7 +85,7 @@ class SparsePlan:
     def to(self, device: torch.device) -> "SparsePlan":
         if self.rows.device == torch.device(device):
             return self
-        moved = {k: (None if v is None else v.to(device)) for k, v in self.__dict__.items()
+        moved: dict[str, Any] = {k: (None if v is None else v.to(device)) for k, v in self.__dict__.items()
                  if k not in ("shape", "_derived")}
         return SparsePlan(shape=self.shape, **moved)
 

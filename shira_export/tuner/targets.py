@@ -50,7 +50,7 @@ def resolve_target_modules(model: nn.Module, config: ShiraConfig) -> list[str]:
     nothing or matches a layer type SHiRA cannot wrap."""
     targets = config.target_modules if config.target_modules is not None else default_targets(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    default = DEFAULT_TARGET_MODULES.get(model_type)
+    default = DEFAULT_TARGET_MODULES.get(model_type) if model_type is not None else None
     is_default = config.target_modules is None or (
         isinstance(targets, list) and isinstance(default, list) and sorted(targets) == sorted(default))
     excluded = set(config.modules_to_save or [])
