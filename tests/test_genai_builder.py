@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-og = pytest.importorskip("onnxruntime_genai")
-pytest.importorskip("onnxruntime_genai.models.builder")
-sys.path.insert(0, str(Path(__file__).parent))
-from verify_helpers import save_word_tokenizer
-
 from shira_export import ShiraConfig, get_shira_model
 from shira_export.errors import ShiraInputError
 from shira_export.export.genai_builder import build_genai_model, export_merged_genai, export_sparse_genai
 from shira_export.export.manifest import read_sparse_manifest
 from shira_export.runtime.genai import GenaiGraphRunner, genai_greedy
+from verify_helpers import save_word_tokenizer
+
+og = pytest.importorskip("onnxruntime_genai")
+pytest.importorskip("onnxruntime_genai.models.builder")
 
 VOCAB = 100  # the builder takes any Linear with out_features == vocab for the LM head: keep it unique
 # GroupQueryAttention on CPU needs head_size % 16 == 0

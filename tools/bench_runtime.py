@@ -145,7 +145,7 @@ def main() -> None:
         new_session_s = time.perf_counter() - t
 
         runners = {
-            "merged": lambda f, ad=None: merged.run_with_ort_values(outs, f),
+            "merged": lambda f, ad=None, m=merged: m.run_with_ort_values(outs, f),
             "dense": lambda f, ad=a: dense.run_ort_values(f, adapter=ad, output_names=outs),
             "portable": lambda f, ad=a: portable.run_ort_values(f, adapter=ad, output_names=outs),
         }
