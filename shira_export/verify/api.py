@@ -13,7 +13,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 from shira_export._io import atomic_write_text
 from shira_export.errors import CandidateError, ShiraInputError, candidate_errors
-from shira_export.verify.candidates import AdapterEntry, Kind, Manifest, open_candidate, read_manifest
+from shira_export.verify.candidates import AdapterEntry, CandidateRunner, Kind, Manifest, open_candidate, read_manifest
 from shira_export.verify.inputs import default_batches, find_tokenizer, load_tokenizer, read_texts, text_batches
 from shira_export.verify.metrics import OutputDiff, greedy_prefix_lengths
 from shira_export.verify.profiles import RULES, Precision, Profile, get_profile
@@ -89,9 +89,11 @@ def verify(
     batches = _batches(prof, base.config, manifest.folder, Path(model), inputs, family is TaskFamily.CAUSAL_LM)
     # tiny models: one thread each; on busy CPUs thread hand-offs cost 40x the math
     small = sum(p.numel() for p in base.parameters()) < _SMALL_MODEL
+    load_errors: tuple[type[BaseException], ...] = (*candidate_errors(), ShiraInputError)
+    runner: CandidateRunner
     try:
         runner = open_candidate(manifest, threads=1 if small else None)
-    except (*candidate_errors(), ShiraInputError) as exc:  # an export that does not load fails every check
+    except load_errors as exc:  # an export that does not load fails every check
         runner = _Unloadable(exc)
     with _torch_threads(1 if small else None):
         records, samples = _run_all(prof, family, base, Path(model), runner, targets, batches, progress)
@@ -111,7 +113,7 @@ def verify(
 class _Unloadable:
     """Stands in for a candidate that failed to load, so each input reports why."""
 
-    variants = ("",)
+    variants: tuple[str, ...] = ("",)
 
     def __init__(self, exc: BaseException) -> None:
         self.message = f"candidate failed to load: {type(exc).__name__}: {_short(exc)}"
@@ -319,9 +321,10 @@ def _judge(prof: Profile, r: CheckRecord, *, fixed: Optional[float] = None, what
     if r.op is None:
         return r
     value = r.value if r.value is not None else math.nan
-    r.passed = bool(value <= r.threshold) if r.op == "<=" else bool(value >= r.threshold)
+    threshold = float(r.threshold) if r.threshold is not None else math.nan  # op is set only with a threshold
+    r.passed = bool(value <= threshold) if r.op == "<=" else bool(value >= threshold)
     if not r.passed:
-        miss = "not a number" if math.isnan(value) else f"missed by {format_value(abs(value - r.threshold))}"
+        miss = "not a number" if math.isnan(value) else f"missed by {format_value(abs(value - threshold))}"
         subject = what or f"{r.output} {r.metric} of candidate vs PyTorch reference over {len(r.inputs)} input(s)"
         worst = r.details.get("worst") if r.metric == "max_abs" else None
         tail = extra

@@ -8,6 +8,7 @@ prompts, as batched generation does. Padded positions are not compared."""
 
 from __future__ import annotations
 
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def seeded_batches(
     return batches
 
 
-def read_texts(path: Union[str, Path], *, limit: Optional[int] = None) -> list[str]:
+def read_texts(path: Union[str, "os.PathLike[str]"], *, limit: Optional[int] = None) -> list[str]:
     """Non-empty lines of a .txt file, or the "text" field (or string) of each .jsonl line."""
     path = Path(path)
     if not path.is_file():

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from shira_export.errors import ShiraInputError
 
@@ -97,7 +97,7 @@ def get_profile(name: Union[str, Precision], overrides: Optional[Mapping[str, ob
         raise ShiraInputError(
             f"--set: unknown setting(s) {unknown}; expected some of {sorted(fields)}"
         )
-    changes = {key: _coerce(key, value) for key, value in overrides.items()}
+    changes: dict[str, Any] = {key: _coerce(key, value) for key, value in overrides.items()}
     return dataclasses.replace(profile, **changes)
 
 

@@ -142,7 +142,7 @@ def environment() -> dict:
     """Versions of what produced the numbers."""
     import importlib.metadata as md
 
-    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    versions: dict[str, Optional[str]] = {"python": sys.version.split()[0], "platform": platform.platform()}
     for dist in ("shira-export", "torch", "transformers", "onnxruntime", "onnx", "optimum-onnx", "optimum", "numpy"):
         try:
             versions[dist] = md.version(dist)
