@@ -47,20 +47,11 @@ def folder(request, tmp_path_factory):
 def _genai_tokens(opened, name, prompts, lengths) -> np.ndarray:
     """Greedy tokens from genai; a batch is padded on the right with pad_token_id (genai's
     convention: it masks pad tokens and continues each row after its own last token)."""
+    from shira_export.runtime.genai import genai_greedy
+
     model, adapters, pad = opened
-    batch = np.full((len(prompts), max(lengths)), pad, np.int64)
-    for i, (row, n) in enumerate(zip(prompts, lengths)):
-        batch[i, :n] = row[:n]
-    params = og.GeneratorParams(model)
-    total = batch.shape[1] + NEW
-    params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=len(prompts))
-    gen = og.Generator(model, params)
-    if name is not None:
-        gen.set_active_adapter(adapters, name)
-    gen.append_tokens(batch)
-    while not gen.is_done():
-        gen.generate_next_token()
-    return np.stack([np.asarray(gen.get_sequence(i))[batch.shape[1]:] for i in range(len(prompts))]).astype(np.int64)
+    rows = [list(row[:n]) for row, n in zip(prompts, lengths)]
+    return genai_greedy(model, rows, NEW, adapter=name, adapters=adapters, pad_token_id=pad)
 
 
 def _open(out: Path, names):
