@@ -47,3 +47,22 @@ def test_merged_and_sparse_match_pytorch(arch, tmp_path):
     if spec.peft_task == "CAUSAL_LM":  # the KV cache: greedy tokens equal PyTorch's
         greedy = [r.value for r in sparse.report.records if r.metric.startswith("greedy_prefix")]
         assert greedy and min(greedy) == 1.0
+
+
+def test_a_cache_that_is_not_a_kv_cache_is_refused_by_name(tmp_path):
+    """Qwen3.5's linear-attention layers keep a recurrent state, not keys and values: the
+    torch route says so (an input error naming the layer type), not an IndexError."""
+    import transformers
+
+    from shira_export.errors import ShiraInputError
+    from shira_export.export.exporters.torch_export import export_with_torch
+
+    if not hasattr(transformers, "Qwen3_5TextConfig"):
+        pytest.skip(f"no Qwen3.5 in transformers {transformers.__version__}")
+    config = transformers.Qwen3_5TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                            max_position_embeddings=256, head_dim=8,
+                                            layer_types=["linear_attention", "full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ShiraInputError, match="qwen3_5_text.*LinearAttentionLayer.*text-generation"):
+        export_with_torch(model, tmp_path, task="text-generation-with-past")

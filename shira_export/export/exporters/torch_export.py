@@ -116,10 +116,19 @@ def _cache_layout(model: "PreTrainedModel") -> list[tuple[int, int]]:
     from transformers.cache_utils import DynamicCache
 
     ids = torch.zeros((1, 2), dtype=torch.long)
-    # an empty cache passed in: some 4.x models return legacy tuples unless given one
-    kwargs = {_cache_argument(model): DynamicCache()}
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True, **kwargs)
+    # an empty cache passed in (some 4.x models return legacy tuples unless given one), laid
+    # out from the config where the cache takes one (hybrid models need their layer types)
+    try:
+        empty = DynamicCache(config=model.config)
+    except TypeError:
+        empty = DynamicCache()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True,
+                        **{_cache_argument(model): empty})
+    except Exception as exc:  # the model's own code: any class; each means "not this cache contract"
+        raise ShiraInputError(f"model_type {model.config.model_type!r}: a forward with a KV cache failed "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); export with task 'text-generation'") from None
     cache = _returned_cache(out)
     if cache is None or not hasattr(cache, "layers"):
         raise ShiraInputError(f"model_type {model.config.model_type!r}: the model returns no DynamicCache "
