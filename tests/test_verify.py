@@ -258,7 +258,7 @@ def test_fp16_export_passes_fp16_and_fails_fp32(opt, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(opt / "merged_hf", dtype=torch.float16).save_pretrained(tmp_path / "fp16")
+    AutoModelForCausalLM.from_pretrained(opt / "merged_hf").to(torch.float16).save_pretrained(tmp_path / "fp16")
     write_manifest(tmp_path / "fp16", task="text-generation-with-past", fmt="safetensors",
                    source=opt / "adapter", dtype="fp16")
     kwargs = dict(model=opt / "base", candidate=tmp_path / "fp16", progress=False)
