@@ -62,16 +62,22 @@ def _open(out: Path, names):
     return model, adapters, json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"]
 
 
-def _ours(lm, name, prompts, lengths) -> np.ndarray:
-    """Ours, transformers' convention: left padding with an attention mask."""
+def _left_padded(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention_mask) in transformers' convention: rows padded on the left."""
     width = max(lengths)
     ids = np.zeros((len(prompts), width), np.int64)
     mask = np.zeros_like(ids)
     for i, (row, n) in enumerate(zip(prompts, lengths)):
         ids[i, width - n:] = row[:n]
         mask[i, width - n:] = 1
+    return ids, mask
+
+
+def _ours(lm, name, prompts, lengths) -> np.ndarray:
+    """Ours, transformers' convention: left padding with an attention mask."""
+    ids, mask = _left_padded(prompts, lengths)
     out = lm.generate(ids, mask, adapter=name, max_new_tokens=NEW, min_new_tokens=NEW)
-    return out.numpy()[:, width:]
+    return out.numpy()[:, ids.shape[1]:]
 
 
 def test_config_reads_the_graph(folder):
@@ -173,12 +179,8 @@ def test_merged_folders_run_in_genai_like_onnxruntime(merged_folder):
         ort_model = None
     opened = (og.Model(str(out)), None, json.loads((out / "genai_config.json").read_text())["model"]["pad_token_id"])
     for prompts, lengths in ((PROMPTS[:1], LENGTHS[:1]), (PROMPTS, LENGTHS)):
-        width = max(lengths)
-        ids = np.zeros((len(prompts), width), np.int64)
-        mask = np.zeros_like(ids)
-        for i, (row, n) in enumerate(zip(prompts, lengths)):
-            ids[i, width - n:] = row[:n]
-            mask[i, width - n:] = 1
+        ids, mask = _left_padded(prompts, lengths)
+        width = ids.shape[1]
         want = runner.greedy(ids, mask, NEW)
         np.testing.assert_array_equal(_genai_tokens(opened, None, prompts, lengths), want)
         if ort_model is not None:
