@@ -6,6 +6,10 @@ neither pass an adapter per call nor serve concurrent callers with different ada
 `generate()` follows transformers' conventions (input_ids/attention_mask in, prompt +
 new tokens out as a LongTensor; greedy or sampling with temperature/top-k/top-p; EOS ends
 a row, which is then padded) and transformers' own logits warpers do the sampling math.
+
+`adapter` is a name, None (the base model) or a list with one of those per row: a mixed
+batch runs in one call per step (left padding and the KV cache as for any batch), and a
+decode loop reuses the stacked adapter feeds of its first step (`runtime.batching`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 
 from shira_export.errors import ShiraInputError
 from shira_export.runtime.plain import PlainSession
-from shira_export.runtime.session import Mode, ShiraSession
+from shira_export.runtime.batching import check_adapter_list
+from shira_export.runtime.session import AdapterChoice, Mode, ShiraSession
 
 __all__ = ["ShiraORTModelForCausalLM", "CausalLMOutput"]
 
@@ -68,11 +73,13 @@ class ShiraORTModelForCausalLM:
     def adapters(self) -> list[str]:
         return self.session.adapters
 
-    def forward(self, input_ids, attention_mask=None, *, adapter: Optional[str] = None,
+    def forward(self, input_ids, attention_mask=None, *, adapter: AdapterChoice = None,
                 past_key_values: Optional[list] = None) -> CausalLMOutput:
         """One step: logits for `input_ids` given the cache (None = empty). `attention_mask`
-        covers past + new tokens."""
+        covers past + new tokens; `adapter` may give one adapter (or None) per row."""
         ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2:
+            raise ShiraInputError(f"input_ids: expected [batch, tokens], found shape {list(ids.shape)}")
         batch, n_new = ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0].shape()[2]
         mask = (np.ones((batch, past_len + n_new), np.int64) if attention_mask is None
@@ -99,7 +106,7 @@ class ShiraORTModelForCausalLM:
         input_ids,
         attention_mask=None,
         *,
-        adapter: Optional[str] = None,
+        adapter: AdapterChoice = None,
         max_new_tokens: int = 20,
         min_new_tokens: int = 0,
         do_sample: bool = False,
@@ -112,7 +119,8 @@ class ShiraORTModelForCausalLM:
         num_beams: int = 1,
         use_cache: bool = True,
     ) -> torch.LongTensor:
-        """Prompt + up to `max_new_tokens` tokens per row (transformers' return convention)."""
+        """Prompt + up to `max_new_tokens` tokens per row (transformers' return convention).
+        `adapter=["a", "b", None]`: row i generates with adapter i (None: the base model)."""
         from transformers.generation.logits_process import (
             LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
         )
@@ -120,6 +128,10 @@ class ShiraORTModelForCausalLM:
         if num_beams != 1 or not use_cache:
             raise ShiraInputError("generate: only num_beams=1 with use_cache=True is supported")
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+        if ids.ndim != 2:
+            raise ShiraInputError(f"input_ids: expected [batch, tokens], found shape {list(ids.shape)}")
+        if isinstance(adapter, (list, tuple)):
+            adapter = list(check_adapter_list(adapter, ids.shape[0]))  # before any step runs
         mask = (torch.ones_like(ids) if attention_mask is None
                 else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long))
         if eos_token_id is None:

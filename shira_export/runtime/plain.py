@@ -24,7 +24,8 @@ class _Folder:
 
 
 class PlainSession:
-    """`PlainSession(folder)`; `.run(feeds)` -> {output: array}. `adapter` must be None."""
+    """`PlainSession(folder)`; `.run(feeds)` -> {output: array}. `adapter` must be None (or
+    a list of None per row)."""
 
     def __init__(self, folder: PathLike, *, file_name: str = "model.onnx", providers: Optional[Sequence[str]] = None,
                  session_options: Optional[object] = None) -> None:
@@ -46,12 +47,12 @@ class PlainSession:
     def adapters(self) -> list[str]:
         return []
 
-    def run_ort_values(self, feeds: Mapping[str, object], *, adapter: Optional[str] = None,
+    def run_ort_values(self, feeds: Mapping[str, object], *, adapter: object = None,
                        output_names: Optional[Sequence[str]] = None) -> list:
         """Run with OrtValue (or numpy) feeds; returns OrtValues (no copies, for KV caches)."""
         import onnxruntime as ort
 
-        if adapter is not None:
+        if adapter is not None and not (isinstance(adapter, (list, tuple)) and all(a is None for a in adapter)):
             raise ShiraInputError(f"{self.manifest.folder}: a merged export has no adapters to choose "
                                   f"(found adapter={adapter!r})")
         unknown = sorted(set(feeds) - set(self.input_names))
@@ -61,7 +62,7 @@ class PlainSession:
                   for k, v in feeds.items()}
         return self.session.run_with_ort_values(list(output_names or self.output_names), values, ort.RunOptions())
 
-    def run(self, feeds: Mapping[str, np.ndarray], *, adapter: Optional[str] = None,
+    def run(self, feeds: Mapping[str, np.ndarray], *, adapter: object = None,
             output_names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
         names = list(output_names or self.output_names)
         outs = self.run_ort_values(feeds, adapter=adapter, output_names=names)
