@@ -241,7 +241,9 @@ def export_with_torch(model: "PreTrainedModel", output_dir: Path, *, task: str, 
     """Write `output_dir/model.onnx` for `task`; returns its path."""
     import onnx
     import onnx_ir as ir
+    from onnxscript.optimizer import remove_unused_nodes
 
+    from shira_export.export.exporters.graph_rewrites import fuse_split_transposes
     from shira_export.export.onnx_io import save_onnx
 
     model = model.eval()
@@ -258,6 +260,8 @@ def export_with_torch(model: "PreTrainedModel", output_dir: Path, *, task: str, 
         optimized = torch.onnx.ONNXProgram(ir.from_proto(unoptimized), None)
         del unoptimized
         optimized.optimize()
+        if fuse_split_transposes(optimized.model):
+            remove_unused_nodes(optimized.model)
         proto = optimized.model_proto
         del optimized
     _check_contract(proto, inputs, outputs, model.config.model_type)
