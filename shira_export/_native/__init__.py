@@ -265,6 +265,36 @@ def _fits(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
+# ---- argument checks: explicit (asserts vanish under python -O), since a wrong pointer
+# or length reaches C unchecked. Programming errors: TypeError (type, dtype), ValueError
+# (device, layout, shape), RuntimeError (the kernels are not loaded).
+
+def _loaded_lib(fn: str) -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError(f"_native.{fn}: the native kernels are not loaded ({_state['why']}); check available() first")
+    return lib
+
+
+def _check(fn: str, dtype: torch.dtype, dim: Optional[int], **tensors: object) -> None:
+    """Each of `tensors` is a contiguous CPU torch.Tensor of `dtype` with `dim` dims (None: any)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"_native.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"_native.{fn}: {name} must be {dtype}, got {t.dtype}")
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"_native.{fn}: {name} must be a contiguous CPU tensor, got one on {t.device}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
+        if dim is not None and t.dim() != dim:
+            raise ValueError(f"_native.{fn}: {name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def _check_len(fn: str, positions: str, n_positions: int, values: str, n_values: int) -> None:
+    if n_positions != n_values:
+        raise ValueError(f"_native.{fn}: {positions} has {n_positions} entries but {values} has {n_values}")
+
+
 def loaded() -> bool:
     """True when the kernels are built and loaded (they serve fp32 CPU tensors)."""
     return _lib() is not None
@@ -282,12 +312,22 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
     SDDMM_BLOCK_COLS b columns (sparse_ops.SparsePlan.sddmm_pattern builds it): `crow`
     [n_a + 1] plain row pointers, `bptr` [n_blocks, n_a + 1], `bcol` uint8 [nnz] column
     within the block, `dest` int32 [nnz] a permutation. Returns [nnz] fp32."""
-    lib = _lib()
-    assert lib is not None and _fits(a, b, crow, bptr, bcol, dest) and a.dtype == b.dtype == torch.float32
-    assert a.dim() == b.dim() == 2 and a.shape[0] == b.shape[0] and bcol.dtype == torch.uint8
+    lib = _loaded_lib("sddmm")
+    _check("sddmm", torch.float32, 2, a=a, b=b)
+    _check("sddmm", torch.int64, 1, crow=crow)
+    _check("sddmm", torch.int64, 2, bptr=bptr)
+    _check("sddmm", torch.uint8, 1, bcol=bcol)
+    _check("sddmm", torch.int32, 1, dest=dest)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"_native.sddmm: a has {a.shape[0]} rows (tokens) but b has {b.shape[0]}")
     n_a, n_b = a.shape[1], b.shape[1]
-    assert crow.numel() == n_a + 1 and bptr.shape == (-(-n_b // SDDMM_BLOCK_COLS), n_a + 1)
-    assert dest.dtype == torch.int32 and dest.numel() == bcol.numel()
+    blocks = (-(-n_b // SDDMM_BLOCK_COLS), n_a + 1)
+    if crow.numel() != n_a + 1 or tuple(bptr.shape) != blocks:
+        raise ValueError(f"_native.sddmm: the pattern is for another shape: crow has {crow.numel()} entries and "
+                         f"bptr shape {tuple(bptr.shape)}, expected {n_a + 1} and {blocks} for a [T, {n_a}], b [T, {n_b}]")
+    _check_len("sddmm", "dest", dest.numel(), "bcol", bcol.numel())
+    if int(crow[-1]) != bcol.numel():  # the kernel sizes its accumulator from crow[-1]
+        raise ValueError(f"_native.sddmm: crow ends at {int(crow[-1])}, the pattern has {bcol.numel()} nonzeros")
     out = torch.empty(bcol.numel(), dtype=torch.float32)
     rc = lib.shira_sddmm_f32(a.data_ptr(), n_a, b.data_ptr(), n_b, a.shape[0], crow.data_ptr(), bptr.data_ptr(),
                              bcol.data_ptr(), dest.data_ptr(), SDDMM_BLOCK_COLS, out.data_ptr(), torch.get_num_threads())
@@ -298,21 +338,30 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
 
 
 def scatter_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
-    """w[flat] = values in place."""
-    lib = _lib()
-    assert lib is not None and _fits(weight, flat, values) and weight.dtype == values.dtype == torch.float32
+    """w[flat] = values in place (int64 positions into the contiguous weight's storage)."""
+    lib = _loaded_lib("scatter_")
+    _check("scatter_", torch.float32, None, weight=weight)
+    _check("scatter_", torch.int64, 1, flat=flat)
+    _check("scatter_", torch.float32, 1, values=values)
+    _check_len("scatter_", "flat", flat.numel(), "values", values.numel())
     lib.shira_scatter_f32(weight.data_ptr(), flat.data_ptr(), values.data_ptr(), flat.numel(), torch.get_num_threads())
 
 
 def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tensor, new_flat: torch.Tensor,
             new_values: torch.Tensor, *, block: int = 8192) -> None:
     """w[old_flat] = old_values, then w[new_flat] = new_values, in one pass over the
-    weight (int32 position lists, ascending; weights under 2^31 elements). The caller
-    bumps weight._version."""
-    lib = _lib()
-    assert lib is not None and _fits(weight, old_flat, old_values, new_flat, new_values)
-    assert old_flat.dtype == new_flat.dtype == torch.int32 and weight.numel() < 2**31
-    assert weight.dtype == old_values.dtype == new_values.dtype == torch.float32
+    weight's storage (int32 position lists, ascending; weights under 2^31 elements).
+    The caller bumps weight._version."""
+    lib = _loaded_lib("switch_")
+    _check("switch_", torch.float32, None, weight=weight)
+    _check("switch_", torch.float32, 1, old_values=old_values, new_values=new_values)
+    _check("switch_", torch.int32, 1, old_flat=old_flat, new_flat=new_flat)
+    _check_len("switch_", "old_flat", old_flat.numel(), "old_values", old_values.numel())
+    _check_len("switch_", "new_flat", new_flat.numel(), "new_values", new_values.numel())
+    if weight.numel() >= 2**31:
+        raise ValueError(f"_native.switch_: int32 positions cover weights under 2^31 elements, got {weight.numel()}")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"_native.switch_: block must be a positive int, got {block!r}")
     lib.shira_switch_f32(weight.data_ptr(), weight.numel(), old_flat.data_ptr(), old_values.data_ptr(),
                          old_flat.numel(), new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block,
                          torch.get_num_threads())

@@ -15,7 +15,6 @@ load_state_dict, adding an adapter) first puts the base entries back (`settle`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Optional, cast
 
 import torch
@@ -23,28 +22,10 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from shira_export import _native
+from shira_export.tuner.layer_state import LayerState, Resident, scaled_delta
 from shira_export.tuner.masks import layer_shape
 from shira_export.tuner.mixed import current_rows, mixed_layer_forward
-from shira_export.tuner.sparse_ops import (
-    SparsePlan,
-    gather_flat,
-    merged_weight_linear,
-    scatter_flat_,
-    sparse_linear_delta,
-    storage_index,
-)
-
-
-@dataclass(frozen=True)
-class _Resident:
-    """An adapter merged by training: what was written, and what W held before."""
-
-    name: str
-    weight: torch.Tensor  # the tensor written (.to() or a reassignment makes another one)
-    version: int  # weight._version after our write: anything else moves it
-    base: torch.Tensor  # W's entries at the support before the merge
-    values: torch.Tensor  # a copy of the values merged (W holds base + scale * values)
-    scale: float
+from shira_export.tuner.sparse_ops import SparsePlan, gather_flat, merged_weight_linear, sparse_linear_delta
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -90,8 +71,9 @@ class ShiraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []  # a stack: unmerge pops in reverse order
         self.disable_adapters = False
-        self._plans: dict[str, SparsePlan] = {}
-        self._resident: Optional[_Resident] = None
+        # Derived data (plans, storage positions, base and merged entries) and what undoes
+        # our own writes (saved entries, the resident adapter), with one invalidation rule.
+        self._state = LayerState((self.out_features, self.in_features), transposed=self.transposed_storage)
         # A weight shared with another module (a tied head) must never hold W + S between
         # calls: train such a layer with the delta on the activations instead.
         self.weight_shared = False
@@ -99,15 +81,6 @@ class ShiraLayer(nn.Module):
         self.train(base_layer.training)  # a new wrapper follows the model's train/eval mode
         self.register_state_dict_pre_hook(_settle_hook)
         self.register_load_state_dict_pre_hook(_settle_hook)
-        self._flat: dict[str, torch.Tensor] = {}  # per adapter: positions in the weight's storage
-        self._saved_entries: dict[str, torch.Tensor] = {}
-        # Base entries at each adapter's support, read once, so that a switch only writes.
-        # Valid while the weight's version is the one our own last write left.
-        self._base_entries: dict[str, torch.Tensor] = {}
-        # name -> (base entries, values, (values' version, scale), base + scale * values)
-        self._merged_cache: dict[str, tuple] = {}
-        self._flat32: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._own_version: Optional[int] = None
 
     # ---- adapters ----------------------------------------------------------------
     def add_adapter(self, name: str, indices: torch.Tensor, values: torch.Tensor, *, trainable: bool) -> None:
@@ -129,11 +102,7 @@ class ShiraLayer(nn.Module):
         del self.shira_weight[name]
         del self.shira_indices[name]
         self.scaling.pop(name, None)
-        self._plans.pop(name, None)
-        self._flat.pop(name, None)
-        self._base_entries.pop(name, None)
-        self._merged_cache.pop(name, None)
-        self._flat32.pop(name, None)
+        self._state.drop(name)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -141,31 +110,15 @@ class ShiraLayer(nn.Module):
         return int(self.shira_weight[name].numel())
 
     def plan(self, name: str) -> SparsePlan:
-        indices = self.shira_indices[name]
-        plan = self._plans.get(name)
-        if plan is None or plan.rows.device != indices.device:
-            plan = SparsePlan.build(indices, (self.out_features, self.in_features))
-            self._plans[name] = plan
-        return plan
+        return self._state.support(name, self.shira_indices[name]).plan
+
+    @property
+    def _resident(self) -> Optional[Resident]:  # read by ShiraModel's warning and tests
+        return self._state.resident
 
     # ---- merge / unmerge ------------------------------------------------------------
-    def _storage_index(self, name: str) -> torch.Tensor:
-        """Flat positions of the adapter's entries in the weight's storage (1-D scatter
-        and index_select are 3-5x faster on CPU than 2-D advanced indexing)."""
-        indices = self.shira_indices[name]
-        flat = self._flat.get(name)
-        if flat is None or flat.device != indices.device:
-            flat = storage_index(indices, (self.out_features, self.in_features), transposed=self.transposed_storage)
-            self._flat[name] = flat
-        return flat
-
-    def _storage_index32(self, name: str) -> torch.Tensor:
-        """The same positions as int32, for the native switch (half the bytes to read)."""
-        flat = self._storage_index(name)
-        cached = self._flat32.get(name)
-        if cached is None or cached[0] is not flat:
-            cached = self._flat32[name] = (flat, flat.to(torch.int32))
-        return cached[1]
+    def _flat(self, name: str) -> torch.Tensor:
+        return self._state.support(name, self.shira_indices[name]).flat
 
     def _scaled_values(self, name: str) -> torch.Tensor:
         """scale * values for forward, differentiable (scale 1: the parameter itself, no op)."""
@@ -173,60 +126,35 @@ class ShiraLayer(nn.Module):
         return self.shira_weight[name] if scale == 1.0 else self.shira_weight[name] * scale
 
     def delta_values(self, name: str) -> torch.Tensor:
-        scale = self.scaling[name]
-        return self.shira_weight[name].detach() if scale == 1.0 else self.shira_weight[name].detach() * scale
+        return scaled_delta(self.shira_weight[name], self.scaling[name])
+
+    def _merged_entries(self, name: str, base: torch.Tensor, *, cached: bool = True) -> torch.Tensor:
+        """base + scale * values at the support (cached for frozen values)."""
+        dtype = self.weight.dtype
+        if not cached:
+            return (base.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(dtype)
+        return self._state.merged_entries(name, base, self.shira_weight[name], self.scaling[name], dtype)
 
     @torch.no_grad()
     def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:
         self.settle()
         names = list(self.active_adapters if adapter_names is None else adapter_names)
-        weight = self.weight
+        weight, state = self.weight, self._state
         for name in names:
             if name in self.merged_adapters or name not in self.shira_weight:
                 continue
-            index = self._storage_index(name)
+            flat = self._flat(name)
             if self.merged_adapters:  # stacked on another adapter: W's current entries
-                saved = gather_flat(weight, index)
+                saved = gather_flat(weight, flat)
+                merged = self._merged_entries(name, saved, cached=False)
+            else:  # the base entries (cached: a switch then only writes)
+                saved = state.base_entries(name, self.shira_indices[name], weight)
                 merged = self._merged_entries(name, saved)
-            else:
-                saved = self._base_entries_of(name)
-                merged = self._cached_merged_entries(name, saved)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights: the adapter is broken")
-            scatter_flat_(weight, index, merged)
-            self._own_version = weight._version
-            self._saved_entries[name] = saved
+            state.save(name, saved, weight)
+            state.write(weight, flat, merged)
             self.merged_adapters.append(name)
-
-    def _merged_entries(self, name: str, saved: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        return (saved.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(weight.dtype)
-
-    def _cached_merged_entries(self, name: str, base_entries: torch.Tensor) -> torch.Tensor:
-        """base + scale * values at the support. For frozen values, kept while neither
-        the cached base entries nor the values (their version) nor the scale changed."""
-        values, state = self.shira_weight[name], (self.shira_weight[name]._version, self.scaling[name])
-        if values.requires_grad:  # trainable: optimizers writing p.data change it with no new version
-            return self._merged_entries(name, base_entries)
-        # Kept with the tensors themselves (compared with `is`): an id() could be reused
-        # by a new tensor once the old one is freed.
-        cached = self._merged_cache.get(name)
-        if cached is None or cached[0] is not base_entries or cached[1] is not values or cached[2] != state:
-            cached = self._merged_cache[name] = (base_entries, values, state, self._merged_entries(name, base_entries))
-        return cached[3]
-
-    def _base_entries_of(self, name: str) -> torch.Tensor:
-        """The base weight's entries at the adapter's support (no adapter merged now).
-        Cached: a switch then costs two scatters. Anything else that writes the weight
-        bumps its version, which drops the cache."""
-        weight = self.weight
-        if weight._version != self._own_version:
-            self._base_entries.clear()
-        entries = self._base_entries.get(name)
-        if entries is None:
-            entries = self._base_entries[name] = gather_flat(weight, self._storage_index(name))
-            self._own_version = weight._version
-        return entries
 
     @torch.no_grad()
     def switch_merged(self, name: str) -> None:
@@ -235,22 +163,25 @@ class ShiraLayer(nn.Module):
         the weight (the new support's entries are written right after the old one's are
         restored, block by block, while the block's cache lines are still in L1/L2)."""
         self.settle()
-        weight = self.weight
+        weight, state = self.weight, self._state
         old = self.merged_adapters[0] if len(self.merged_adapters) == 1 else None
-        # The new adapter's base entries must be cached already: read now, they would
-        # include the old adapter's values where the supports overlap.
-        if (old is not None and old != name and name in self._base_entries and not self.transposed_storage
-                and weight._version == self._own_version and weight.numel() < 2**31 and _native.available(weight)):
-            base = self._base_entries[name]
-            merged = self._cached_merged_entries(name, base)
-            _native.switch_(weight.view(-1), self._storage_index32(old), self._saved_entries.pop(old),
-                            self._storage_index32(name), merged)
-            increment_version(weight)  # W changed: autograd and our caches must see a write
-            self._own_version = weight._version
-            self._saved_entries[name] = base
-            self.merged_adapters = [name]
-            self.active_adapters = [name]
-            return
+        if (old is not None and old != name and name in self.shira_weight and not self.transposed_storage
+                and weight.numel() < 2**31 and _native.available(weight)):
+            # The new adapter's base entries must be cached already: read now, they would
+            # include the old adapter's values where the supports overlap.
+            base = state.cached_base_entries(name, self.shira_indices[name], weight)
+            old_saved = state.saved(old, weight)
+            if base is not None and old_saved is not None:
+                merged = self._merged_entries(name, base)
+                old_support, new_support = (state.support(n, self.shira_indices[n]) for n in (old, name))
+                _native.switch_(weight.view(-1), old_support.flat32(), old_saved, new_support.flat32(), merged)
+                increment_version(weight)  # W changed: autograd and our state must see a write
+                state.wrote(weight)
+                state.take_saved(old, weight)
+                state.save(name, base, weight)
+                self.merged_adapters = [name]
+                self.active_adapters = [name]
+                return
         self.unmerge()
         self.active_adapters = [name] if name in self.shira_weight else []
         self.merge()
@@ -258,21 +189,18 @@ class ShiraLayer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take merged adapters out. Normally the saved entries are written back (bit for
-        bit); if something else wrote the weight while merged (its version moved), the
-        deltas are subtracted instead, as PEFT does, so that the other write survives."""
+        bit); if something else wrote the weight since they were saved, the deltas are
+        subtracted instead, as PEFT does, so that the other write survives."""
         self.settle()
-        weight = self.weight
-        cache_valid = weight._version == self._own_version
+        weight, state = self.weight, self._state
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            index = self._storage_index(name)
-            saved = self._saved_entries.pop(name)
-            if not cache_valid:
-                current = gather_flat(weight, index).to(torch.float32)
+            flat = self._flat(name)
+            saved = state.take_saved(name, weight)
+            if saved is None:
+                current = gather_flat(weight, flat).to(torch.float32)
                 saved = (current - self.delta_values(name).to(torch.float32)).to(weight.dtype)
-            scatter_flat_(weight, index, saved)
-        if cache_valid:  # our own restore: the cached base entries still hold
-            self._own_version = weight._version
+            state.write(weight, flat, saved)
 
     # ---- training: the trained adapter stays merged between steps ---------------------
     @torch.no_grad()
@@ -281,48 +209,48 @@ class ShiraLayer(nn.Module):
         values: rewritten (O(nnz), no read of W) when they differ from what W holds.
         Compared by content, not by version: optimizers that write p.data (fused
         AdamW, the Trainer's default) leave the version as it was."""
-        weight = self.weight
-        res = self._resident
-        if res is not None and (res.name != name or res.weight is not weight or weight._version != res.version):
+        weight, state = self.weight, self._state
+        res = state.resident
+        if res is not None and (res.name != name or res.generation != state.generation(weight)):
             self.settle()
             res = None
         values, scale = self.shira_weight[name].detach(), self.scaling[name]
         if res is not None and res.scale == scale and torch.equal(values, res.values):
             return  # unchanged: no write, so graphs built since the last write stay valid
-        base = res.base if res is not None else self._base_entries_of(name)
-        scatter_flat_(weight, self._storage_index(name), self._merged_entries(name, base))
+        base = res.base if res is not None else state.base_entries(name, self.shira_indices[name], weight)
+        state.write(weight, self._flat(name), self._merged_entries(name, base, cached=False))
         if res is not None:
             res.values.copy_(values)
             values = res.values
         else:
             values = values.clone()
-        self._resident = _Resident(name, weight, weight._version, base, values, scale)
+        state.resident = Resident(name, state.generation(weight), base, values, scale)
 
     @torch.no_grad()
     def settle(self) -> None:
         """Put back the base entries that training left merged (no-op when none are).
         If the support no longer holds what we wrote (something else wrote there), only
         our delta is taken out, as unmerge does, so that the other write survives."""
-        res, self._resident = self._resident, None
+        state = self._state
+        res, state.resident = state.resident, None
         if res is None:
             return
         weight = self.weight
-        index = self._storage_index(res.name)
+        flat = self._flat(res.name)
         base = res.base.to(weight.device)
-        if res.weight is weight and weight._version == res.version:  # only our writes since the merge
-            scatter_flat_(weight, index, base)  # bit for bit
-            self._own_version = weight._version  # the cached base entries hold again
+        if res.generation == state.generation(weight):  # only our writes since the merge
+            state.write(weight, flat, base)  # bit for bit
             return
         # Compared by content: a deep copy or .to() gives W a new version but the same entries.
         merged = (base.to(torch.float32) + res.values.to(weight.device, torch.float32) * res.scale).to(weight.dtype)
-        current = gather_flat(weight, index)
+        current = gather_flat(weight, flat)
         if torch.equal(current, merged):
-            scatter_flat_(weight, index, base)
+            state.write(weight, flat, base)
         else:  # remove only what our write added
-            scatter_flat_(weight, index, current.to(torch.float32) - (merged.to(torch.float32) - base.to(torch.float32)))
+            state.write(weight, flat, current.to(torch.float32) - (merged.to(torch.float32) - base.to(torch.float32)))
 
     def train(self, mode: bool = True) -> "ShiraLayer":
-        if not mode and self._resident is not None:
+        if not mode and self._state.resident is not None:
             self.settle()  # eval mode reads W as the base weight
         return super().train(mode)
 

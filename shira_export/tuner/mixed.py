@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, cast
 
 import torch
 
@@ -72,8 +72,11 @@ def mixed_layer_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
 def mixed_head_forward(wrapper, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Each group of rows through its adapter's copy of the head (the original for
     "__base__" and for adapters without a copy here)."""
+    groups = _groups(x.shape[0], x.device)
+    if not groups:  # an empty batch: no rows to route
+        return wrapper.original_module(x, *args, **kwargs)
     result: Optional[torch.Tensor] = None
-    for name, rows in _groups(x.shape[0], x.device).items():
+    for name, rows in groups.items():
         module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
         out = module(x.index_select(0, rows), *args, **kwargs)
         if not isinstance(out, torch.Tensor):
@@ -82,5 +85,4 @@ def mixed_head_forward(wrapper, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
         if result is None:
             result = out.new_empty((x.shape[0], *out.shape[1:]))
         result[rows] = out
-    assert result is not None  # a batch has at least one row
-    return result
+    return cast(torch.Tensor, result)  # set by the first of the (non-empty) groups
