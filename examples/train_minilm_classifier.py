@@ -109,7 +109,7 @@ def main() -> None:
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from shira_export.export.merged import export_merged
+    from shira_export.pipeline import export_merged
     from shira_export.export.quantize import quantize_onnx_model
     from shira_export.export.tasks import Task, export_onnx
 
@@ -173,7 +173,7 @@ def main() -> None:
 
     # -- sparse: fp32 base graph + adapter file; quantized base, same adapter file ---------
     if not args.skip_sparse:
-        from shira_export.export.sparse import export_sparse
+        from shira_export.pipeline import export_sparse
         from shira_export.runtime import ShiraSession
 
         sparse_dir = out / "sparse"

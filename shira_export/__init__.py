@@ -3,7 +3,8 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ShiraConfig", "ShiraModel", "get_shira_model", "inject_adapter_in_model", "__version__"]
+__all__ = ["ShiraConfig", "ShiraModel", "get_shira_model", "inject_adapter_in_model", "export_merged", "export_sparse",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -12,4 +13,8 @@ def __getattr__(name: str) -> Any:
         from shira_export import tuner
 
         return getattr(tuner, name)
+    if name in ("export_merged", "export_sparse"):  # export -> quantize -> verify (shira_export.pipeline)
+        from shira_export import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'shira_export' has no attribute {name!r}")

@@ -88,7 +88,7 @@ def run_demo(
 def _run(out: Path, *, steps: int, r: int, log: Callable[[str], None]) -> DemoResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_sparse
     from shira_export.runtime import ShiraORTModelForCausalLM
 
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from shira_export import ShiraConfig, get_shira_model
-from shira_export.export import export_merged, export_sparse
+from shira_export.pipeline import export_merged, export_sparse
 from tiny_archs import ARCHS, available, build
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_adapters, make_base  # noqa: E402
 
-from shira_export.export import onnx_io  # noqa: E402
-from shira_export.export.merged import export_merged  # noqa: E402
-from shira_export.export.sparse import export_sparse  # noqa: E402
+from shira_export.artifacts import onnx_io  # noqa: E402
+from shira_export.pipeline import export_merged  # noqa: E402
+from shira_export.pipeline import export_sparse  # noqa: E402
 from shira_export.runtime.session import ShiraSession  # noqa: E402
 
 

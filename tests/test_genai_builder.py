@@ -117,7 +117,7 @@ def family_export(request, tmp_path_factory):
         "attn": _our_adapter(base, root / "attn", [attn[0], attn[-2]] if family != "phi3" else attn, seed=1),
         "mlp": (_peft_adapter if family == "llama" else _our_adapter)(base, root / "mlp", mlp + attn[1:2], seed=2),
     }
-    out = export_sparse_genai(base, adapters, root / "out", precision="fp32", verify=False).output_dir
+    out = export_sparse_genai(base, adapters, root / "out", precision="fp32").output_dir
     return family, root, base, adapters, out
 
 
@@ -190,7 +190,7 @@ def test_genai_runs_the_folder_and_equals_the_graph(tmp_path_factory):
     adapters = {"a": _our_adapter(base, root / "a", ["q_proj", "v_proj", "down_proj"], 1),
                 "b": _our_adapter(base, root / "b", ["k_proj", "o_proj", "up_proj"], 2)}
     for precision in ("fp32", "int4"):
-        out = export_sparse_genai(base, adapters, root / precision, precision=precision, verify=False).output_dir
+        out = export_sparse_genai(base, adapters, root / precision, precision=precision).output_dir
         assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["log_severity_level"] == 3
         runner = GenaiGraphRunner(out)
         model = og.Model(str(out))
@@ -226,7 +226,7 @@ def test_int4_and_int8_parity_through_verify_profiles(tmp_path_factory, monkeypa
     base = _make_base("llama", root)
     adapters = {"a": _our_adapter(base, root / "a", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], 1)}
     for precision in ("int4", "int8", "fp32"):
-        out = export_sparse_genai(base, adapters, root / precision, precision=precision, verify=False).output_dir
+        out = export_sparse_genai(base, adapters, root / precision, precision=precision).output_dir
         # a 2-layer random model's logits are near-ties: the builder's own int4 base agrees on
         # top-1 at ~0.77 here (CPU-dependent: accuracy level 4 quantizes activations where
         # the CPU has int8 kernels); cosine and greedy rules stay as the profile says
@@ -275,7 +275,7 @@ def test_exporter_genai_through_the_public_api_and_cli(tmp_path, capsys):
     """`--exporter genai` on `sparse` and `merged`: the builder base, verified by `verify`
     (which reads the manifest's exporter and runs the folder with runtime.genai)."""
     from shira_export.cli import main as cli_main
-    from shira_export.export import export_merged, export_sparse
+    from shira_export.pipeline import export_merged, export_sparse
 
     base = _make_base("llama", tmp_path)
     adapter = _our_adapter(base, tmp_path / "a", ["q_proj", "v_proj", "down_proj"], 2)

@@ -25,7 +25,7 @@ LENGTHS = [5, 3]
 
 
 def _export(root: Path, arch: str, quantize):
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_sparse
 
     base = make_base(arch, root)
     adapters = make_adapters(arch, base, root)
@@ -151,7 +151,7 @@ def test_non_decoder_folders_and_bad_input(tmp_path):
 @pytest.fixture(scope="module", params=[("fp16", None), ("fp32", "int8"), ("fp32", "int4")],
                 ids=["merged-fp16", "merged-int8", "merged-int4"])
 def merged_folder(request, tmp_path_factory):
-    from shira_export.export.merged import export_merged
+    from shira_export.pipeline import export_merged
 
     dtype, quantize = request.param
     root = tmp_path_factory.mktemp(f"merged_{dtype}_{quantize}")

@@ -17,7 +17,7 @@ import torch
 from shira_export import ShiraConfig, ShiraModel, get_shira_model
 from shira_export.cli import main as cli_main
 from shira_export.errors import ParityFailure, ShiraInputError
-from shira_export.export import export_merged
+from shira_export.pipeline import export_merged
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_opt
 
 peft = pytest.importorskip("peft")

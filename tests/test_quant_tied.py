@@ -33,7 +33,7 @@ def _opt(tied: bool) -> OPTForCausalLM:
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """fp32 merged exports of a tied and an untied OPT, and their int8 / int4 files."""
-    from shira_export.export.merged import export_merged
+    from shira_export.pipeline import export_merged
 
     root = tmp_path_factory.mktemp("tied")
     out = {}

@@ -22,8 +22,8 @@ from tiny_models import VOCAB, tiny_bert
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """Base folder, two adapters, fp32 merged and sparse exports, and their int8/int4 copies."""
-    from shira_export.export.merged import export_merged
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_merged
+    from shira_export.pipeline import export_sparse
 
     root = tmp_path_factory.mktemp("quant")
     base = tiny_bert()
@@ -297,7 +297,7 @@ def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
     must end up quantized, and the fp32 originals must not stay in the file."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from shira_export.export.merged import export_merged
+    from shira_export.pipeline import export_merged
 
     torch.manual_seed(0)  # big enough that weights, not graph structure, make up the file
     base = OPTForCausalLM(OPTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,

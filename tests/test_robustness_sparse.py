@@ -22,7 +22,8 @@ from shira_export.cli import main
 from shira_export.errors import ShiraInputError
 from shira_export.export import adapter_file
 from shira_export.export.manifest import SparseManifest, read_sparse_manifest
-from shira_export.export.sparse import add_adapter_file, export_sparse
+from shira_export.export.sparse import add_adapter_file
+from shira_export.pipeline import export_sparse
 from shira_export.runtime import ShiraSession
 
 

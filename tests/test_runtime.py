@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402
-from shira_export.export.sparse import export_sparse  # noqa: E402
+from shira_export.pipeline import export_sparse  # noqa: E402
 from shira_export.runtime import Mode, ShiraORTModelForCausalLM, ShiraSession  # noqa: E402
 from shira_export.verify.reference import merged_reference  # noqa: E402
 

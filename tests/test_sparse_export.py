@@ -19,7 +19,8 @@ from sparse_models import make_adapter, make_adapters, make_base  # noqa: E402
 from shira_export.errors import ShiraInputError  # noqa: E402
 from shira_export.export.adapter_file import read_adapter_file  # noqa: E402
 from shira_export.export.manifest import read_sparse_manifest  # noqa: E402
-from shira_export.export.sparse import add_adapter_file, export_sparse  # noqa: E402
+from shira_export.export.sparse import add_adapter_file  # noqa: E402
+from shira_export.pipeline import export_sparse  # noqa: E402
 from shira_export.verify.reference import merged_reference  # noqa: E402
 
 ARCHS = ["opt", "llama", "gpt2", "bert"]

@@ -146,7 +146,7 @@ def test_graph_with_a_shape_frozen_by_tracing(good, tmp_path):
 
 def test_adapter_file_swapped_for_another_adapters(tmp_path):
     """Sparse export of two adapters; b's .onnx_adapter replaced by a's."""
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_sparse
 
     tiny_opt().save_pretrained(tmp_path / "base")
     make_adapter(tiny_opt, tmp_path / "a", targets=["q_proj", "v_proj"], seed=1)

@@ -52,7 +52,7 @@ def _sparse_adapter(arch: str, adapter: Path, root: Path) -> Path:
 def run_one(arch: str, exporter: str, root: Path) -> dict:
     from shira_export import ShiraConfig, get_shira_model
     from shira_export.errors import ParityFailure
-    from shira_export.export import export_merged, export_sparse
+    from shira_export.pipeline import export_merged, export_sparse
 
     spec = ARCHS[arch]
     model = build(arch)

@@ -67,7 +67,7 @@ def main() -> int:
     from transformers import OPTConfig, OPTForCausalLM
 
     from shira_export import ShiraConfig, get_shira_model
-    from shira_export.export import export_merged
+    from shira_export.pipeline import export_merged
     from shira_export.export.exporters.optimum_export import optimum_available
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

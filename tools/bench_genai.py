@@ -79,7 +79,7 @@ def export_ours(work: Path, exporter: str = "auto") -> Path:
     import inspect
 
     from shira_export.export.genai_config import write_genai_config
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_sparse
 
     base = build_base(work)
     adapter = build_adapter(work, base)

@@ -50,7 +50,7 @@ def _prepare(root: Path) -> tuple[Path, Path, int]:
 
 def _ours(base: Path, adapter: Path, out: Path, **kwargs) -> float:
     from shira_export.errors import ParityFailure
-    from shira_export.export import export_merged
+    from shira_export.pipeline import export_merged
 
     started = time.perf_counter()
     try:

@@ -119,8 +119,8 @@ def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
     from transformers import OPTConfig, OPTForCausalLM
 
     from shira_export import ShiraConfig, get_shira_model
-    from shira_export.export.merged import export_merged
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_merged
+    from shira_export.pipeline import export_sparse
     from shira_export.runtime import ShiraSession
 
     torch.manual_seed(0)

@@ -87,7 +87,7 @@ def merged_graph(folder: Path, session, name: str):
 def main() -> None:
     import onnxruntime as ort
 
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_sparse
     from shira_export.runtime import Mode, ShiraSession
 
     ap = argparse.ArgumentParser()

@@ -39,8 +39,8 @@ def _adapter(model, folder: Path, targets: list[str], seed: int) -> None:
 def build(work: Path) -> list[tuple[str, Path, Path, str]]:
     from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM
 
-    from shira_export.export.merged import export_merged
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_merged
+    from shira_export.pipeline import export_sparse
 
     work.mkdir(parents=True, exist_ok=True)
     opt_cfg = OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=128,

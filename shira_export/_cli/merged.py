@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from shira_export._cli import add_output_options
+from shira_export.artifacts.tasks import task_choices
+from shira_export.export.exporters import Exporter  # imports no torch: --help stays fast
 
 FORMATS = ("onnx", "safetensors")
-TASKS = ("auto", "text-generation-with-past", "text-generation", "feature-extraction", "text-classification")
+TASKS = task_choices()
 DTYPES = ("fp32", "fp16")
-# shira_export.export.exporters.Exporter (not imported here: --help must not load torch)
-EXPORTERS = ("auto", "torch", "optimum", "genai")
+EXPORTERS = tuple(e.value for e in Exporter)
 EXPORTER_HELP = ("ONNX exporter: torch (torch.onnx dynamo, any transformers), optimum (optimum-onnx, "
                  "transformers 4.x), genai (onnxruntime-genai's model builder: Llama, Mistral, Qwen, Phi-3, "
                  "Gemma; causal LMs), auto (optimum when installed and it supports the model, else torch)")
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shira_export.export import export_merged
+    from shira_export.pipeline import export_merged
 
     result = export_merged(
         args.model,

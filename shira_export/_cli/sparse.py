@@ -7,8 +7,9 @@ import argparse
 
 from shira_export._cli import add_output_options
 from shira_export._cli.merged import EXPORTER_HELP, EXPORTERS
+from shira_export.artifacts.tasks import task_choices
 
-TASKS = ("auto", "text-generation-with-past", "feature-extraction", "text-classification")
+TASKS = task_choices(sparse=True)
 
 
 def parse_named(values: list[str]) -> dict[str, str]:
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from shira_export.export.sparse import export_sparse
+    from shira_export.pipeline import export_sparse
 
     result = export_sparse(args.model, parse_named(args.adapter), args.output, task=args.task, opset=args.opset,
                            overwrite=args.overwrite, verify=args.verify,

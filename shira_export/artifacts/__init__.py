@@ -1,3 +1,12 @@
-"""What lies on disk, shared by every stage: reading Hugging Face model folders safely
-(`hf_folder`). Stages read and write folders through this package, never through each
-other's internals."""
+"""The contract between the stages: what lies on disk. Stages read and write folders through
+this package, never through each other's internals.
+
+- `manifest`: `shira_export.json` of every export folder (typed, one reader and writer)
+- `tasks`: the task table (exporter task, PEFT task_type, Auto class, outputs compared, inputs)
+- `naming`: `shira.<module>.indices/values/weight`, `TargetSite`, the graph fingerprint
+- `adapter_io`: `.onnx_adapter` files
+- `onnx_io`: the one ONNX writer (external data past 2 GiB)
+- `hf_folder`: Hugging Face model folders, loaded so that nothing in them runs code
+
+Nothing is imported here: `import shira_export.artifacts.tasks` stays free of torch and onnx.
+"""

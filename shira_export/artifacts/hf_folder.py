@@ -22,7 +22,8 @@ from shira_export.errors import ShiraInputError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["check_config_dict", "check_folder", "read_config_json", "load_config", "load_model", "SAFE_LOAD_KWARGS"]
+__all__ = ["check_config_dict", "check_folder", "read_config_json", "load_config", "load_model", "load_base_model",
+           "find_tokenizer", "TOKENIZER_MARKERS", "SAFE_LOAD_KWARGS"]
 
 PathLike = Union[str, os.PathLike]
 SAFE_LOAD_KWARGS = {"trust_remote_code": False, "use_safetensors": True, "local_files_only": True}
@@ -34,6 +35,7 @@ _CODE_FIELDS = ("auto_map", "trust_remote_code", "custom_pipelines")
 _MAX_DEPTH = 32
 _MAX_CONFIG_BYTES = 16 * 2**20
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")  # a folder has a tokenizer
 
 
 def check_config_dict(raw: Any, where: str, *, depth: int = 0) -> None:
@@ -150,3 +152,27 @@ def load_model(folder: PathLike, auto_class: Any, **kwargs: Any) -> "PreTrainedM
     except (OSError, ValueError, KeyError) as exc:
         raise ShiraInputError(f"{folder}: cannot load as {auto_class.__name__} ({str(exc)[:300]})") from None
     return model.eval()
+
+
+def load_base_model(folder: PathLike, task: Any, **kwargs: Any) -> "PreTrainedModel":
+    """The model in `folder` with the task table's Auto class for `task` (a Task or a task
+    name a manifest carries), fp32 unless `dtype` is given (e.g. "auto"), eval mode; `kwargs`
+    go to from_pretrained (e.g. num_labels for a fresh classification head)."""
+    import torch
+    import transformers
+
+    from shira_export.artifacts.tasks import spec_for
+
+    kwargs.setdefault("dtype", torch.float32)  # transformers 5 loads in the checkpoint's dtype otherwise
+    return load_model(folder, getattr(transformers, spec_for(task).auto_class), **kwargs)
+
+
+def find_tokenizer(*folders: PathLike) -> Any:
+    """The tokenizer of the first of `folders` that has one (None when none has), loaded
+    with `trust_remote_code=False`."""
+    from transformers import AutoTokenizer
+
+    for folder in map(Path, folders):
+        if any((folder / name).exists() for name in TOKENIZER_MARKERS):
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    return None

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -38,9 +38,16 @@ from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta
 from shira_export.export.adapter_file import SUFFIX, adapter_arrays, check_adapter_name, write_adapter_file
 from shira_export.export.genai_config import GENAI_CONFIG_NAME
-from shira_export.export.manifest import ADAPTER_DIR, MANIFEST_NAME, MODEL_NAME, SparseManifest
+from shira_export.artifacts.manifest import (
+    ADAPTER_DIR, MODEL_NAME, MergedManifest, SparseManifest, adapter_entry, weights_fingerprint,
+)
+from shira_export.artifacts.onnx_io import save_onnx
 
-__all__ = ["PRECISIONS", "build_genai_model", "export_sparse_genai", "export_merged_genai"]
+if TYPE_CHECKING:
+    from shira_export.export.sparse import SparseExportResult
+
+__all__ = ["PRECISIONS", "build_genai_model", "export_sparse_genai", "write_sparse_genai", "export_merged_genai",
+           "write_merged_genai"]
 
 PathLike = Union[str, os.PathLike]
 PRECISIONS = ("fp32", "int8", "int4")
@@ -124,20 +131,39 @@ def export_sparse_genai(
     *,
     precision: str = "fp32",
     overwrite: bool = False,
-    verify: bool = True,
     token_threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD,
     builder_options: Optional[Mapping[str, object]] = None,
-):
-    """Build the base with genai's model builder, attach a sparse delta at every builder node
-    a targeted module lives in, and write one `.onnx_adapter` per adapter. Returns a
-    `SparseExportResult` (its folder reads with `read_sparse_manifest` / `ShiraSession`,
-    and runs in `onnxruntime_genai` as it is). `builder_options` are the
-    builder's extra options (e.g. {"block_size": 16, "accuracy_level": 1} for int4)."""
+) -> "SparseExportResult":
+    """`write_sparse_genai` into a new folder `output_dir`, published when complete. Returns a
+    `SparseExportResult` without a report (verifying is the pipeline's:
+    `shira_export.export_sparse(..., exporter="genai")`)."""
+    from shira_export.export.sparse import sparse_result
+
+    output_dir = Path(output_dir)
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        manifest = write_sparse_genai(model_dir, adapter_dirs, tmp, precision=precision,
+                                      token_threshold=token_threshold, builder_options=builder_options)
+    return sparse_result(output_dir, manifest, sorted({t.module for t in manifest.targets}))
+
+
+def write_sparse_genai(
+    model_dir: PathLike,
+    adapter_dirs: Union[Sequence[PathLike], Mapping[str, PathLike]],
+    folder: Path,
+    *,
+    precision: str = "fp32",
+    token_threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD,
+    builder_options: Optional[Mapping[str, object]] = None,
+) -> SparseManifest:
+    """Build the base with genai's model builder into `folder`, attach a sparse delta at every
+    builder node a targeted module lives in, and write one `.onnx_adapter` per adapter and the
+    manifest (its folder reads with `read_sparse_manifest` / `ShiraSession`, and runs in
+    `onnxruntime_genai` as it is). `builder_options` are the builder's extra options (e.g.
+    {"block_size": 16, "accuracy_level": 1} for int4)."""
     from transformers import AutoModelForCausalLM
 
     from shira_export import __version__
     from shira_export.export.genai_sites import builder_sites, insert_builder_deltas, locate_builder_pieces
-    from shira_export.export.sparse import SparseExportResult
     from shira_export.tuner.checkpoint import read_adapter_dir
 
     _check_precision(precision)
@@ -155,49 +181,31 @@ def export_sparse_genai(
     del model
     modules = sorted({m for c in checkpoints.values() for m in c.deltas})
     weights = {m: all_weights[m] for m in modules}
-    output_dir = Path(output_dir)
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        build_genai_model(model_dir, tmp, precision=precision, extra_options=builder_options)
-        for extra_file in ("config.json", "generation_config.json"):  # for runtimes reading the HF config
-            if (model_dir / extra_file).is_file():
-                shutil.copy2(model_dir / extra_file, tmp / extra_file)
-        graph = onnx.load(str(tmp / MODEL_NAME))
-        pieces = locate_builder_pieces(graph, weights, all_weights)
-        sites = builder_sites(pieces, weights)
-        fingerprint = graph_delta.graph_fingerprint(sites)
-        insert_builder_deltas(graph, pieces, {m: w.shape[0] for m, w in weights.items()}, threshold=token_threshold)
-        _save(graph, tmp)
-        del graph
-        extra = {"exporter": "genai", "precision": precision, "genai_config": GENAI_CONFIG_NAME,
-                 "builder_options": dict(builder_options or {})}
-        if precision in ("int8", "int4"):
-            extra["quantization"] = precision  # ShiraSession and verify run quantized bases portable
-        manifest = SparseManifest(tmp, TASK, fingerprint, sites, token_threshold=token_threshold,
-                                  package_version=__version__, extra=extra)
-        for name, ckpt in checkpoints.items():
-            arrays = adapter_arrays(ckpt.deltas, sites, source=str(named[name]), fingerprint=fingerprint)
-            rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
-            write_adapter_file(tmp / rel, arrays)
-            manifest.adapters[name] = {"file": rel, "source": str(named[name]), "nnz": arrays.nnz}
-        manifest.write()
-    result = SparseExportResult(output_dir, output_dir / MODEL_NAME, output_dir / MANIFEST_NAME,
-                                {n: output_dir / e["file"] for n, e in manifest.adapters.items()}, targets=modules)
-    if verify:
-        from shira_export.verify import verify as run_verify
-
-        result.report = run_verify(model=model_dir, candidate=output_dir, profile=precision,
-                                   report_dir=output_dir)
-        result.parity_path = output_dir / "parity.json"
-    return result
-
-
-def _save(graph: onnx.ModelProto, folder: Path) -> None:
-    # onnx appends to an existing external-data file: drop the builder's first
-    for stale in (folder / _DATA,):
-        if stale.exists():
-            stale.unlink()
-    onnx.save_model(graph, str(folder / MODEL_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=_DATA, size_threshold=1024)
+    build_genai_model(model_dir, folder, precision=precision, extra_options=builder_options)
+    for extra_file in ("config.json", "generation_config.json"):  # for runtimes reading the HF config
+        if (model_dir / extra_file).is_file():
+            shutil.copy2(model_dir / extra_file, folder / extra_file)
+    graph = onnx.load(str(folder / MODEL_NAME))
+    pieces = locate_builder_pieces(graph, weights, all_weights)
+    sites = builder_sites(pieces, weights)
+    fingerprint = graph_delta.graph_fingerprint(sites)
+    insert_builder_deltas(graph, pieces, {m: w.shape[0] for m, w in weights.items()}, threshold=token_threshold)
+    # the builder's layout: tensors in model.onnx.data (onnx appends to it: save_onnx drops the builder's first)
+    save_onnx(graph, folder / MODEL_NAME, location=_DATA, external=True)
+    del graph
+    extra: dict = {"exporter": "genai", "precision": precision, "genai_config": GENAI_CONFIG_NAME,
+                   "builder_options": dict(builder_options or {})}
+    if precision in ("int8", "int4"):
+        extra["quantization"] = precision  # ShiraSession and verify run quantized bases portable
+    manifest = SparseManifest(folder, TASK, fingerprint, sites, token_threshold=token_threshold,
+                              package_version=__version__, extra=extra)
+    for name, ckpt in checkpoints.items():
+        arrays = adapter_arrays(ckpt.deltas, sites, source=str(named[name]), fingerprint=fingerprint)
+        rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
+        write_adapter_file(folder / rel, arrays)
+        manifest.adapters[name] = adapter_entry(folder, rel, str(named[name]), arrays.nnz)
+    manifest.write()
+    return manifest
 
 
 def export_merged_genai(
@@ -210,8 +218,25 @@ def export_merged_genai(
     overwrite: bool = False,
     builder_options: Optional[Mapping[str, object]] = None,
 ) -> Path:
-    """The adapter merged into the base (our tuner's merge_and_unload), then built with genai's
-    model builder. Writes a merged manifest (kind "merged", exporter "genai")."""
+    """`write_merged_genai` into a new folder `output_dir`, published when complete."""
+    output_dir = Path(output_dir)
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        write_merged_genai(model_dir, adapter_dir, tmp, adapter_name=adapter_name, precision=precision,
+                           builder_options=builder_options)
+    return output_dir
+
+
+def write_merged_genai(
+    model_dir: PathLike,
+    adapter_dir: PathLike,
+    folder: Path,
+    *,
+    adapter_name: Optional[str] = None,
+    precision: str = "fp32",
+    builder_options: Optional[Mapping[str, object]] = None,
+) -> MergedManifest:
+    """The adapter merged into the base (our tuner's merge_and_unload), then built into `folder`
+    with genai's model builder. Writes a merged manifest (kind "merged", exporter "genai")."""
     from transformers import AutoModelForCausalLM
 
     from shira_export import __version__
@@ -219,27 +244,25 @@ def export_merged_genai(
     from shira_export.tuner.checkpoint import read_adapter_dir
 
     _check_precision(precision)
-    model_dir, adapter_dir, output_dir = Path(model_dir), Path(adapter_dir), Path(output_dir)
+    model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
     name = check_adapter_name(adapter_name or adapter_dir.name)
     ckpt = read_adapter_dir(adapter_dir, name=name)
     base = load_model(model_dir, AutoModelForCausalLM, dtype=torch.float32)
     ckpt.validate_against(base)
+    fingerprint = weights_fingerprint(base)  # as every merged exporter takes it: the fp32 base, before the merge
     merged = ShiraModel.from_pretrained(base, adapter_dir, adapter_name=ckpt.name).merge_and_unload().eval()
-    with tempfile.TemporaryDirectory(prefix="shira_genai_merged_") as hf, atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with tempfile.TemporaryDirectory(prefix="shira_genai_merged_") as hf:
         merged.save_pretrained(hf)  # type: ignore[operator]
         for item in model_dir.iterdir():  # tokenizer and generation files the builder reads
             if item.is_file() and item.name not in ("config.json",) and not item.name.endswith((".safetensors", ".bin")):
                 if not (Path(hf) / item.name).exists():
                     shutil.copy2(item, Path(hf) / item.name)
-        build_genai_model(hf, tmp, precision=precision, extra_options=builder_options)
-        shutil.copy2(Path(hf) / "config.json", tmp / "config.json")
-        manifest = {
-            "schema": 1, "kind": "merged", "format": "onnx", "task": TASK,
-            "dtype": "fp32", "package_version": __version__,
-            "base_model": str(model_dir.resolve()), "adapter": {"name": name, "source": str(adapter_dir.resolve())},
-            "exporter": "genai", "precision": precision, "builder_options": dict(builder_options or {}),
-        }
-        if precision in ("int8", "int4"):
-            manifest["quantization"] = precision
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return output_dir
+        build_genai_model(hf, folder, precision=precision, extra_options=builder_options)
+        shutil.copy2(Path(hf) / "config.json", folder / "config.json")
+    extra: dict = {"precision": precision, "builder_options": dict(builder_options or {})}
+    if precision in ("int8", "int4"):
+        extra["quantization"] = precision
+    manifest = MergedManifest(folder, TASK, "onnx", "fp32", "genai", __version__, str(model_dir.resolve()),
+                              fingerprint, {"name": name, "source": str(adapter_dir.resolve())}, extra)
+    manifest.write(atomic=False)
+    return manifest

@@ -1,26 +1,24 @@
-"""Merged export: fold one SHiRA adapter into the base weights (W + S) and ship a plain
-model, as an HF safetensors folder or as ONNX (torch.onnx or optimum-onnx), checked for parity
-against the PyTorch model with the adapter merged.
+"""Merged export, the export stage: fold one SHiRA adapter into the base weights (W + S)
+and write a plain model, as an HF safetensors folder or as ONNX (torch.onnx, optimum-onnx or
+genai's builder), with its manifest.
 
-The folder is built in a temporary sibling and renamed into place at the end, so bad
-input never leaves a partial output. A parity failure still publishes the folder (with
-its `parity.json`, for inspection) and then raises `ParityFailure`.
+`plan_merged` checks every input before anything is written; `merged_model` loads the base
+and merges; `write_merged` writes the folder it is given (an unpublished temporary one:
+`shira_export.pipeline.export_merged` publishes it after quantizing and verifying).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, TYPE_CHECKING, Optional, Union
 
-from tqdm import tqdm
-
-from shira_export._io import atomic_dir, check_output_location, describe_path
-from shira_export.errors import ParityFailure, ShiraInputError, check_opset
+from shira_export._io import check_output_location, describe_path
+from shira_export.artifacts.manifest import MANIFEST_NAME, MergedManifest, weights_fingerprint
+from shira_export.artifacts.tasks import is_label_head
+from shira_export.errors import ShiraInputError, check_opset
 from shira_export.export.exporters import Exporter, choose_exporter, export_onnx
 from shira_export.export.tasks import (
     Dtype,
@@ -38,14 +36,12 @@ if TYPE_CHECKING:
     from shira_export.tuner.checkpoint import AdapterCheckpoint
     from shira_export.verify import VerifyReport
 
-__all__ = ["Format", "MergedExport", "export_merged", "MANIFEST_NAME", "PARITY_NAME", "resolve_adapter_dir"]
+__all__ = ["Format", "MergedExport", "MergedPlan", "plan_merged", "merged_model", "write_merged", "MANIFEST_NAME",
+           "PARITY_NAME", "resolve_adapter_dir"]
 
 PathLike = Union[str, os.PathLike]
-MANIFEST_NAME = "shira_export.json"
 PARITY_NAME = "parity.json"
 _ADAPTER_CONFIG = "adapter_config.json"
-# Heads a classification adapter replaces (modules_to_save); their weight's rows = labels.
-_HEAD_NAMES = ("classifier", "score", "out_proj")
 
 
 class Format(str, Enum):
@@ -68,7 +64,34 @@ class MergedExport:
     report: Optional["VerifyReport"] = None  # None when verify=False
 
 
-def export_merged(
+@dataclass(frozen=True)
+class MergedPlan:
+    """A merged export's inputs, checked and resolved (nothing written yet)."""
+
+    model_dir: Path
+    adapter_dir: Path  # the folder holding adapter_config.json
+    adapter_name: str
+    output_dir: Path
+    format: Format
+    task: Task
+    dtype: Dtype
+    exporter: Optional[Exporter]  # concrete (None for safetensors)
+    opset: Optional[int]
+    quantize: Optional[str]  # "int8" | "int4"
+    block_size: int
+    checkpoint: "AdapterCheckpoint"
+
+    @property
+    def precision(self) -> str:
+        """What the folder's weights are: the quantization, else the dtype."""
+        return self.quantize or self.dtype.value
+
+    @property
+    def inputs(self) -> tuple[Path, Path]:
+        return self.model_dir, self.adapter_dir
+
+
+def plan_merged(
     model_dir: PathLike,
     adapter_dir: PathLike,
     output_dir: PathLike,
@@ -79,26 +102,17 @@ def export_merged(
     opset: Optional[int] = None,
     dtype: Union[str, Dtype] = Dtype.FP32,
     overwrite: bool = False,
-    verify: bool = True,
     quantize: Optional[str] = None,
     block_size: int = 32,
     exporter: Union[str, Exporter] = Exporter.AUTO,
-) -> MergedExport:
-    """Merge the adapter at `adapter_dir` into the base model at `model_dir` and write
-    `output_dir` (`format` "onnx" or "safetensors"), then check it against PyTorch.
-
-    `quantize` ("int8" or "int4", ONNX only) quantizes the merged weights with ONNX
-    Runtime's quantizers (int4: MatMulNBits with `block_size`) and verifies with the
-    matching profile. `exporter` ("auto", "torch", "optimum") picks the ONNX exporter; the
-    manifest records the one that ran.
-
-    Raises ShiraInputError for bad input (nothing is written) and ParityFailure when the
-    export does not match (the folder and its parity.json are kept for inspection)."""
+) -> MergedPlan:
+    """Check every input of a merged export (ShiraInputError naming it) and resolve the task
+    and the exporter; reads the adapter, writes nothing."""
     fmt = _enum(Format, format, "format")
     precision = _enum(Dtype, dtype, "dtype")
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     folder, name = resolve_adapter_dir(adapter_dir, adapter_name)
-    _check_output(output_dir, overwrite=overwrite, inputs=(model_dir, folder))
+    check_output_location(output_dir, (model_dir, folder), overwrite=overwrite)  # replacing it must not delete an input
     if quantize is not None:
         from shira_export.export.quantize import check_quantize_options
 
@@ -114,57 +128,44 @@ def export_merged(
     ckpt = read_adapter_dir(folder, name=name)
     resolved = resolve_task(config, task, adapter_task_type=ckpt.config.task_type)
     chosen = choose_exporter(exporter, config, resolved.value) if fmt is Format.ONNX else None
-    if chosen is Exporter.GENAI:
-        return _merged_via_genai(model_dir, folder, output_dir, name=name, precision=quantize or precision.value,
-                                 overwrite=overwrite, verify=verify)
+    return MergedPlan(model_dir, folder, name, output_dir, fmt, resolved, precision, chosen, opset, quantize,
+                      block_size, ckpt)
 
-    steps = tqdm(total=4 if verify else 3, desc="merged export", unit="step", file=sys.stderr, leave=False)
-    try:
-        steps.set_postfix_str("load + merge")
-        model = _merged_model(model_dir, folder, ckpt, resolved)
-        steps.update()
-        with atomic_dir(output_dir, overwrite=overwrite, inputs=(model_dir, folder)) as tmp:
-            steps.set_postfix_str(f"write {fmt.value}")
-            _write_model(model, tmp, fmt=fmt, task=resolved, dtype=precision, opset=opset, exporter=chosen)
-            copy_tokenizer_files(model_dir, tmp)
-            del model  # the verifier builds its own reference; free the weights first
-            manifest = _manifest(fmt, resolved, precision, model_dir, folder, name, chosen)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            if quantize is not None:
-                from shira_export.export.quantize import quantize_onnx_model
 
-                steps.set_postfix_str(f"quantize {quantize}")
-                quantize_onnx_model(tmp, tmp, mode=quantize, block_size=block_size)  # in place, updates the manifest
-            if fmt is Format.ONNX and resolved is Task.TEXT_GENERATION_WITH_PAST:
-                from shira_export.export.genai_config import write_genai_config
+def merged_model(plan: MergedPlan) -> tuple["nn.Module", str]:
+    """(base model for the task with the adapter merged into its weights (fp32), the base's
+    weights_fingerprint taken before the merge)."""
+    from shira_export.tuner import ShiraModel
 
-                write_genai_config(tmp)  # the folder also runs in onnxruntime-genai as it is
-            steps.update()
-            report = None
-            if verify:
-                steps.set_postfix_str("verify")
-                report = _verify(model_dir, folder, tmp, quantize or precision.value)
-                report.write_json(tmp / PARITY_NAME)
-                steps.update()
-            files = tuple(sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()))
-        steps.update()
-    finally:
-        steps.close()
+    kwargs = {}
+    num_labels = _num_labels(plan.checkpoint) if plan.task is Task.TEXT_CLASSIFICATION else None
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    model = load_base_model(plan.model_dir, plan.task, **kwargs)
+    plan.checkpoint.validate_against(model)  # names the first mismatching modules/shapes before any change
+    fingerprint = weights_fingerprint(model)
+    merged = ShiraModel.from_pretrained(model, plan.adapter_dir, adapter_name=plan.checkpoint.name)
+    return merged.merge_and_unload().eval(), fingerprint
 
-    result = MergedExport(
-        output_dir=output_dir,
-        format=fmt,
-        task=resolved,
-        dtype=precision,
-        exporter=chosen,
-        files=files,
-        manifest_path=output_dir / MANIFEST_NAME,
-        parity_path=output_dir / PARITY_NAME if verify else None,
-        report=report,
+
+def write_merged(plan: MergedPlan, model: Any, fingerprint: str, folder: Path) -> MergedManifest:
+    """Write the merged model, its tokenizer files and its manifest into `folder`."""
+    _write_model(model, folder, fmt=plan.format, task=plan.task, dtype=plan.dtype, opset=plan.opset,
+                 exporter=plan.exporter)
+    copy_tokenizer_files(plan.model_dir, folder)
+    manifest = merged_manifest(folder, plan, fingerprint)
+    manifest.write(atomic=False)
+    return manifest
+
+
+def merged_manifest(folder: Path, plan: MergedPlan, fingerprint: str, **extra: Any) -> MergedManifest:
+    from shira_export import __version__
+
+    return MergedManifest(
+        folder, plan.task.value, plan.format.value, plan.dtype.value,
+        plan.exporter.value if plan.exporter is not None else None, __version__, str(plan.model_dir.resolve()),
+        fingerprint, {"name": plan.adapter_name, "source": str(plan.adapter_dir.resolve())}, dict(extra),
     )
-    if report is not None and not report.passed:
-        raise ParityFailure(f"{output_dir}: {_failure_summary(report)} (details: {output_dir / PARITY_NAME})", report)
-    return result
 
 
 def resolve_adapter_dir(adapter_dir: PathLike, adapter_name: Optional[str] = None) -> tuple[Path, str]:
@@ -196,30 +197,13 @@ def _enum(cls: type[Enum], value: object, what: str) -> Any:
         raise ShiraInputError(f"{what}: expected one of {[m.value for m in cls]}, found {value!r}") from None
 
 
-def _check_output(output_dir: Path, *, overwrite: bool, inputs: tuple[Path, ...]) -> None:
-    check_output_location(output_dir, inputs, overwrite=overwrite)  # replacing it must not delete an input
-
-
 def _num_labels(ckpt: "AdapterCheckpoint") -> Optional[int]:
     """Label count of a classification head saved with the adapter (a fresh head may
     differ from the base config's num_labels)."""
     for path, state in ckpt.modules_to_save.items():
-        if path.rpartition(".")[2] in _HEAD_NAMES and "weight" in state and state["weight"].dim() == 2:
+        if is_label_head(path) and "weight" in state and state["weight"].dim() == 2:
             return int(state["weight"].shape[0])
     return None
-
-
-def _merged_model(model_dir: Path, folder: Path, ckpt: "AdapterCheckpoint", task: Task) -> "nn.Module":
-    """Base model for `task` with the adapter merged into its weights (fp32)."""
-    from shira_export.tuner import ShiraModel
-
-    kwargs = {}
-    num_labels = _num_labels(ckpt) if task is Task.TEXT_CLASSIFICATION else None
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    model = load_base_model(model_dir, task, **kwargs)
-    ckpt.validate_against(model)  # names the first mismatching modules/shapes before any change
-    return ShiraModel.from_pretrained(model, folder, adapter_name=ckpt.name).merge_and_unload().eval()
 
 
 def _write_model(model: Any, out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int],
@@ -235,57 +219,3 @@ def _write_model(model: Any, out: Path, *, fmt: Format, task: Task, dtype: Dtype
     path = export_onnx(model, out, task=task.value, exporter=exporter, opset=opset)
     if dtype is Dtype.FP16:
         convert_onnx_to_fp16(path)
-
-
-def _manifest(fmt: Format, task: Task, dtype: Dtype, model_dir: Path, folder: Path, name: str,
-              exporter: Optional[Exporter]) -> dict:
-    from shira_export import __version__
-
-    return {
-        "schema": 1,
-        "kind": "merged",
-        "format": fmt.value,
-        "task": task.value,
-        "dtype": dtype.value,
-        "exporter": exporter.value if exporter is not None else None,
-        "package_version": __version__,
-        "base_model": str(model_dir.resolve()),
-        "adapter": {"name": name, "source": str(folder.resolve())},
-    }
-
-
-def _merged_via_genai(model_dir: Path, folder: Path, output_dir: Path, *, name: str, precision: str, overwrite: bool,
-                      verify: bool) -> MergedExport:
-    """onnxruntime-genai's model builder over the merged model (it loads folders itself)."""
-    from shira_export.export.genai_builder import export_merged_genai
-
-    export_merged_genai(model_dir, folder, output_dir, adapter_name=name, precision=precision, overwrite=overwrite)
-    report = None
-    if verify:
-        report = _verify(model_dir, folder, output_dir, precision)
-        report.write_json(output_dir / PARITY_NAME)
-    files = tuple(sorted(p.relative_to(output_dir) for p in output_dir.rglob("*") if p.is_file()))
-    result = MergedExport(output_dir=output_dir, format=Format.ONNX, task=Task.TEXT_GENERATION_WITH_PAST,
-                          dtype=Dtype.FP32, exporter=Exporter.GENAI, files=files,
-                          manifest_path=output_dir / MANIFEST_NAME,
-                          parity_path=output_dir / PARITY_NAME if verify else None, report=report)
-    if report is not None and not report.passed:
-        raise ParityFailure(f"{output_dir}: {_failure_summary(report)} (details: {output_dir / PARITY_NAME})", report)
-    return result
-
-
-def _verify(model_dir: Path, folder: Path, candidate: Path, profile: str) -> "VerifyReport":
-    from shira_export.verify import verify
-
-    # 32 greedy tokens: long enough for a frozen-shape bug in the KV cache to show.
-    return verify(model=model_dir, adapters=[folder], candidate=candidate, profile=profile,
-                  overrides={"greedy_tokens": 32})
-
-
-def _failure_summary(report: "VerifyReport") -> str:
-    failures = report.failures
-    if not failures:
-        return "parity check failed"
-    parts = [f.summary for f in failures[:3]]
-    more = f" (+{len(failures) - 3} more)" if len(failures) > 3 else ""
-    return "parity check failed: " + "; ".join(parts) + more

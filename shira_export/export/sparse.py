@@ -1,9 +1,14 @@
-"""Sparse-delta export: the base model exported once, one `.onnx_adapter` per adapter.
+"""Sparse-delta export, the export stage: the base model exported once, one `.onnx_adapter`
+per adapter.
 
     OUT_DIR/model.onnx                    base graph + a sparse-delta branch per targeted layer
     OUT_DIR/adapters/<name>.onnx_adapter  onnxruntime AdapterFormat, 8 bytes per nonzero
     OUT_DIR/shira_export.json             manifest (targets, fingerprint, adapters)
-    OUT_DIR/parity.json                   per adapter: ORT vs PyTorch with that adapter merged
+    OUT_DIR/parity.json                   per adapter: ORT vs PyTorch with that adapter merged (pipeline)
+
+`plan_sparse` checks every input, `load_sparse_base` loads and checks the base, `write_sparse`
+writes the folder it is given (`shira_export.pipeline.export_sparse` publishes it after
+quantizing and verifying). `add_adapter_file` converts one more adapter for a folder.
 """
 
 from __future__ import annotations
@@ -11,26 +16,34 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 
-from shira_export._io import atomic_dir, check_output_location
-from shira_export.errors import ParityFailure, ShiraInputError, check_opset
+from shira_export._io import check_output_location
+from shira_export.artifacts.manifest import (
+    ADAPTER_DIR, MANIFEST_NAME, MODEL_NAME, SparseManifest, adapter_entry, read_sparse_manifest,
+)
+from shira_export.artifacts.onnx_io import save_onnx, tensor_bytes
+from shira_export.errors import ShiraInputError, check_opset
 from shira_export.export import graph_delta
 from shira_export.export.adapter_file import (
     SUFFIX, adapter_arrays, check_adapter_name, install_adapter_file, write_adapter_file,
 )
-from shira_export.export.manifest import ADAPTER_DIR, MODEL_NAME, SparseManifest, adapter_entry, read_sparse_manifest
-from shira_export.export.onnx_io import needs_external_data, tensor_bytes
+from shira_export.export.exporters import Exporter
+from shira_export.export.tasks import Task
 
 if TYPE_CHECKING:
+    from shira_export.tuner.checkpoint import AdapterCheckpoint
     from shira_export.verify.report import VerifyReport
 
-__all__ = ["SparseExportResult", "export_sparse", "add_adapter_file", "tensor_bytes"]
+__all__ = ["SparseExportResult", "SparsePlan", "plan_sparse", "load_sparse_base", "write_sparse", "sparse_result",
+           "add_adapter_file", "tensor_bytes"]
 
 PathLike = Union[str, os.PathLike]
+
+
 @dataclass
 class SparseExportResult:
     output_dir: Path
@@ -45,6 +58,39 @@ class SparseExportResult:
     @property
     def passed(self) -> bool:
         return self.report is None or self.report.passed
+
+
+def sparse_result(output_dir: Path, manifest: SparseManifest, targets: list[str],
+                  quantization: Optional[dict] = None) -> SparseExportResult:
+    """The result of a sparse export published at `output_dir` (paths there, not in the temp folder)."""
+    return SparseExportResult(output_dir, output_dir / MODEL_NAME, output_dir / MANIFEST_NAME,
+                              {n: output_dir / e["file"] for n, e in manifest.adapters.items()}, targets=targets,
+                              quantization=quantization)
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """A sparse export's inputs, checked and resolved (nothing written yet)."""
+
+    model_dir: Path
+    adapters: dict[str, Path]  # name -> adapter folder
+    checkpoints: dict[str, "AdapterCheckpoint"]
+    output_dir: Path
+    task: Task
+    exporter: Exporter  # concrete
+    opset: Optional[int]
+    token_threshold: int
+    quantize: Optional[str]
+    block_size: int
+
+    @property
+    def modules(self) -> list[str]:
+        """Every module any adapter targets."""
+        return sorted({m for c in self.checkpoints.values() for m in c.deltas})
+
+    @property
+    def inputs(self) -> list[Path]:
+        return [self.model_dir, *self.adapters.values()]
 
 
 def _named_dirs(adapter_dirs: Union[Sequence[PathLike], Mapping[str, PathLike]]) -> dict[str, Path]:
@@ -62,7 +108,7 @@ def _named_dirs(adapter_dirs: Union[Sequence[PathLike], Mapping[str, PathLike]])
     return named
 
 
-def _read_checkpoint(path: Path, name: str):
+def _read_checkpoint(path: Path, name: str) -> "AdapterCheckpoint":
     from shira_export.tuner.checkpoint import read_adapter_dir
 
     ckpt = read_adapter_dir(path, name=name)
@@ -74,7 +120,7 @@ def _read_checkpoint(path: Path, name: str):
     return ckpt
 
 
-def _module_weights(model, modules: Sequence[str]) -> dict[str, np.ndarray]:
+def _module_weights(model: Any, modules: Sequence[str]) -> dict[str, np.ndarray]:
     """Each targeted module's weight in PyTorch's (out, in) layout (GPT-2 Conv1D stores (in, out))."""
     from shira_export.tuner.masks import base_weight_out_in
 
@@ -82,15 +128,7 @@ def _module_weights(model, modules: Sequence[str]) -> dict[str, np.ndarray]:
     return {path: np.ascontiguousarray(base_weight_out_in(named[path]).cpu().numpy()) for path in modules}
 
 
-def _save_model(model: onnx.ModelProto, path: Path) -> None:
-    external = needs_external_data(model)
-    for stale in path.parent.glob(path.name + "_data"):
-        stale.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + "_data", size_threshold=1024)
-
-
-def export_sparse(
+def plan_sparse(
     model_dir: PathLike,
     adapter_dirs: Union[Sequence[PathLike], Mapping[str, PathLike]],
     output_dir: PathLike,
@@ -98,24 +136,15 @@ def export_sparse(
     task: str = "auto",
     opset: Optional[int] = None,
     overwrite: bool = False,
-    verify: bool = True,
     token_threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD,
     quantize: Optional[str] = None,
     block_size: int = 32,
     exporter: str = "auto",
-) -> SparseExportResult:
-    """Export `model_dir` once with a sparse-delta site at every layer any adapter targets,
-    and write one `.onnx_adapter` per adapter. `adapter_dirs` is a list of folders (named
-    after the folder) or a {name: folder} mapping. `quantize` ("int8" | "int4") quantizes the
-    constant base weights only; the sparse deltas and adapter files stay fp32. With `verify`,
-    each adapter (and the base) is checked against PyTorch with the matching profile and a
-    failure raises ParityFailure after the folder is written. `exporter` ("auto", "torch",
-    "optimum") picks the ONNX exporter; the manifest records the one that ran."""
-    from tqdm.auto import tqdm
-
-    from shira_export import __version__
-    from shira_export.export.exporters import DEFAULT_OPSET, choose_exporter, export_onnx
-    from shira_export.export.tasks import copy_tokenizer_files, load_base_config, load_base_model, resolve_task
+) -> SparsePlan:
+    """Check every input of a sparse export (ShiraInputError naming it), read the adapters and
+    resolve the task and the exporter; writes nothing."""
+    from shira_export.export.exporters import choose_exporter
+    from shira_export.export.tasks import load_base_config, resolve_task
 
     check_opset(opset, 16, why=" (the sparse delta needs ScatterND/ScatterElements with reduction='add')")
     if quantize is not None:
@@ -129,87 +158,54 @@ def export_sparse(
     task_types = {c.config.task_type for c in checkpoints.values()} - {None}
     resolved = resolve_task(config, task, adapter_task_type=next(iter(task_types)) if len(task_types) == 1 else None)
     chosen = choose_exporter(exporter, config, resolved.value)
-    if chosen.value == "genai":  # genai's builder loads the folder itself and builds the base its own way
-        return _sparse_via_genai(model_dir, named, output_dir, precision=quantize or "fp32", overwrite=overwrite,
-                                 verify=verify, token_threshold=token_threshold)
-    model = load_base_model(model_dir, resolved)
-    for ckpt in checkpoints.values():
+    return SparsePlan(Path(model_dir), named, checkpoints, Path(output_dir), resolved, chosen, opset, token_threshold,
+                      quantize, block_size)
+
+
+def load_sparse_base(plan: SparsePlan) -> Any:
+    """The base model for the plan's task, every adapter checked against it."""
+    from shira_export.export.tasks import load_base_model
+
+    model = load_base_model(plan.model_dir, plan.task)
+    for ckpt in plan.checkpoints.values():
         ckpt.validate_against(model)
-    modules = sorted({m for c in checkpoints.values() for m in c.deltas})
+    return model
+
+
+def write_sparse(plan: SparsePlan, model: Any, folder: Path, *, progress: Optional[Any] = None) -> SparseManifest:
+    """Export `model` into `folder` once, add a sparse-delta site per targeted module, write
+    one .onnx_adapter per adapter and the manifest. `progress` (a tqdm) is advanced per step."""
+    from shira_export import __version__
+    from shira_export.export.exporters import DEFAULT_OPSET, export_onnx
+    from shira_export.export.tasks import copy_tokenizer_files
+
+    step = progress.update if progress is not None else (lambda: None)
+    modules = plan.modules
     weights = _module_weights(model, modules)
-    output_dir = Path(output_dir)
-    steps = tqdm(total=3 + len(checkpoints), desc="sparse export", unit="step", disable=None)
-    with atomic_dir(output_dir, overwrite=overwrite, inputs=[model_dir, *named.values()]) as tmp:
-        export_onnx(model, tmp, task=resolved.value, exporter=chosen, opset=opset or DEFAULT_OPSET)
-        copy_tokenizer_files(model_dir, tmp)
-        steps.update()
-        graph = onnx.load(str(tmp / MODEL_NAME))
-        sites, unused = graph_delta.locate_targets(graph, weights)
-        if not sites:
-            raise ShiraInputError(f"{model_dir}: none of the targeted modules {modules} is in the exported graph")
-        fingerprint = graph_delta.graph_fingerprint(sites)
-        graph_delta.insert_sparse_deltas(graph, sites, threshold=token_threshold)
-        _save_model(graph, tmp / MODEL_NAME)
-        del graph
-        steps.update()
-        manifest = SparseManifest(tmp, resolved.value, fingerprint, sites, token_threshold=token_threshold,
-                                  package_version=__version__, unused_targets=unused,
-                                  extra={"exporter": chosen.value})
-        for name, ckpt in checkpoints.items():
-            arrays = adapter_arrays(ckpt.deltas, sites, source=str(named[name]), fingerprint=fingerprint,
-                                    unused=unused)
-            rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
-            write_adapter_file(tmp / rel, arrays)
-            manifest.adapters[name] = adapter_entry(tmp, rel, str(named[name]), arrays.nnz)
-            steps.update()
-        manifest.write()
-        quant_report = None
-        if quantize is not None:
-            from shira_export.export.quantize import quantize_onnx_model
-
-            # in place: the base weights are quantized, the delta branches re-attached in fp32
-            quant_report = quantize_onnx_model(tmp, tmp, mode=quantize, block_size=block_size).to_json()
-        if resolved.value == "text-generation-with-past":
-            from shira_export.export.genai_config import write_genai_config
-
-            write_genai_config(tmp)  # the folder also runs in onnxruntime-genai, adapters included
-        report = None
-        if verify:  # before the folder is published (as merged does): a run killed here publishes nothing
-            from shira_export.verify import verify as run_verify
-
-            # every adapter of the manifest and the base; 32 greedy tokens show a frozen KV-cache shape
-            report = run_verify(model=model_dir, candidate=tmp, profile=quantize or "fp32",
-                                overrides={"greedy_tokens": 32}, report_dir=tmp)
-    steps.update()
-    steps.close()
-    del model
-    result = SparseExportResult(
-        output_dir, output_dir / MODEL_NAME, output_dir / "shira_export.json",
-        {n: output_dir / e["file"] for n, e in manifest.adapters.items()}, targets=modules,
-        quantization=quant_report,
-    )
-    if report is not None:
-        result.report = report
-        result.parity_path = output_dir / "parity.json"
-        if not result.passed:
-            failures = "; ".join(f.summary for f in result.report.failures[:3])
-            raise ParityFailure(f"{output_dir}: sparse export does not match PyTorch: {failures} "
-                                f"(details: {result.parity_path})", report=result.report)
-    return result
-
-
-def _sparse_via_genai(model_dir: PathLike, named: dict[str, Path], output_dir: PathLike, *, precision: str,
-                      overwrite: bool, verify: bool, token_threshold: int) -> SparseExportResult:
-    from shira_export.export.genai_builder import export_sparse_genai
-
-    result = export_sparse_genai(model_dir, named, output_dir, precision=precision, overwrite=overwrite,
-                                 verify=verify, token_threshold=token_threshold)
-    if not result.passed:
-        assert result.report is not None  # passed is True without a report
-        failures = "; ".join(f.summary for f in result.report.failures[:3])
-        raise ParityFailure(f"{output_dir}: sparse export does not match PyTorch: {failures} "
-                            f"(details: {result.parity_path})", report=result.report)
-    return result
+    export_onnx(model, folder, task=plan.task.value, exporter=plan.exporter, opset=plan.opset or DEFAULT_OPSET)
+    copy_tokenizer_files(plan.model_dir, folder)
+    step()
+    graph = onnx.load(str(folder / MODEL_NAME))
+    sites, unused = graph_delta.locate_targets(graph, weights)
+    if not sites:
+        raise ShiraInputError(f"{plan.model_dir}: none of the targeted modules {modules} is in the exported graph")
+    fingerprint = graph_delta.graph_fingerprint(sites)
+    graph_delta.insert_sparse_deltas(graph, sites, threshold=plan.token_threshold)
+    save_onnx(graph, folder / MODEL_NAME)
+    del graph
+    step()
+    manifest = SparseManifest(folder, plan.task.value, fingerprint, sites, token_threshold=plan.token_threshold,
+                              package_version=__version__, unused_targets=unused,
+                              extra={"exporter": plan.exporter.value})
+    for name, ckpt in plan.checkpoints.items():
+        source = str(plan.adapters[name])
+        arrays = adapter_arrays(ckpt.deltas, sites, source=source, fingerprint=fingerprint, unused=unused)
+        rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
+        write_adapter_file(folder / rel, arrays)
+        manifest.adapters[name] = adapter_entry(folder, rel, source, arrays.nnz)
+        step()
+    manifest.write()
+    return manifest
 
 
 def add_adapter_file(graph_dir: PathLike, adapter_dir: PathLike, *, name: Optional[str] = None,

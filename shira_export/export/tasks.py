@@ -1,5 +1,6 @@
 """What a base model folder is and how to load it for export: task resolution, the model
-class per task, and copying tokenizer files (the ONNX exporters are in `exporters/`).
+class per task (both from the task table, `artifacts.tasks`), and copying tokenizer files
+(the ONNX exporters are in `exporters/`).
 
 Shared by the merged and the sparse exporters. Every function maps bad input to a
 `ShiraInputError` that names the folder, file or option and what was expected.
@@ -11,14 +12,16 @@ import os
 import shutil
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
+from shira_export.artifacts.hf_folder import load_base_model
+from shira_export.artifacts.tasks import Task, peft_task_types, spec_for, task_for_peft, task_from_architecture
 from shira_export.errors import ShiraInputError
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig
 
 __all__ = [
     "Task",
@@ -35,20 +38,6 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 
-class Task(str, Enum):
-    """The export tasks this package supports (optimum's names)."""
-
-    AUTO = "auto"
-    TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
-    TEXT_GENERATION = "text-generation"
-    FEATURE_EXTRACTION = "feature-extraction"
-    TEXT_CLASSIFICATION = "text-classification"
-
-    @property
-    def is_causal_lm(self) -> bool:
-        return self in (Task.TEXT_GENERATION_WITH_PAST, Task.TEXT_GENERATION)
-
-
 class Dtype(str, Enum):
     """Floating-point precision of the exported weights."""
 
@@ -60,19 +49,6 @@ class Dtype(str, Enum):
         return torch.float32 if self is Dtype.FP32 else torch.float16
 
 
-# PEFT's task_type (adapter_config.json) -> the task the adapter was trained for.
-_PEFT_TASK_TYPES = {
-    "CAUSAL_LM": Task.TEXT_GENERATION_WITH_PAST,
-    "SEQ_CLS": Task.TEXT_CLASSIFICATION,
-    "FEATURE_EXTRACTION": Task.FEATURE_EXTRACTION,
-}
-# Suffix of config.architectures[0] -> task; first match wins ("Model" = bare backbone).
-_ARCH_SUFFIXES = (
-    ("ForCausalLM", Task.TEXT_GENERATION_WITH_PAST),
-    ("LMHeadModel", Task.TEXT_GENERATION_WITH_PAST),
-    ("ForSequenceClassification", Task.TEXT_CLASSIFICATION),
-    ("Model", Task.FEATURE_EXTRACTION),
-)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -117,11 +93,12 @@ def resolve_task(
 def _check_task_fits(config: "PretrainedConfig", task: Task, adapter_task_type: Optional[str]) -> None:
     """A causal task needs a causal-LM base, classification a base that is not one, and an
     adapter trained for one kind of task cannot serve the other."""
-    if adapter_task_type in _PEFT_TASK_TYPES and _PEFT_TASK_TYPES[adapter_task_type].is_causal_lm != task.is_causal_lm:
+    trained_for = task_for_peft(adapter_task_type) if adapter_task_type else None
+    if trained_for is not None and trained_for.is_causal_lm != task.is_causal_lm:
         raise ShiraInputError(f"adapter task_type {adapter_task_type!r} does not fit task {task.value!r} "
-                              f"(expected task {_PEFT_TASK_TYPES[adapter_task_type].value!r})")
+                              f"(expected task {trained_for.value!r})")
     architectures = list(getattr(config, "architectures", None) or [])[:1]
-    causal_base = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    causal_base = any(task_from_architecture(a) is Task.TEXT_GENERATION_WITH_PAST for a in architectures)
     if task.is_causal_lm and architectures and not causal_base:
         raise ShiraInputError(f"config.architectures={architectures!r}: task {task.value!r} needs a causal LM base "
                               f"(*ForCausalLM / *LMHeadModel)")
@@ -132,17 +109,18 @@ def _check_task_fits(config: "PretrainedConfig", task: Task, adapter_task_type: 
 
 def _auto_task(config: "PretrainedConfig", adapter_task_type: Optional[str]) -> Task:
     if adapter_task_type:
-        if adapter_task_type not in _PEFT_TASK_TYPES:
+        trained_for = task_for_peft(adapter_task_type)
+        if trained_for is None:
             raise ShiraInputError(
                 f"adapter task_type {adapter_task_type!r}: no export task for it; expected one of "
-                f"{sorted(_PEFT_TASK_TYPES)}, or pass task explicitly"
+                f"{peft_task_types()}, or pass task explicitly"
             )
-        return _PEFT_TASK_TYPES[adapter_task_type]
+        return trained_for
     architectures = getattr(config, "architectures", None) or []
     for arch in architectures[:1]:
-        for suffix, task in _ARCH_SUFFIXES:
-            if arch.endswith(suffix):
-                return task
+        found = task_from_architecture(arch)
+        if found is not None:
+            return found
     raise ShiraInputError(
         f"config.architectures={architectures!r}: cannot infer the task; pass one of "
         f"{[t.value for t in Task if t is not Task.AUTO]}"
@@ -150,25 +128,10 @@ def _auto_task(config: "PretrainedConfig", adapter_task_type: Optional[str]) -> 
 
 
 def auto_model_class(task: Task) -> type:
-    """The transformers Auto class that loads a model for `task`."""
+    """The transformers Auto class that loads a model for `task` (the task table's)."""
     import transformers
 
-    names = {
-        Task.TEXT_GENERATION_WITH_PAST: "AutoModelForCausalLM",
-        Task.TEXT_GENERATION: "AutoModelForCausalLM",
-        Task.FEATURE_EXTRACTION: "AutoModel",
-        Task.TEXT_CLASSIFICATION: "AutoModelForSequenceClassification",
-    }
-    return getattr(transformers, names[Task(task)])
-
-
-def load_base_model(model_dir: PathLike, task: Task, **kwargs: Any) -> "PreTrainedModel":
-    """The base model for `task` in fp32, eval mode; `kwargs` go to `from_pretrained`
-    (e.g. num_labels for a fresh classification head). Nothing in the folder runs code."""
-    from shira_export.artifacts.hf_folder import load_model
-
-    kwargs.setdefault("dtype", torch.float32)  # transformers 5 loads in the checkpoint's dtype otherwise
-    return load_model(model_dir, auto_model_class(task), **kwargs)
+    return getattr(transformers, spec_for(task).auto_class)
 
 
 def convert_onnx_to_fp16(path: PathLike) -> Path:
@@ -179,7 +142,7 @@ def convert_onnx_to_fp16(path: PathLike) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from shira_export.export.onnx_io import save_onnx
+    from shira_export.artifacts.onnx_io import save_onnx
 
     path = Path(path)
     model = onnx.load(path, load_external_data=True)

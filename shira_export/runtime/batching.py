@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from shira_export.errors import ShiraInputError
-from shira_export.export.adapter_file import AdapterArrays
-from shira_export.export.graph_delta import indices_name, values_name
+from shira_export.artifacts.adapter_io import AdapterArrays
+from shira_export.artifacts.naming import indices_name, values_name
 
 __all__ = ["MixedFeeds", "MixedCache", "check_adapter_list", "stack_rows"]
 

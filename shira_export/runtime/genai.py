@@ -34,11 +34,15 @@ def _genai_config(folder: Path) -> dict:
 
 
 def _adapter_files(folder: Path) -> dict[str, Path]:
-    manifest = folder / "shira_export.json"
-    if not manifest.is_file():
+    """The folder's adapter files, through the contract's manifest reader (none: merged)."""
+    from shira_export.artifacts.manifest import MANIFEST_NAME, SparseManifest, read_manifest
+
+    if not (folder / MANIFEST_NAME).is_file():
         return {}
-    raw = json.loads(manifest.read_text())
-    return {name: folder / entry["file"] for name, entry in (raw.get("adapters") or {}).items()}
+    manifest = read_manifest(folder)
+    if not isinstance(manifest, SparseManifest):
+        return {}
+    return {name: manifest.adapter_path(name) for name in manifest.adapters}
 
 
 class GenaiGraphRunner:

@@ -35,11 +35,11 @@ from typing import Any, Mapping, Optional, Sequence, Union, cast
 import numpy as np
 
 from shira_export.errors import ShiraInputError
-from shira_export.export.adapter_file import AdapterArrays, read_adapter_file
-from shira_export.export.graph_delta import (
+from shira_export.artifacts.adapter_io import AdapterArrays, read_adapter_file
+from shira_export.artifacts.manifest import SparseManifest, read_sparse_manifest
+from shira_export.artifacts.naming import (
     PREFIX, TargetSite, indices_name, to_dense_variant, values_name, weight_name,
 )
-from shira_export.export.manifest import SparseManifest, read_sparse_manifest
 from shira_export.runtime.batching import DEFAULT_BYTES, DEFAULT_ENTRIES, MixedCache, check_adapter_list
 
 __all__ = ["Mode", "ShiraSession", "AdapterChoice"]

@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
+from shira_export.artifacts.tasks import TASKS, Task
 from shira_export.errors import ShiraInputError
 from shira_export.tuner.checkpoint import AdapterCheckpoint
 from shira_export.tuner.config import MaskType, ShiraConfig
@@ -30,7 +31,7 @@ from shira_export.tuner.persistence import PersistenceMixin
 
 __all__ = ["ShiraModel", "get_shira_model", "inject_adapter_in_model"]
 
-_SEQ_CLS_HEADS = ("classifier", "score")
+_SEQ_CLS_HEADS = TASKS[Task.TEXT_CLASSIFICATION].head_names  # PEFT saves these heads for SEQ_CLS
 _Wrapper = TypeVar("_Wrapper", ShiraLayer, ModulesToSaveWrapper)
 
 

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from shira_export._io import atomic_write_text
+from shira_export.artifacts.hf_folder import load_base_model
+from shira_export.artifacts.manifest import AdapterEntry, Kind, Manifest
+from shira_export.artifacts.tasks import Family, spec_for
 from shira_export.errors import CandidateError, ShiraInputError, candidate_errors
-from shira_export.verify.candidates import AdapterEntry, CandidateRunner, Kind, Manifest, open_candidate, read_manifest
+from shira_export.verify.candidates import CandidateRunner, open_candidate, read_manifest
 from shira_export.verify.inputs import default_batches, find_tokenizer, load_tokenizer, read_texts, text_batches
 from shira_export.verify.metrics import OutputDiff, greedy_prefix_lengths
 from shira_export.verify.profiles import RULES, Precision, Profile, get_profile
-from shira_export.verify.reference import OUTPUTS, TaskFamily, TorchRunner, load_base_model, merged_reference
+from shira_export.verify.reference import TorchRunner, merged_reference
 from shira_export.verify.report import CheckRecord, VerifyReport, environment, format_value
 
 __all__ = ["verify", "REPORT_NAME", "export_check_settings", "manifest_profile", "EXPORT_GREEDY_TOKENS"]
@@ -82,11 +85,12 @@ def verify(
         overrides = {**defaults, **(overrides or {})}
     prof = get_profile(profile, overrides)
     targets = _targets(manifest, [Path(a) for a in adapters])
-    family = manifest.family
-    base = load_base_model(model, family)
-    if family is TaskFamily.CAUSAL_LM:
+    spec = spec_for(manifest.task)
+    causal = spec.family is Family.CAUSAL_LM
+    base = load_base_model(model, manifest.task)
+    if causal:
         _check_positions(prof, base.config)
-    batches = _batches(prof, base.config, manifest.folder, Path(model), inputs, family is TaskFamily.CAUSAL_LM)
+    batches = _batches(prof, base.config, manifest.folder, Path(model), inputs, causal)
     # tiny models: one thread each; on busy CPUs thread hand-offs cost 40x the math
     small = sum(p.numel() for p in base.parameters()) < _SMALL_MODEL
     load_errors: tuple[type[BaseException], ...] = (*candidate_errors(), ShiraInputError)
@@ -96,7 +100,7 @@ def verify(
     except load_errors as exc:  # an export that does not load fails every check
         runner = _Unloadable(exc)
     with _torch_threads(1 if small else None):
-        records, samples = _run_all(prof, family, base, Path(model), runner, targets, batches, progress)
+        records, samples = _run_all(prof, spec, base, Path(model), runner, targets, batches, progress)
 
     report = VerifyReport(
         model=str(model), candidate=str(candidate), kind=manifest.kind.value, task=manifest.task,
@@ -125,7 +129,7 @@ class _Unloadable:
         raise CandidateError(self.message)
 
 
-def _run_all(prof, family, base, model_dir, runner, targets, batches, progress):
+def _run_all(prof, spec, base, model_dir, runner, targets, batches, progress):
     from tqdm.auto import tqdm
 
     records: list[CheckRecord] = []
@@ -133,8 +137,8 @@ def _run_all(prof, family, base, model_dir, runner, targets, batches, progress):
     with tqdm(total=len(targets) * len(batches), desc="verify", unit="batch", disable=not progress) as bar:
         for target in targets:
             bar.set_postfix_str(target.entry.name)
-            reference = TorchRunner(merged_reference(base, target.source, model_dir=model_dir), family)
-            found, diffs = _compare(prof, family, reference, runner, target.entry, batches, bar)
+            reference = TorchRunner(merged_reference(base, target.source, model_dir=model_dir), spec)
+            found, diffs = _compare(prof, spec, reference, runner, target.entry, batches, bar)
             records += found
             samples.update({(target.entry.name, out): diff.abs_sample() for out, diff in diffs.items()})
     return records, samples
@@ -158,7 +162,7 @@ def _targets(manifest: Manifest, adapters: list[Path]) -> list[_Target]:
     for a in adapters:
         if not a.is_dir():
             raise ShiraInputError(f"{a}: --adapter must be an adapter folder (not found)")
-    entries = manifest.adapters
+    entries = manifest.adapter_entries
     if manifest.kind is Kind.MERGED:
         entry = entries[0]
         if len(adapters) > 1:
@@ -219,18 +223,18 @@ def _batches(prof: Profile, config, candidate: Path, model: Path, inputs: Option
     return batches
 
 
-def _compare(prof, family, reference, runner, entry, batches, bar):
+def _compare(prof, spec, reference, runner, entry, batches, bar):
     name = entry.name
     variants = runner.variants
-    # candidate output name -> (reference output name, accumulated diff)
-    pooled = family is TaskFamily.FEATURE_EXTRACTION  # hidden states: also judged as sentence embeddings
-    diffs = {out + v: (out, OutputDiff(out + v, argmax, pooled=pooled))
-             for v in variants for out, argmax in OUTPUTS[family].items()}
+    # candidate output name -> (reference output name, accumulated diff); the task table says
+    # which outputs and how (hidden states are also judged as sentence embeddings: pooled)
+    diffs = {out + v: (out, OutputDiff(out + v, argmax, pooled=spec.pooled))
+             for v in variants for out, argmax in spec.outputs.items()}
     shape_errors: dict[str, list[str]] = {key: [] for key in diffs}
     run_errors: list[str] = []
     greedy: dict[str, dict[str, list[int]]] = {v: {} for v in variants}
     divergence: dict[str, tuple] = {}
-    causal = family is TaskFamily.CAUSAL_LM and prof.greedy_tokens > 0
+    causal = spec.family is Family.CAUSAL_LM and prof.greedy_tokens > 0
     for batch in batches:
         bar.update()
         if batch.forward:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from shira_export.artifacts.hf_folder import find_tokenizer
 from shira_export.errors import ShiraInputError
 
 __all__ = ["InputBatch", "SEEDED_SHAPES", "LONG_LENGTH", "seeded_batches", "read_texts", "text_batches",
@@ -112,17 +113,11 @@ def read_texts(path: Union[str, "os.PathLike[str]"], *, limit: Optional[int] = N
 
 def load_tokenizer(*folders: Union[str, Path]):
     """The first tokenizer found among `folders` (the candidate's, then the base model's)."""
-    from transformers import AutoTokenizer
-
-    tried = []
-    for folder in folders:
-        folder = Path(folder)
-        if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        tried.append(str(folder))
-    raise ShiraInputError(
-        f"--inputs needs a tokenizer: none found in {tried} (expected tokenizer.json or tokenizer_config.json)"
-    )
+    tokenizer = find_tokenizer(*folders)
+    if tokenizer is None:
+        raise ShiraInputError(f"--inputs needs a tokenizer: none found in {[str(f) for f in folders]} (expected "
+                              f"tokenizer.json or tokenizer_config.json)")
+    return tokenizer
 
 
 def text_batches(
@@ -141,14 +136,6 @@ def text_batches(
             )
         batches.append(InputBatch(f"text-{i}", ids, torch.ones_like(ids), source))
     return batches
-
-
-def find_tokenizer(*folders: Union[str, Path]):
-    """The first tokenizer among `folders`, or None when none has one."""
-    try:
-        return load_tokenizer(*folders)
-    except ShiraInputError:
-        return None
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from shira_export.verify.report import VerifyReport, format_value
+from typing import TYPE_CHECKING
+
+from shira_export.verify.formatting import format_value
+
+if TYPE_CHECKING:
+    from shira_export.verify.report import VerifyReport
 
 __all__ = ["render_junit"]
 
 
-def render_junit(report: VerifyReport) -> str:
+def render_junit(report: "VerifyReport") -> str:
     suites = ET.Element("testsuites", name="shira-export verify")
     by_adapter: dict[str, list] = {}
     for record in report.records:

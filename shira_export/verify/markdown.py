@@ -6,7 +6,12 @@ metric; a failing cell shows the value and the rule it broke.
 
 from __future__ import annotations
 
-from shira_export.verify.report import VerifyReport, format_value
+from typing import TYPE_CHECKING
+
+from shira_export.verify.formatting import format_value
+
+if TYPE_CHECKING:
+    from shira_export.verify.report import VerifyReport
 
 __all__ = ["render_markdown"]
 
@@ -15,7 +20,7 @@ _COLUMNS = ("run_errors", "shape_mismatch", "max_abs", "max_rel", "mean_abs", "p
             "cosine", "top1_agreement", "label_agreement", "greedy_prefix", "greedy_prefix_mean", "nan_count", "inf_count")
 
 
-def render_markdown(report: VerifyReport) -> str:
+def render_markdown(report: "VerifyReport") -> str:
     head = "PASS" if report.passed else "FAIL"
     lines = [
         f"## shira-export verify: {head}",
@@ -45,7 +50,7 @@ def render_markdown(report: VerifyReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _adapter_table(report: VerifyReport, name: str) -> list[str]:
+def _adapter_table(report: "VerifyReport", name: str) -> list[str]:
     records = [r for r in report.records if r.adapter == name]
     outputs = list(dict.fromkeys(r.output for r in records))
     outputs.sort(key=lambda out: not any(r.failed for r in records if r.output == out))

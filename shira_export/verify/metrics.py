@@ -6,11 +6,12 @@ then reports every metric at once, with where the worst difference was.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+
+from shira_export.artifacts.tasks import Compare
 
 __all__ = ["ArgmaxKind", "OutputDiff", "greedy_prefix_lengths", "FLOAT_METRICS"]
 
@@ -21,12 +22,8 @@ FLOAT_METRICS = ("max_abs", "max_rel", "mean_abs", "p50_abs", "p90_abs", "p99_ab
                  "pooled_cosine")
 
 
-class ArgmaxKind(str, enum.Enum):
-    """What agreement of the last axis' argmax means for an output."""
-
-    NONE = "none"  # hidden states: no argmax metric
-    TOP1 = "top1_agreement"  # LM logits, per position
-    LABEL = "label_agreement"  # classifier logits, per row
+# what agreement of an output's last-axis argmax means: the task table's Compare
+ArgmaxKind = Compare
 
 
 @dataclass

@@ -3,66 +3,24 @@
 from __future__ import annotations
 
 import copy
-import enum
-import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from shira_export.artifacts.hf_folder import load_base_model
+from shira_export.artifacts.tasks import Family, Task, TaskSpec, spec_for
 from shira_export.errors import ShiraInputError
 from shira_export.verify.inputs import InputBatch
-from shira_export.verify.metrics import ArgmaxKind
 
-__all__ = ["TaskFamily", "task_family", "load_base_model", "merged_reference", "TorchRunner", "OUTPUTS"]
+__all__ = ["TaskFamily", "task_family", "load_base_model", "merged_reference", "TorchRunner"]
 
-
-class TaskFamily(str, enum.Enum):
-    CAUSAL_LM = "causal-lm"
-    FEATURE_EXTRACTION = "feature-extraction"
-    SEQUENCE_CLASSIFICATION = "sequence-classification"
+TaskFamily = Family  # the task table's families (artifacts.tasks)
 
 
-_TASKS = {
-    "text-generation": TaskFamily.CAUSAL_LM,
-    "text-generation-with-past": TaskFamily.CAUSAL_LM,
-    "causal-lm": TaskFamily.CAUSAL_LM,
-    "causal-lm-with-past": TaskFamily.CAUSAL_LM,
-    "feature-extraction": TaskFamily.FEATURE_EXTRACTION,
-    "default": TaskFamily.FEATURE_EXTRACTION,
-    "text-classification": TaskFamily.SEQUENCE_CLASSIFICATION,
-    "sequence-classification": TaskFamily.SEQUENCE_CLASSIFICATION,
-}
-
-# the outputs compared per family, and what their argmax means
-OUTPUTS: dict[TaskFamily, dict[str, ArgmaxKind]] = {
-    TaskFamily.CAUSAL_LM: {"logits": ArgmaxKind.TOP1},
-    TaskFamily.FEATURE_EXTRACTION: {"last_hidden_state": ArgmaxKind.NONE},
-    TaskFamily.SEQUENCE_CLASSIFICATION: {"logits": ArgmaxKind.LABEL},
-}
-
-
-def task_family(task: str, *, where: str = "task") -> TaskFamily:
-    try:
-        return _TASKS[task]
-    except KeyError:
-        raise ShiraInputError(f"{where}: expected one of {sorted(_TASKS)}, found {task!r}") from None
-
-
-def load_base_model(model_dir: Union[str, "os.PathLike[str]"], family: TaskFamily, *, dtype: Union[torch.dtype, str] = torch.float32) -> torch.nn.Module:
-    """The HF model in `model_dir` (fp32 unless `dtype`, e.g. "auto"), eval mode; nothing in
-    the folder can run code (`artifacts.hf_folder`)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from shira_export.artifacts.hf_folder import load_model
-
-    auto = {
-        TaskFamily.CAUSAL_LM: AutoModelForCausalLM,
-        TaskFamily.FEATURE_EXTRACTION: AutoModel,
-        TaskFamily.SEQUENCE_CLASSIFICATION: AutoModelForSequenceClassification,
-    }[family]
-    return load_model(model_dir, auto, dtype=dtype)
+def task_family(task: str, *, where: str = "task") -> Family:
+    return spec_for(task, where=where).family
 
 
 def merged_reference(
@@ -83,12 +41,7 @@ def merged_reference(
     model = None
     labels = _head_labels(base, adapter_dir)
     if labels is not None and model_dir is not None:
-        from transformers import AutoModelForSequenceClassification
-
-        from shira_export.artifacts.hf_folder import load_model
-
-        model = load_model(model_dir, AutoModelForSequenceClassification, dtype=torch.float32, num_labels=labels,
-                           ignore_mismatched_sizes=True)
+        model = load_base_model(model_dir, Task.TEXT_CLASSIFICATION, num_labels=labels, ignore_mismatched_sizes=True)
     shira = ShiraModel.from_pretrained(model if model is not None else copy.deepcopy(base), adapter_dir)
     return shira.merge_and_unload().eval()
 
@@ -112,30 +65,31 @@ def _head_labels(base: torch.nn.Module, adapter_dir: Path) -> Optional[int]:
 
 
 class TorchRunner:
-    """Forward passes and greedy generation of a transformers model (reference or candidate)."""
+    """Forward passes and greedy generation of a transformers model (reference or candidate),
+    for a task of the task table."""
 
-    def __init__(self, model: torch.nn.Module, family: TaskFamily) -> None:
+    def __init__(self, model: torch.nn.Module, spec: TaskSpec) -> None:
         self.model = model
-        self.family = family
+        self.spec = spec
         self._dtype = next(model.parameters()).dtype
 
     @torch.inference_mode()
     def forward(self, batch: InputBatch) -> dict[str, np.ndarray]:
         kwargs: dict[str, object] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        if self.family is TaskFamily.CAUSAL_LM:
+        if self.spec.family is Family.CAUSAL_LM:
             kwargs["use_cache"] = False
             # positions from the mask, as generate() and the ONNX graphs take them: with left
             # padding, models that default to 0..n-1 would otherwise shift every real token
             kwargs["position_ids"] = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(**kwargs)
-        return {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.family]}
+        return {name: getattr(out, name).float().numpy() for name in self.spec.outputs}
 
     @torch.inference_mode()
     def generate(self, batch: InputBatch, n_tokens: int) -> np.ndarray:
         return greedy_generate(self.model, batch, n_tokens)
 
 
-def greedy_generate(model, batch: InputBatch, n_tokens: int, *, use_cache: bool = True) -> np.ndarray:
+def greedy_generate(model: Any, batch: InputBatch, n_tokens: int, *, use_cache: bool = True) -> np.ndarray:
     """`n_tokens` greedy tokens per row, KV cache on by default (EOS suppressed so lengths match)."""
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)

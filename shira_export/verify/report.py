@@ -14,6 +14,7 @@ import numpy as np
 
 from shira_export._io import atomic_write_text
 from shira_export.errors import ParityFailure
+from shira_export.verify.formatting import format_value
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "CheckRecord", "VerifyReport", "environment", "format_value"]
 
@@ -149,16 +150,6 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             versions[dist] = None
     return versions
-
-
-def format_value(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    if float(value).is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    return f"{value:.4g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
 
 
 def _json_float(value):

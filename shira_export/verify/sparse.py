@@ -12,9 +12,11 @@ from typing import Optional
 
 import numpy as np
 
+from shira_export.artifacts.manifest import AdapterEntry, SparseManifest
+from shira_export.artifacts.tasks import Family, graph_feeds, spec_for
 from shira_export.errors import CandidateError, ShiraInputError
 from shira_export.verify.inputs import InputBatch
-from shira_export.verify.reference import OUTPUTS, TaskFamily
+from shira_export.verify.sessions import session_options
 
 __all__ = ["SparseRunner", "open_sparse"]
 
@@ -26,11 +28,10 @@ class SparseRunner:
 
     variants: tuple[str, ...] = ("", DENSE_SUFFIX)
 
-    def __init__(self, manifest, threads: Optional[int] = None) -> None:
+    def __init__(self, manifest: SparseManifest, threads: Optional[int] = None) -> None:
         from shira_export.runtime import Mode, ShiraORTModelForCausalLM, ShiraSession
-        from shira_export.verify.candidates import session_options
 
-        self.family = manifest.family
+        self.spec = spec_for(manifest.task)
         self.sessions = {
             "": ShiraSession(manifest.folder, mode=Mode.PORTABLE, adapters=[], session_options=session_options(threads)),
         }
@@ -49,18 +50,18 @@ class SparseRunner:
 
         self.variants = tuple(self.sessions)
         self.lms = ({v: ShiraORTModelForCausalLM(s) for v, s in self.sessions.items()}
-                    if self.family is TaskFamily.CAUSAL_LM else {})
+                    if self.spec.family is Family.CAUSAL_LM else {})
         self.config = next(iter(self.lms.values())).config if self.lms else None
 
     @staticmethod
-    def _name(adapter) -> Optional[str]:
+    def _name(adapter: AdapterEntry) -> Optional[str]:
         return None if adapter.source is None and adapter.file is None else adapter.name
 
     def _check(self, name: Optional[str]) -> None:
         if name in self.refused:
             raise CandidateError(self.refused[name])
 
-    def forward(self, batch: InputBatch, adapter) -> dict[str, np.ndarray]:
+    def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]:
         name = self._name(adapter)
         self._check(name)
         ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
@@ -69,16 +70,13 @@ class SparseRunner:
             if self.lms:
                 out["logits" + v] = np.asarray(self.lms[v].forward(ids, mask, adapter=name).logits, np.float32)
                 continue
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in session.input_names:
-                feeds["token_type_ids"] = np.zeros_like(ids)
-            feeds = {k: x for k, x in feeds.items() if k in session.input_names}
-            names = list(OUTPUTS[self.family])
+            feeds = graph_feeds(self.spec, ids, mask, session.input_names)
+            names = list(self.spec.outputs)
             result = session.run(feeds, adapter=name, output_names=names)
             out.update({n + v: np.asarray(result[n], np.float32) for n in names})
         return out
 
-    def generate(self, batch: InputBatch, n_tokens: int, adapter) -> dict[str, np.ndarray]:
+    def generate(self, batch: InputBatch, n_tokens: int, adapter: AdapterEntry) -> dict[str, np.ndarray]:
         name = self._name(adapter)
         self._check(name)
         config = self.config
@@ -91,7 +89,7 @@ class SparseRunner:
         }
 
 
-def open_sparse(manifest, *, threads: Optional[int] = None) -> SparseRunner:
+def open_sparse(manifest: SparseManifest, *, threads: Optional[int] = None) -> SparseRunner:
     """A runner for a sparse export folder."""
     try:
         import shira_export.runtime  # noqa: F401

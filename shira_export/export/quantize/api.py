@@ -19,7 +19,6 @@ and 8 bits (or `quantize_dynamic` for Int8Method.DYNAMIC), embedding tables
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -29,8 +28,9 @@ from typing import Optional, Sequence, Union
 import onnx
 
 from shira_export._io import atomic_dir, atomic_path
+from shira_export.artifacts.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, SparseManifest, read_manifest
+from shira_export.artifacts.onnx_io import needs_external_data, save_onnx
 from shira_export.errors import ShiraInputError
-from shira_export.export.onnx_io import needs_external_data
 from shira_export.export.quantize import graph as qgraph
 from shira_export.export.quantize.cpu import Choices, choose
 from shira_export.export.quantize.mixed import plan_bits
@@ -41,7 +41,6 @@ from shira_export.export.quantize.tied import share_tied_embeddings
 __all__ = ["QuantizeReport", "quantize_onnx_model", "quantize_model"]
 
 PathLike = Union[str, os.PathLike]
-MANIFEST_NAME = "shira_export.json"
 
 
 @dataclass
@@ -130,14 +129,13 @@ def quantize_onnx_model(source: PathLike, output: PathLike, *, options: Optional
     return report
 
 
-def _quantize_file(path: Path, manifest: Optional[dict], report: QuantizeReport, options: QuantizeOptions,
+def _quantize_file(path: Path, manifest: Optional[Manifest], report: QuantizeReport, options: QuantizeOptions,
                    choices: Choices) -> onnx.ModelProto:
     model = _load(path)
-    if manifest is not None and manifest.get("kind") == "sparse" and path.name == manifest.get("model", "model.onnx"):
-        from shira_export.export.manifest import read_sparse_manifest
+    if isinstance(manifest, SparseManifest) and path.name == MODEL_NAME:
         from shira_export.export.quant_delta import attach_quantized_deltas, strip_sparse_deltas
 
-        sparse = read_sparse_manifest(path.parent)
+        sparse = manifest
         io = strip_sparse_deltas(model, sparse.targets)
         q = quantize_model(model, report, path.name, options, choices)
         attach_quantized_deltas(q, sparse.targets, io, threshold=sparse.token_threshold)
@@ -215,9 +213,7 @@ def _load(path: Path) -> onnx.ModelProto:
 
 
 def _save(model: onnx.ModelProto, path: Path, *, location: str) -> None:
-    external = needs_external_data(model)
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=location, size_threshold=1024)
+    save_onnx(model, path, location=location)
 
 
 def _external_files(folder: Path, files: Sequence[Path]) -> list[str]:
@@ -239,7 +235,7 @@ def _write_models(folder: Path, results: dict) -> None:
         _save(model, folder / name, location=f"{name}_data")
 
 
-def _write_in_place(folder: Path, results: dict, manifest: Optional[dict], report: QuantizeReport) -> None:
+def _write_in_place(folder: Path, results: dict, manifest: Optional[Manifest], report: QuantizeReport) -> None:
     """Each file goes through a temp file + rename; old external data is removed after."""
     stale = set(_external_files(folder, [folder / n for n in results]))
     for name, model in results.items():
@@ -253,22 +249,18 @@ def _write_in_place(folder: Path, results: dict, manifest: Optional[dict], repor
         _write_manifest(folder, manifest, report)
 
 
-def _read_manifest(folder: Path) -> Optional[dict]:
+def _read_manifest(folder: Path) -> Optional[Manifest]:
+    """The folder's manifest through the contract (None: a folder without one)."""
     path = folder / MANIFEST_NAME
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShiraInputError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if raw.get("quantization"):
-        raise ShiraInputError(f"{path}: export is already quantized (quantization={raw['quantization']!r}); "
+    manifest = read_manifest(folder)
+    if manifest.quantization:
+        raise ShiraInputError(f"{path}: export is already quantized (quantization={manifest.quantization!r}); "
                               f"quantize the fp32 export instead")
-    return raw
+    return manifest
 
 
-def _write_manifest(folder: Path, manifest: dict, report: QuantizeReport) -> None:
-    from shira_export._io import atomic_write_text
-
-    data = dict(manifest, quantization=report.mode, quantization_details=report.to_json())
-    atomic_write_text(folder / MANIFEST_NAME, json.dumps(data, indent=2) + "\n")
+def _write_manifest(folder: Path, manifest: Manifest, report: QuantizeReport) -> None:
+    manifest.extra.update(quantization=report.mode, quantization_details=report.to_json())
+    manifest.write(folder)
