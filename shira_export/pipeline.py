@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import shira_export.verify as verify_stage  # looked up per call: tests stand in for verify
 from shira_export._io import atomic_dir
+from shira_export.artifacts.naming import DEFAULT_TOKEN_THRESHOLD
 from shira_export.errors import ParityFailure
 from shira_export.export import genai_builder
 from shira_export.export import merged as merged_stage
@@ -28,6 +29,7 @@ from shira_export.export.sparse import SparseExportResult
 from shira_export.export.tasks import Dtype, Task
 
 if TYPE_CHECKING:
+    from shira_export.export.quantize import QuantizeReport
     from shira_export.verify import VerifyReport
 
 __all__ = ["export_merged", "export_sparse", "PARITY_NAME"]
@@ -116,7 +118,7 @@ def export_sparse(
     opset: Optional[int] = None,
     overwrite: bool = False,
     verify: bool = True,
-    token_threshold: int = sparse_stage.graph_delta.DEFAULT_TOKEN_THRESHOLD,
+    token_threshold: int = DEFAULT_TOKEN_THRESHOLD,
     quantize: Optional[str] = None,
     block_size: int = 32,
     exporter: str = "auto",
@@ -167,7 +169,7 @@ def export_sparse(
     return result
 
 
-def _quantize(folder: Path, mode: str, block_size: int):  # -> QuantizeReport
+def _quantize(folder: Path, mode: str, block_size: int) -> "QuantizeReport":
     from shira_export.export.quantize import quantize_onnx_model
 
     return quantize_onnx_model(folder, folder, mode=mode, block_size=block_size)  # in place, updates the manifest

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from shira_export.artifacts.tasks import spec_for
 from shira_export.errors import ShiraInputError
 from shira_export._quiet import quiet_loggers
 
@@ -156,10 +157,9 @@ def _token_types(model: "PreTrainedModel") -> bool:
 
 
 def graph_input_names(model: "PreTrainedModel", task: str) -> list[str]:
-    """The graph inputs the torch route writes for `model` and `task` (before the cache)."""
-    if task.startswith("text-generation"):
-        return ["input_ids", "attention_mask", "position_ids"]
-    return ["input_ids", "attention_mask"] + (["token_type_ids"] if _token_types(model) else [])
+    """The graph inputs the torch route writes for `model` and `task` (before the cache): the
+    task table's, token_type_ids only where the model uses them."""
+    return [n for n in spec_for(task).graph_inputs if n != "token_type_ids" or _token_types(model)]
 
 
 def _sample_ids(model: "PreTrainedModel", shape: tuple[int, int]) -> torch.Tensor:
@@ -194,7 +194,7 @@ def _program_for(model: "PreTrainedModel", task: str, opset: int) -> tuple[torch
         shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                   "position_ids": {0: batch, 1: seq}}
         return wrapper, (ids, mask, pos), shapes, (["input_ids", "attention_mask", "position_ids"], ["logits"])
-    output = "last_hidden_state" if task == "feature-extraction" else "logits"
+    output = next(iter(spec_for(task).outputs))  # the task table's: last_hidden_state or logits
     token_types = _token_types(model)
     wrapper = _Encoder(model, output, token_types)
     ids = _sample_ids(model, (_SAMPLE_BATCH, _ENCODER_SAMPLE_LEN))
