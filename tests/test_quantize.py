@@ -119,27 +119,113 @@ def _nbits(path) -> dict:
     return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
 
 
-def test_int4_keeps_the_last_two_thirds_of_matmuls_at_8_bits(exports, tmp_path):
-    root, base, reports = exports
-    report = reports["merged", "int4"]
+def test_int4_fixed_plan_keeps_the_last_two_thirds_of_matmuls_at_8_bits(exports, tmp_path):
+    root, base, _ = exports
+    report = quantize_onnx_model(root / "merged", tmp_path / "fixed", mode="int4", block_size=32, plan="fixed")
     assert report.options["int8_tail"] == pytest.approx(2 / 3) and report.matmuls_8bit == 8  # ceil(12 * 2/3), no head
-    bits = _nbits(root / "merged_int4" / "model.onnx")
+    bits = _nbits(tmp_path / "fixed" / "model.onnx")
     eight = sorted(name for name, b in bits.items() if b == 8)
     order = list(bits)  # graph order (the exported graph is topologically sorted): the first four are 4-bit
     assert len(bits) == 12 and len(eight) == 8 and [bits[n] for n in order] == [4] * 4 + [8] * 8
     levels = {n.name: [a.i for a in n.attribute if a.name == "accuracy_level"]
-              for n in onnx.load(str(root / "merged_int4" / "model.onnx")).graph.node if n.name in eight}
+              for n in onnx.load(str(tmp_path / "fixed" / "model.onnx")).graph.node if n.name in eight}
     assert all(v == [4] for v in levels.values())  # the fast int8 kernel (ORT's fallback is 26x slower)
-    plain = quantize_onnx_model(root / "merged", tmp_path / "all4", mode="int4", block_size=32, int8_tail=0)
+    plain = quantize_onnx_model(root / "merged", tmp_path / "all4", mode="int4", block_size=32, plan="fixed",
+                                int8_tail=0)
     assert plain.matmuls_8bit == 0 and set(_nbits(tmp_path / "all4" / "model.onnx").values()) == {4}
     assert plain.files["model.onnx"]["matmuls"] == [12, 12] == report.files["model.onnx"]["matmuls"]
     assert plain.quantized_bytes < report.quantized_bytes
     feeds = _feeds(tokens=9)
     ref = _torch_hidden(base, root / "a", feeds)
-    mixed = ort.InferenceSession(str(root / "merged_int4" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
+    mixed = ort.InferenceSession(str(tmp_path / "fixed" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
     all4 = ort.InferenceSession(str(tmp_path / "all4" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
     assert _cos_min(mixed, ref) >= 0.97 and _cos_min(all4, ref) >= 0.97
     assert np.abs(mixed - ref).mean() < np.abs(all4 - ref).mean()
+
+
+def _plan(report) -> dict:
+    return next(p for p in report.passes["model.onnx"] if p["pass"] == "plan_bits")
+
+
+def _worst_on_calibration(fp32_folder, quantized_onnx) -> float:
+    """Worst per-token cosine of the real quantized graph (ORT's kernels on this CPU) against
+    the fp32 graph, on the measured plan's calibration inputs."""
+    from shira_export.export.quantize.calib import calibration_feeds
+
+    model = onnx.load(str(fp32_folder / "model.onnx"))
+    ref, cand = (ort.InferenceSession(str(p)) for p in (fp32_folder / "model.onnx", quantized_onnx))
+    worst = 1.0
+    for feeds, mask in calibration_feeds(model, fp32_folder):
+        a, b = ref.run(["last_hidden_state"], feeds)[0], cand.run(["last_hidden_state"], feeds)[0]
+        worst = min(worst, _cos_min(a[mask.astype(bool)], b[mask.astype(bool)]))
+    return worst
+
+
+def test_int4_measured_plan_meets_its_target_with_the_real_kernels(exports, tmp_path):
+    """The default int4 plan is measured: the chosen 4-bit set's simulated worst cosine is
+    >= the target, the graph holds exactly that set at 4 bits, and ORT's own kernels on this
+    CPU give (within the 8-bit path's activation rounding) what the simulation said."""
+    root, base, reports = exports
+    report = reports["merged", "int4"]
+    plan = _plan(report)
+    measured = plan["measured"]
+    assert plan["method"] == "measured" and report.options["plan"] == "measured"
+    assert min(measured["chosen_score"].values()) >= measured["target_cosine"] == 0.99
+    bits = {re.sub(r"_Q[48]$", "", n): b for n, b in _nbits(root / "merged_int4" / "model.onnx").items()}
+    four = sorted(n for n, b in bits.items() if b == 4)
+    assert four == sorted(measured["chosen_4bit"]) and len(four) == plan["matmuls_4bit"] == report.matmuls_4bit
+    assert set(measured["sensitivity"]) == set(bits) and len(bits) == 12  # every body MatMul measured (no head here)
+    # a layer whose error alone is past the target cannot be in the chosen set
+    assert not [n for n in four if measured["sensitivity"][n] < measured["target_cosine"]]
+    real = _worst_on_calibration(root / "merged", root / "merged_int4" / "model.onnx")
+    assert real == pytest.approx(min(measured["chosen_score"]["cosine"], 1.0), abs=0.004)
+    assert real >= measured["target_cosine"] - 0.004
+    everything = quantize_onnx_model(root / "merged", tmp_path / "all4", mode="int4", plan="fixed", int8_tail=0)
+    assert _worst_on_calibration(root / "merged", tmp_path / "all4" / "model.onnx") == pytest.approx(
+        measured["all_4bit_score"]["cosine"], abs=0.004)
+    assert everything.matmuls_4bit == 12
+    # the quality it buys on inputs the plan never saw (held-out seed, PyTorch reference)
+    feeds = _feeds(batch=3, tokens=15, seed=7)
+    out = ort.InferenceSession(str(root / "merged_int4" / "model.onnx")).run(["last_hidden_state"], feeds)[0]
+    assert _cos_min(out, _torch_hidden(base, root / "a", feeds)) >= 0.98
+
+
+@pytest.mark.parametrize("target, four", [(1.0, 0), (0.05, 12)])
+def test_int4_measured_plan_follows_its_target(exports, tmp_path, capsys, target, four):
+    """An unreachable target leaves every MatMul at 8 bits and says so; a loose one puts all at 4."""
+    root, _, _ = exports
+    report = quantize_onnx_model(root / "merged", tmp_path / "q", mode="int4", plan_min_cosine=target)
+    assert report.matmuls_4bit == four and report.matmuls_8bit == 12 - four
+    err = capsys.readouterr().err
+    assert f"int4 plan (measured): {four} of 12 body MatMuls at 4 bits" in err
+    assert ("all at 8 bits" in err) is (four == 0)
+    assert _plan(report)["weight_fraction_4bit"] == (1.0 if four else 0.0)
+
+
+def test_fake_quant_is_what_matmulnbits_computes():
+    """The plan's simulation of 4- and 8-bit blocks equals ORT's MatMulNBits on this CPU."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from shira_export.export.quantize.graph import run_nbits
+    from shira_export.export.quantize.measure import fake_quant
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((96, 40)) * 0.05).astype(np.float32)
+    w[:, 3] = np.abs(w[:, 3])  # a block with no negative value (zero point 0)
+    w[:32, 5] = 0  # an all-zero block
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 40])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for bits in (4, 8):
+        for symmetric in (False, True):
+            q, _ = run_nbits(model, ["mm"], bits=bits, block_size=32, symmetric=symmetric, accuracy_level=None)
+            y = ort.InferenceSession(q.SerializeToString()).run(None, {"x": x})[0]
+            sim = x @ fake_quant(w, bits=bits, block_size=32, symmetric=symmetric)
+            assert np.abs(y - sim).max() < 1e-5, (bits, symmetric)
+            assert np.abs(y - x @ w).max() > (1e-2 if bits == 4 else 1e-3)  # the rounding is really there
 
 
 def _base_onnx(root):
@@ -207,6 +293,8 @@ def test_cpu_features_and_choices_are_recorded(exports, tmp_path, monkeypatch):
     ({"mode": "int3"}, "expected one of ['int8', 'int4']"),
     ({"mode": "int4", "block_size": 48}, "block_size: expected one of"),
     ({"mode": "int4", "int8_tail": 1.5}, "int8_tail: expected a fraction in [0, 1]"),
+    ({"mode": "int4", "plan": "guess"}, "plan: expected one of ['measured', 'fixed']"),
+    ({"mode": "int4", "plan_min_cosine": 1.5}, "plan_min_cosine: expected a cosine in (0, 1]"),
     ({"mode": "int8", "reduce_range": "yes"}, "reduce_range"),
     ({"mode": "int8", "int8_method": "static"}, "int8_method: expected one of ['blocks', 'dynamic']"),
     ({"mode": "int8", "table_bits": 2}, "table_bits"),
@@ -316,7 +404,13 @@ def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
     heads = [n.name for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output]
     bits = _nbits(tmp_path / mode / "model.onnx")
     assert len(heads) == 1 and bits[heads[0]] == 8  # the head (and the table it shares) at 8 bits in both modes
-    assert report.matmuls_8bit == (13 if mode == "int8" else 8 + 1)  # int4: ceil(12 * 2/3) of the body + the head
+    if mode == "int8":
+        assert report.matmuls_8bit == 13
+    else:  # the measured plan: what it chose is in the graph, the head at 8 bits beside it
+        plan = next(p for p in report.passes["model.onnx"] if p["pass"] == "plan_bits")
+        assert plan["method"] == "measured" and plan["heads"] == heads and heads[0] not in plan["measured"]["sensitivity"]
+        assert report.matmuls_8bit == plan["matmuls_8bit"] == 13 - plan["matmuls_4bit"]
+        assert min(plan["measured"]["chosen_score"].values()) >= 0.99
     # the tied head and the embedding lookup share one quantized table
     assert report.tied_tables_shared == 1
     # 8-bit blocks of 32: 8 + 1 (fp32 scale) + 0.25 (zero point) bits a weight (0.29x), plus the graph itself, which

@@ -189,13 +189,12 @@ def bench_quality(out: Path) -> list[dict]:
     from train_minilm_classifier import build_base, minilm_dir
 
     from shira_export import ShiraConfig, ShiraModel, get_shira_model
-    from shira_export.export.quantize import cpu_features
     from shira_export.training import train_adapter
     from shira_export.verify.sentences import SENTENCES
 
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    print(f"cpu: {cpu_features()}")
+    print(f"machine at start: {_machine()}", flush=True)
     if not (out / "demo").is_dir():
         _cli("demo", "--output", str(out / "demo"))
     demo = out / "demo"
@@ -296,8 +295,28 @@ def _verdict(folder: Path) -> dict:
         return {"verify": f"no report ({type(exc).__name__})"}
     failed = [f"{r['adapter']}:{r['output']}:{r['metric']}={r['value']:.4g}" for r in parity["records"]
               if r["passed"] is False]
-    return {"verify": parity["verdict"], "failed": failed, "size_ratio": details["size_ratio"],
-            "cpu": details["choices"]["cpu"]["kind"]}
+    plans = [p for passes in details["passes"].values() for p in passes if p["pass"] == "plan_bits"]
+    out = {"verify": parity["verdict"], "failed": failed, "size_ratio": details["size_ratio"],
+           "cpu": details["choices"]["cpu"]["kind"]}
+    if details["mode"] == "int4" and plans:  # how much of the body the plan put at 4 bits, and why
+        plan = plans[0]
+        out["plan"] = plan["method"]
+        out["matmuls_4bit"] = f"{plan['matmuls_4bit']}/{plan['matmuls_4bit'] + plan['matmuls_8bit']}"
+        out["weights_4bit"] = plan["weight_fraction_4bit"]
+        if "chosen_score" in plan.get("measured", {}):
+            out["calibration_cosine"] = min(plan["measured"]["chosen_score"].values())
+    return out
+
+
+def _machine() -> dict:
+    """The CPU flags that decide ORT's integer kernels, and how busy the machine was."""
+    import os
+
+    from shira_export.export.quantize import cpu_features
+
+    cpu = cpu_features()
+    return {"cpu_model": cpu.model, "flags": list(cpu.flags), "kind": cpu.kind,
+            "load_1_5_15": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
 
 
 def main() -> None:
@@ -317,10 +336,11 @@ def main() -> None:
     if args.opt:
         with tempfile.TemporaryDirectory(prefix="bench_quant_") as tmp:
             rows += bench_opt(Path(tmp), args.rounds, args.tokens)
+    print(f"machine at end: {_machine()}")
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items() if v is not None))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows, "ort": ort.__version__}, indent=2) + "\n")
+    RESULTS.write_text(json.dumps({"rows": rows, "ort": ort.__version__, "machine_at_end": _machine()}, indent=2) + "\n")
     print(f"written {RESULTS}")
 
 

@@ -58,6 +58,7 @@ class QuantizeReport:
     tied_tables_shared: int = 0  # embedding lookups that read the tied head's quantized weights
     matmuls_8bit: int = 0  # MatMuls at 8-bit blocks (summed over files)
     matmuls_4bit: int = 0
+    notes: list = field(default_factory=list)  # one line per file: the int4 bit plan and why (printed)
 
     @property
     def size_ratio(self) -> float:
@@ -96,6 +97,7 @@ def quantize_onnx_model(source: PathLike, output: PathLike, *, options: Optional
         if output.exists() and not overwrite:
             raise ShiraInputError(f"{output}: exists (pass overwrite=True / --overwrite to replace it)")
         q = quantize_model(_load(source), report, output.name, options, choices)
+        _print_notes(report)
         report.fp32_bytes = _onnx_bytes(source)
         with atomic_path(output) as tmp:
             _save(q, tmp, location=output.name + "_data")
@@ -112,6 +114,7 @@ def quantize_onnx_model(source: PathLike, output: PathLike, *, options: Optional
     manifest = _read_manifest(source)
     # everything is computed in memory first: bad input leaves no output behind
     results = {f.name: _quantize_file(f, manifest, report, options, choices) for f in files}
+    _print_notes(report)
     report.fp32_bytes = sum(_onnx_bytes(f) for f in files)
     if in_place:
         _write_in_place(source, results, manifest, report)
@@ -137,17 +140,25 @@ def _quantize_file(path: Path, manifest: Optional[Manifest], report: QuantizeRep
 
         sparse = manifest
         io = strip_sparse_deltas(model, sparse.targets)
-        q = quantize_model(model, report, path.name, options, choices)
+        q = quantize_model(model, report, path.name, options, choices, folder=path.parent)
         attach_quantized_deltas(q, sparse.targets, io, threshold=sparse.token_threshold)
         report.sparse_sites = len(sparse.targets)
         report.passes[path.name].append({"pass": "attach_sparse_deltas", "sites": len(sparse.targets)})
         return q
-    return quantize_model(model, report, path.name, options, choices)
+    return quantize_model(model, report, path.name, options, choices, folder=path.parent)
+
+
+def _print_notes(report: QuantizeReport) -> None:
+    import sys
+
+    for line in report.notes:
+        print(f"quantize: {line}", file=sys.stderr)
 
 
 def quantize_model(model: onnx.ModelProto, report: QuantizeReport, where: str, options: QuantizeOptions,
-                   choices: Choices) -> onnx.ModelProto:
-    """One in-memory graph through every pass; statistics into `report` under `where`."""
+                   choices: Choices, folder: Optional[Path] = None) -> onnx.ModelProto:
+    """One in-memory graph through every pass; statistics into `report` under `where`.
+    `folder`: the export folder, whose tokenizer gives int4's measured plan real text."""
     passes: list[dict] = []
     qgraph.check_not_quantized(model, where)
     passes.append({"pass": "fold_transposed_weights", "matmuls": len(qgraph.fold_transposed_weights(model))})
@@ -171,8 +182,10 @@ def quantize_model(model: onnx.ModelProto, report: QuantizeReport, where: str, o
     else:
         passes.append({"pass": "gemms_to_matmuls", "gemms": len(qgraph.gemms_to_matmuls(model))})
         _, tables = qgraph.count_quantizable(model, gemm=False)
-        plan = plan_bits(model, options)
+        plan = plan_bits(model, options, folder)
         passes.append({"pass": "plan_bits", **plan.to_json()})
+        if options.mode is QuantMode.INT4:
+            report.notes.append(f"{where}: {plan.summary()}")
         q, c4 = qgraph.run_nbits(model, plan.four, bits=4, block_size=options.block_size,
                                  symmetric=options.symmetric, accuracy_level=options.accuracy_level)
         passes.append({"pass": "matmul_nbits_4", **asdict(c4)})

@@ -1,6 +1,12 @@
 """Which MatMul gets how many bits: the bit plan of one graph.
 
-int8: every constant-weight MatMul at 8 bits. int4: 4 bits, except
+int8: every constant-weight MatMul at 8 bits. int4 (default, `plan="measured"`): the MatMuls
+writing a graph output at `head_bits` (8), and of the body the largest set whose 4-bit
+error, measured on calibration inputs, keeps the outputs' worst cosine at or above
+`plan_min_cosine` (quantize.measure); the rest at 8 bits. When the graph's inputs cannot be
+fed (quantize.calib) the fixed plan below is used and the reason recorded.
+
+int4 with `plan="fixed"`: 4 bits, except
 - the MatMuls that write a graph output (an LM head, a classifier): `head_bits` (8). They
   feed no later layer but decide the argmax directly, and a tied head shares its blocks
   with the embedding table (quantize.tied), so its width is the table's too; on the demo
@@ -19,11 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 import onnx
 
 from shira_export.export.quantize import graph as qgraph
-from shira_export.export.quantize.options import QuantizeOptions, QuantMode
+from shira_export.export.quantize.options import PlanMethod, QuantizeOptions, QuantMode
 
 __all__ = ["BitPlan", "plan_bits"]
 
@@ -37,24 +45,100 @@ class BitPlan:
     heads: tuple[str, ...] = field(default=())  # graph-output MatMuls (in `four` or `eight`)
     tail: tuple[str, ...] = field(default=())  # body MatMuls moved to 8 bits by int8_tail
     first: tuple[str, ...] = field(default=())  # body MatMuls moved to 8 bits by int8_first
+    method: str = "fixed"  # "measured" | "fixed" (int8: every MatMul at 8 bits)
+    measured: Optional[dict] = None  # quantize.measure.Measured.to_json(), or why it fell back
+    weight_fraction_4bit: float = 0.0  # of the body's (non-head) MatMul weight elements
 
     def to_json(self) -> dict:
-        return {"matmuls_4bit": len(self.four), "matmuls_8bit": len(self.eight), "heads": list(self.heads),
-                "tail_8bit": len(self.tail), "first_8bit": len(self.first)}
+        out = {"method": self.method, "matmuls_4bit": len(self.four), "matmuls_8bit": len(self.eight),
+               "heads": list(self.heads), "weight_fraction_4bit": round(self.weight_fraction_4bit, 4)}
+        if self.method == "fixed":
+            out.update(tail_8bit=len(self.tail), first_8bit=len(self.first))
+        if self.measured is not None:
+            out["measured"] = self.measured
+        return out
+
+    def summary(self) -> str:
+        """One line for the export's output."""
+        body = len(self.four) + len(self.eight) - len(self.heads)
+        four_body = len([n for n in self.four if n not in self.heads])
+        line = (f"int4 plan ({self.method}): {four_body} of {body} body MatMuls at 4 bits "
+                f"({self.weight_fraction_4bit:.0%} of their weights), the rest and {len(self.heads)} output "
+                f"MatMul(s) at {'4' if self.heads and self.heads[0] in self.four else '8'} bits")
+        m = self.measured or {}
+        if "target_cosine" in m:
+            line += (f"; calibration worst cosine {min(m['chosen_score'].values()):.4f} >= {m['target_cosine']} "
+                     f"(all 4-bit: {min(m['all_4bit_score'].values()):.4f})")
+        if m.get("reason"):
+            line += f"; {m['reason']}"
+        return line
 
 
-def plan_bits(model: onnx.ModelProto, options: QuantizeOptions) -> BitPlan:
+def _sizes(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
+    inits = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    return {n: math.prod(inits[by_name[n].input[1]].dims) for n in names}
+
+
+def plan_bits(model: onnx.ModelProto, options: QuantizeOptions, folder: Optional[Path] = None) -> BitPlan:
+    """The bit plan; `folder` (the export folder) gives the measured plan its tokenizer."""
+    fixed = _fixed_plan(model, options)
+    if options.mode is QuantMode.INT8 or options.plan is PlanMethod.FIXED:
+        return fixed
+    from shira_export.export.quantize.calib import UnsupportedInputs, calibration_feeds
+    from shira_export.export.quantize.measure import WeightProbe, measure_plan
+
+    body = [n for n in fixed.four + fixed.eight if n not in fixed.heads]
+    body = [n for n in qgraph.count_quantizable(model, gemm=False)[0] if n in set(body)]  # graph order
+    if not body:
+        return fixed
+    try:
+        feeds = calibration_feeds(model, folder)
+    except UnsupportedInputs as exc:
+        return _with(fixed, model, measured={"reason": f"fixed plan used: {exc}"})
+    heads8 = [h for h in fixed.heads if h in fixed.eight]
+    probe = WeightProbe(model, body + list(fixed.heads), feeds)
+    found = measure_plan(probe, body, target=options.plan_min_cosine, block_size=options.block_size,
+                         symmetric=options.symmetric, eight_bit=heads8)
+    found.calibration = {"batches": len(feeds), "rows": int(sum(m.shape[0] for _, m in feeds)),
+                         "tokens": int(sum(m.sum() for _, m in feeds)),
+                         "texts": bool(folder is not None and len(feeds) > 1)}
+    found.reason = ("each layer's RTN 4-bit weights simulated in fp32 on calibration inputs (weights only, so "
+                    "the same plan on every CPU)")
+    if not found.four:
+        found.reason += f"; no body MatMul meets worst cosine {options.plan_min_cosine} at 4 bits: all at 8 bits"
+    four = set(found.four) | {h for h in fixed.heads if h in fixed.four}
+    names = list(fixed.four + fixed.eight)
+    order = qgraph.count_quantizable(model, gemm=False)[0]
+    names = [n for n in order if n in set(names)]
+    plan = BitPlan(four=tuple(n for n in names if n in four), eight=tuple(n for n in names if n not in four),
+                   heads=fixed.heads, method="measured", measured=found.to_json())
+    return _with(plan, model)
+
+
+def _with(plan: BitPlan, model: onnx.ModelProto, **changes: object) -> BitPlan:
+    from dataclasses import replace
+
+    body = [n for n in plan.four + plan.eight if n not in plan.heads]
+    sizes = _sizes(model, body)
+    total = sum(sizes.values())
+    fraction = sum(sizes[n] for n in plan.four if n in sizes) / total if total else 0.0
+    return replace(plan, weight_fraction_4bit=fraction, **changes)  # type: ignore[arg-type]
+
+
+def _fixed_plan(model: onnx.ModelProto, options: QuantizeOptions) -> BitPlan:
     names, _ = qgraph.count_quantizable(model, gemm=False)
     names = [n for n in names if n not in options.nodes_to_exclude]
     outputs = {o.name for o in model.graph.output}
     by_name = {n.name: n for n in model.graph.node}
     heads = [n for n in names if any(o in outputs for o in by_name[n].output)]
     if options.mode is QuantMode.INT8:
-        return BitPlan(eight=tuple(names), heads=tuple(heads))
+        return BitPlan(eight=tuple(names), heads=tuple(heads), method="int8")
     body = [n for n in names if n not in heads]
     count = math.ceil(options.int8_tail * len(body)) if options.int8_tail > 0 else 0
     tail = set(body[len(body) - count:]) if count else set()
     first = set(body[:math.ceil(options.int8_first * len(body))]) if options.int8_first > 0 else set()
     eight = tail | first | (set(heads) if options.head_bits == 8 else set())
-    return BitPlan(four=tuple(n for n in names if n not in eight), eight=tuple(n for n in names if n in eight),
+    plan = BitPlan(four=tuple(n for n in names if n not in eight), eight=tuple(n for n in names if n in eight),
                    heads=tuple(heads), tail=tuple(n for n in body if n in tail), first=tuple(n for n in body if n in first))
+    return _with(plan, model)

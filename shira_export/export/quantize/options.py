@@ -16,10 +16,15 @@ from typing import Optional
 
 from shira_export.errors import ShiraInputError
 
-__all__ = ["QuantMode", "Int8Method", "QuantizeOptions", "BLOCK_SIZES", "TABLE_BITS", "check_quantize_options"]
+__all__ = ["QuantMode", "Int8Method", "PlanMethod", "QuantizeOptions", "BLOCK_SIZES", "TABLE_BITS",
+           "DEFAULT_PLAN_COSINE", "check_quantize_options"]
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 TABLE_BITS = (4, 8)  # GatherBlockQuantized
+# int4's measured plan keeps the calibration inputs' worst per-token cosine at or above this:
+# the int4 verify rule (0.98, verify.profiles) with a margin for inputs the plan never saw (on
+# MiniLM a plan at 0.99 on the calibration set gave 0.983 on verify's built-in sentences)
+DEFAULT_PLAN_COSINE = 0.99
 
 
 class QuantMode(str, enum.Enum):
@@ -34,6 +39,14 @@ class Int8Method(str, enum.Enum):
 
     BLOCKS = "blocks"
     DYNAMIC = "dynamic"
+
+
+class PlanMethod(str, enum.Enum):
+    """int4: which MatMuls get 4 bits. MEASURED: from each layer's measured output error on
+    calibration inputs (quantize.measure); FIXED: by position (`int8_tail`, `int8_first`)."""
+
+    MEASURED = "measured"
+    FIXED = "fixed"
 
 
 def _enum(cls: type[enum.Enum], value: object, what: str) -> enum.Enum:
@@ -61,15 +74,22 @@ class QuantizeOptions:
     accuracy_level_8bit: Optional[int] = None  # 8-bit MatMulNBits compute; None: chosen per CPU
     embeddings: bool = True  # quantize embedding tables (Gather over a constant table)
     table_bits: Optional[int] = None  # bits of embedding tables; None: 8
-    int8_tail: float = 2 / 3  # int4 only: fraction of the body MatMuls (nearest the output) at 8 bits
-    int8_first: float = 0.0  # int4 only: fraction of the body MatMuls (nearest the input) at 8 bits
+    int8_tail: float = 2 / 3  # int4 fixed plan: fraction of the body MatMuls (nearest the output) at 8 bits
+    int8_first: float = 0.0  # int4 fixed plan: fraction of the body MatMuls (nearest the input) at 8 bits
     head_bits: int = 8  # int4 only: MatMuls writing a graph output (LM heads, classifiers)
+    plan: PlanMethod = PlanMethod.MEASURED  # int4 only: bit plan measured per layer, or fixed by position
+    plan_min_cosine: float = DEFAULT_PLAN_COSINE  # int4 measured plan: worst cosine kept on calibration inputs
     nodes_to_exclude: tuple[str, ...] = ()  # MatMul/Gather nodes left in fp32 on purpose
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize once, here
         set_(self, "mode", _enum(QuantMode, self.mode, "quantize"))
         set_(self, "int8_method", _enum(Int8Method, self.int8_method, "int8_method"))
+        set_(self, "plan", _enum(PlanMethod, self.plan, "plan"))
+        target = self.plan_min_cosine
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) or not 0.0 < target <= 1.0:
+            raise ShiraInputError(f"plan_min_cosine: expected a cosine in (0, 1], found {target!r}")
+        set_(self, "plan_min_cosine", float(target))
         if not _is_int(self.block_size) or self.block_size not in BLOCK_SIZES:
             raise ShiraInputError(f"block_size: expected one of {list(BLOCK_SIZES)} (MatMulNBits needs a power of two "
                                   f">= 16), found {self.block_size!r}")

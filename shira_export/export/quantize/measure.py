@@ -1,0 +1,202 @@
+"""Measured int4 bit plan: which MatMuls can take 4 bits, decided from each layer's error.
+
+4-bit rounding error differs a lot between layers (a BERT's outlier channels, the last
+layers, attention projections of a random-weight decoder), so a fixed "last two thirds at
+8 bits" both wastes bits and misses the sensitive ones. Here the fp32 graph is run once per
+candidate with that MatMul's weight replaced by its 4-bit round-trip (the RTN blocks ORT's
+MatMulNBits writes, `fake_quant`), on calibration inputs (quantize.calib, never the
+verification set); the outputs' worst per-token cosine against fp32 is the layer's
+sensitivity. Layers are then taken at 4 bits from the least sensitive (per weight) while the
+whole set, all at once, keeps the worst cosine at or above the target; the rest stay 8 bit.
+
+The weights become graph inputs of one ORT session, so each trial is one run, not a new
+graph. The score per output: worst per-position cosine over real tokens (hidden states, LM
+logits; also the mean-pooled sentence cosine for 3-D states) and, for [batch, labels]
+classifier logits, the worst cosine of the probabilities (verify's metric for labels) and
+the label agreement over the rows the reference decides (top-2 probabilities at least
+DECIDED_MARGIN apart), so that with the default target no decided calibration row flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["fake_quant", "WeightProbe", "Measured", "measure_plan"]
+
+
+def fake_quant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """`w` [K, N] through MatMulNBits' blockwise RTN (blocks of `block_size` along K per
+    column, as MLAS quantizes them) and back to float32."""
+    k, n = w.shape
+    pad = (-k) % block_size
+    x = np.pad(w.astype(np.float32), ((0, pad), (0, 0))).reshape(-1, block_size, n)
+    top = float(2 ** bits - 1)
+    if symmetric:
+        # the signed value of largest magnitude maps to -2^(bits-1)
+        idx = np.abs(x).argmax(1)[:, None, :]
+        big = np.take_along_axis(x, idx, 1)
+        scale = big / -(2 ** (bits - 1))
+        safe = np.where(scale == 0, 1.0, scale)
+        q = np.clip(np.round(x / safe) + 2 ** (bits - 1), 0, top)
+        out = (q - 2 ** (bits - 1)) * scale
+    else:
+        lo = np.minimum(x.min(1, keepdims=True), 0.0)
+        hi = np.maximum(x.max(1, keepdims=True), 0.0)
+        scale = (hi - lo) / top
+        safe = np.where(scale == 0, 1.0, scale)
+        zp = np.clip(np.round(-lo / safe), 0, top)
+        q = np.clip(np.round(x / safe) + zp, 0, top)
+        out = (q - zp) * scale
+    return out.reshape(-1, n)[:k].astype(np.float32)
+
+
+DECIDED_MARGIN = 0.05  # classifier rows whose reference top-2 probabilities are closer are ties, not decisions
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(den == 0, 1.0, num / np.maximum(den, 1e-300))
+
+
+def _score(ref: np.ndarray, cand: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Worst cosines of one output (see the module doc)."""
+    if ref.ndim == 2:  # [batch, labels]: classifier logits
+        p, q = _softmax(ref), _softmax(cand)
+        top2 = np.sort(p, -1)[:, -2:]
+        decided = top2[:, 1] - top2[:, 0] >= DECIDED_MARGIN
+        same = p.argmax(-1) == q.argmax(-1)
+        return {"cosine": float(_cosine(p, q).min()), "labels": float(same[decided].mean()) if decided.any() else 1.0}
+    if ref.ndim == 3 and ref.shape[:2] == mask.shape:
+        valid = mask.astype(bool)
+        out = {"cosine": float(_cosine(ref[valid], cand[valid]).min())}
+        w = mask[..., None].astype(np.float64)
+        out["pooled"] = float(_cosine((ref * w).sum(1) / w.sum(1), (cand * w).sum(1) / w.sum(1)).min())
+        return out
+    return {"cosine": float(_cosine(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])).min())}
+
+
+class WeightProbe:
+    """One fp32 session whose MatMul weights are inputs: `score({weight: array})` runs the
+    calibration feeds with those weights replaced and returns the worst cosine over outputs."""
+
+    def __init__(self, model: onnx.ModelProto, matmuls: Sequence[str], feeds: list[tuple[dict, np.ndarray]]):
+        import onnxruntime as ort
+
+        by_name = {n.name: n for n in model.graph.node}
+        self.weight_of = {m: by_name[m].input[1] for m in matmuls}
+        wanted = set(self.weight_of.values())
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        keep, self.weights = [], {}
+        for init in probe.graph.initializer:
+            if init.name in wanted:
+                self.weights[init.name] = numpy_helper.to_array(init).astype(np.float32)
+                probe.graph.input.append(onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT,
+                                                                            list(init.dims)))
+            else:
+                keep.append(init)
+        del probe.graph.initializer[:]
+        probe.graph.initializer.extend(keep)
+        self.outputs = [o.name for o in probe.graph.output if not o.name.startswith("present")]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.feeds = feeds
+        self.reference = [self.session.run(self.outputs, {**f, **self.weights}) for f, _ in feeds]
+
+    def score(self, replaced: dict[str, np.ndarray]) -> dict[str, float]:
+        """Worst 'cosine' (and 'pooled' where there are token states) over outputs and batches."""
+        weights = {**self.weights, **replaced}
+        worst: dict[str, float] = {}
+        for (feeds, mask), ref in zip(self.feeds, self.reference):
+            for r, c in zip(ref, self.session.run(self.outputs, {**feeds, **weights})):
+                for key, value in _score(r, c, mask).items():
+                    worst[key] = min(worst.get(key, 1.0), value)
+        return worst
+
+
+@dataclass
+class Measured:
+    """What the measured plan found (into the manifest via the plan_bits pass)."""
+
+    four: tuple[str, ...]
+    target: float
+    score: dict  # the chosen set's worst cosines on the calibration inputs
+    all_four_score: dict  # every candidate at 4 bits
+    sensitivity: dict  # MatMul -> worst cosine with it alone at 4 bits
+    coverage: float  # fraction of the candidates' weight elements at 4 bits
+    trials: int
+    reason: str = ""
+    calibration: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"target_cosine": self.target, "chosen_4bit": list(self.four), "chosen_score": self.score, "all_4bit_score": self.all_four_score,
+                "weight_fraction_4bit": round(self.coverage, 4), "trials": self.trials, "reason": self.reason,
+                "calibration": self.calibration,
+                "sensitivity": {k: round(v, 5) for k, v in self.sensitivity.items()}}
+
+
+def measure_plan(probe: WeightProbe, candidates: Sequence[str], *, target: float, block_size: int, symmetric: bool,
+                 eight_bit: Sequence[str] = (), eight_block: Optional[int] = None, refine: int = 8) -> Measured:
+    """The largest set of `candidates` at 4 bits (least sensitive per weight first) whose
+    joint worst cosine stays >= `target`; the MatMuls in `eight_bit` are at 8 bits throughout.
+    Trials: one per candidate, one for all, a binary search over the sorted prefix, then up to
+    `refine` single additions after the prefix (sensitivity is not exactly additive)."""
+    w = probe.weights
+    q4 = {m: fake_quant(w[probe.weight_of[m]], bits=4, block_size=block_size, symmetric=symmetric) for m in candidates}
+    base = {probe.weight_of[m]: fake_quant(w[probe.weight_of[m]], bits=8, block_size=eight_block or block_size,
+                                           symmetric=symmetric) for m in list(candidates) + list(eight_bit)}
+
+    def run(four: Sequence[str]) -> dict[str, float]:
+        return probe.score({**base, **{probe.weight_of[m]: q4[m] for m in four}})
+
+    def worst(s: dict[str, float]) -> float:
+        return min(s.values()) if s else 1.0
+
+    trials = 0
+    sensitivity = {}
+    for m in candidates:
+        sensitivity[m] = worst(run([m]))
+        trials += 1
+    size = {m: w[probe.weight_of[m]].size for m in candidates}
+    # least error per weight element first: the most 4-bit weights for the error spent
+    order = sorted(candidates, key=lambda m: (1.0 - sensitivity[m]) / size[m])
+    all_four = run(order)
+    trials += 1
+    if worst(all_four) >= target:
+        chosen, score = list(order), all_four
+    else:
+        lo, hi, score = 0, len(order), run([])  # largest prefix that meets the target (binary search)
+        trials += 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            s = run(order[:mid])
+            trials += 1
+            if worst(s) >= target:
+                lo, score = mid, s
+            else:
+                hi = mid
+        chosen = order[:lo]
+        for m in order[lo + 1:lo + 1 + refine]:  # a later, cheaper layer may still fit
+            s = run(chosen + [m])
+            trials += 1
+            if worst(s) >= target:
+                chosen.append(m)
+                score = s
+    total = sum(size.values())
+    coverage = sum(size[m] for m in chosen) / total if total else 0.0
+    keep = set(chosen)
+    return Measured(tuple(m for m in candidates if m in keep), target, {k: round(v, 5) for k, v in score.items()},
+                    {k: round(v, 5) for k, v in all_four.items()}, sensitivity, coverage, trials)
