@@ -182,6 +182,47 @@ def test_shira_session_dense_and_portable_on_builder_graphs(family_export):
         assert np.abs(got[Mode.DENSE] - ref).max() <= 1e-4, (family, name)
 
 
+def test_builder_graph_mixed_batch_with_cache_equals_rows_alone(family_export):
+    """[R, nnz] on builder graphs: rows with different adapters (packed q|k|v, Phi-3's split
+    gate_up, a row without adapter) in one prefill and one decode step over its cache equal
+    each row run alone, within 1e-5."""
+    import onnxruntime as ort
+
+    from shira_export.export.adapter_file import batch_parameters, read_adapter_file
+
+    family, _, _, adapters, out = family_export
+    runner = GenaiGraphRunner(out)
+    manifest = read_sparse_manifest(out)
+    arrays = {n: read_adapter_file(out / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
+              for n, e in manifest.adapters.items()}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    outs = [o.name for o in session.get_outputs()]
+
+    def two_steps(ids, extra):
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for i in range(runner.layers):
+            for role in ("key", "value"):
+                feeds[f"past_key_values.{i}.{role}"] = np.zeros((len(ids), runner.kv_heads, 0, runner.head_size), np.float32)
+        first = dict(zip(outs, session.run(None, {**feeds, **extra})))
+        step = {"input_ids": np.full((len(ids), 1), 9, np.int64),
+                "attention_mask": np.ones((len(ids), ids.shape[1] + 1), np.int64)}
+        for i in range(runner.layers):
+            for role in ("key", "value"):
+                step[f"past_key_values.{i}.{role}"] = first[f"present.{i}.{role}"]
+        return first["logits"], session.run(["logits"], {**step, **extra})[0]
+
+    rows = [arrays["attn"], None, arrays["mlp"]]
+    ids = np.concatenate([IDS, IDS[:1, ::-1]], axis=0)
+    mixed = two_steps(ids, batch_parameters(rows, [s.module for s in manifest.targets]))
+    for b, adapter in enumerate(rows):
+        alone = two_steps(ids[b:b + 1], adapter.parameters() if adapter else {})
+        assert np.abs(mixed[0][b] - alone[0][0]).max() <= 1e-5, (family, b, "prefill")
+        assert np.abs(mixed[1][b] - alone[1][0]).max() <= 1e-5, (family, b, "decode")
+    assert np.abs(mixed[1][0] - mixed[1][1]).max() > 1e-3 or np.abs(mixed[1][2] - mixed[1][1]).max() > 1e-3
+
+
 def test_genai_runs_the_folder_and_equals_the_graph(tmp_path_factory):
     """Llama fp32 and int4: genai's greedy tokens equal the plain-onnxruntime loop over the
     same graph, base and every adapter, batch 1 and 2, adapters chosen per generator."""

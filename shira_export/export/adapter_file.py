@@ -3,10 +3,13 @@
 Parameters, per module `m` the adapter touches (modules it does not touch are left out:
 the graph's defaults are empty, i.e. no delta):
 
-    shira.<m>.indices   int32 [nnz]   flat index out * in_features + in (PyTorch's (out, in) layout)
-    shira.<m>.values    fp32  [nnz]   the delta at that position (duplicates are summed)
+    shira.<m>.indices   int32 [1, nnz]   flat index out * in_features + in (PyTorch's (out, in) layout)
+    shira.<m>.values    fp32  [1, nnz]   the delta at that position (duplicates are summed)
 
-8 bytes per nonzero. The file's model_version is the graph's short fingerprint
+8 bytes per nonzero. The leading 1 is the graph's adapter-row axis (R = 1: one adapter for
+the whole batch; a mixed batch feeds R = batch rows, see `batch_parameters`). Schema 1
+(the releases before #18) stored 1-D [nnz] arrays, which the R-row graph cannot take, and
+is refused on read: re-export the adapter. The file's model_version is the graph's short fingerprint
 (first 28 bits of the manifest's `base_fingerprint`), its adapter_version the format
 schema; plain-onnxruntime users can compare `get_model_version()` themselves.
 """
@@ -39,9 +42,10 @@ __all__ = [
     "max_file_bytes",
     "install_adapter_file",
     "RESERVED_NAMES",
+    "batch_parameters",
 ]
 
-ADAPTER_SCHEMA = 1
+ADAPTER_SCHEMA = 2  # 2: [1, nnz] arrays (graph inputs are [R, nnz]); 1: [nnz], refused
 SUFFIX = ".onnx_adapter"
 # Reports call the model without an adapter "base": an adapter may not take that name.
 RESERVED_NAMES = frozenset({"base"})
@@ -73,11 +77,35 @@ class AdapterArrays:
         return int(sum(v.size for _, v in self.deltas.values()))
 
     def parameters(self) -> dict[str, np.ndarray]:
+        """The graph's inputs for this adapter alone: [1, nnz] arrays (views of `deltas`)."""
         params: dict[str, np.ndarray] = {}
         for module, (idx, vals) in sorted(self.deltas.items()):
-            params[indices_name(module)] = idx
-            params[values_name(module)] = vals
+            params[indices_name(module)] = idx.reshape(1, -1)
+            params[values_name(module)] = vals.reshape(1, -1)
         return params
+
+
+def batch_parameters(rows: Sequence[Optional[AdapterArrays]], modules: Sequence[str]) -> dict[str, np.ndarray]:
+    """Graph inputs for a mixed batch: row b of the batch uses `rows[b]` (None: the base model).
+
+    Returns {input name: [B, nnz_max] array} for every module in `modules` that some row
+    touches, padded with index 0 / value 0.0 (a padding entry adds 0 at position 0, a
+    no-op); modules no row touches are left out (the graph's [1, 0] default: no delta)."""
+    params: dict[str, np.ndarray] = {}
+    for module in modules:
+        parts = [r.deltas.get(module) if r is not None else None for r in rows]
+        width = max((p[0].size for p in parts if p is not None), default=0)
+        if width == 0:
+            continue
+        idx = np.zeros((len(rows), width), np.int32)
+        vals = np.zeros((len(rows), width), np.float32)
+        for b, part in enumerate(parts):
+            if part is not None:
+                idx[b, :part[0].size] = part[0]
+                vals[b, :part[1].size] = part[1]
+        params[indices_name(module)] = idx
+        params[values_name(module)] = vals
+    return params
 
 
 def check_adapter_name(name: str) -> str:
@@ -246,7 +274,10 @@ def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite]
         raise ShiraInputError(f"{path}: made for another graph (model_version {model_version}, this graph's "
                               f"fingerprint gives {expected}); convert the adapter for this graph with `shira-export adapter`")
     if version != ADAPTER_SCHEMA:
-        raise ShiraInputError(f"{path}: adapter schema {version}, expected {ADAPTER_SCHEMA}")
+        older = " (1-D arrays from a release before the mixed-batch graph)" if version == 1 else ""
+        raise ShiraInputError(f"{path}: adapter schema {version}{older}, expected {ADAPTER_SCHEMA}; re-export it "
+                              f"(`shira-export sparse` again, or `shira-export adapter --graph <folder> --adapter "
+                              f"<adapter dir> --overwrite` with a graph of this release)")
     by_module = {s.module: s for s in sites}
     deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     problems: list[str] = []
@@ -257,8 +288,9 @@ def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite]
         idx, vals = params.pop(iname, None), params.pop(vname, None)
         if idx is None or vals is None:
             problems.append(f"{iname if idx is None else vname}: missing (its pair is present)")
-        elif idx.dtype != np.int32 or vals.dtype != np.float32 or idx.ndim != 1 or idx.shape != vals.shape:
-            problems.append(f"{module}: expected int32 [nnz] indices and fp32 [nnz] values, found "
+        elif idx.dtype != np.int32 or vals.dtype != np.float32 or idx.ndim != 2 or idx.shape[0] != 1 \
+                or idx.shape != vals.shape:
+            problems.append(f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
                             f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}")
         elif idx.size and (idx.min() < 0 or int(idx.max()) >= site.out_features * site.in_features):
             problems.append(f"{iname}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range "
@@ -266,7 +298,7 @@ def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite]
         elif not np.isfinite(vals).all():
             problems.append(f"{vname}: NaN/Inf values")
         else:
-            deltas[module] = (idx, vals)
+            deltas[module] = (idx.reshape(-1), vals.reshape(-1))  # Python callers get 1-D arrays
     problems += [f"unexpected parameter {k!r} (not an input of this graph)" for k in sorted(params)]
     if problems:
         raise ShiraInputError(f"{path}: invalid adapter:\n  " + "\n  ".join(problems))

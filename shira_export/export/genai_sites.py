@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta, quant_delta
+from shira_export.export.delta_sites import const
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
 
 __all__ = ["Piece", "GROUPS_KEY", "locate_builder_pieces", "insert_builder_deltas", "builder_sites",
@@ -163,38 +164,48 @@ def _group_key(output: str) -> str:
 
 
 def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> list[onnx.NodeProto]:
-    """Flat packed indices and values of every piece of one node, as `shira.<key>.*` tensors."""
-    p = f"{graph_delta.PREFIX}/{key}/"
-    nodes: list[onnx.NodeProto] = []
+    """Packed [R, nnz] indices and values of every piece of one node, as `shira.<key>.*`
+    tensors: each piece's entries moved to the node's columns, entries of a split module
+    that belong to another piece turned into padding (index 0, value 0: a no-op), modules
+    fed with different R ([1, 0] defaults next to a mixed batch's [B, nnz]) broadcast to one R."""
+    p = f"{graph_delta.PREFIX}/{key}/pk_"  # apart from the site's own names (delta_sites)
+    nodes: list[onnx.NodeProto] = [const(f"{p}zero_i", np.array(0, np.int32)), const(f"{p}zero_f", np.array(0, np.float32))]
     idx_parts, val_parts = [], []
     for i, piece in enumerate(pieces):
         idx, vals = indices_name(piece.module), values_name(piece.module)
         in_f = piece.in_features
+        shift = (piece.offset - piece.row_start) * in_f  # row r of the module is column offset + r - row_start
+        if shift:
+            nodes += [const(f"{p}shift{i}", np.array(shift, np.int32)),
+                      helper.make_node("Add", [idx, f"{p}shift{i}"], [f"{p}flat{i}"], name=f"{p}flat{i}")]
+        shifted = f"{p}flat{i}" if shift else idx
         if piece.row_start or piece.rows != module_rows[piece.module]:  # part of a split module
             lo, hi = piece.row_start * in_f, (piece.row_start + piece.rows) * in_f
             nodes += [
-                _const(f"{p}lo{i}", np.array(lo, np.int32)), _const(f"{p}hi{i}", np.array(hi, np.int32)),
+                const(f"{p}lo{i}", np.array(lo, np.int32)), const(f"{p}hi{i}", np.array(hi, np.int32)),
                 helper.make_node("GreaterOrEqual", [idx, f"{p}lo{i}"], [f"{p}ge{i}"], name=f"{p}ge{i}"),
                 helper.make_node("Less", [idx, f"{p}hi{i}"], [f"{p}lt{i}"], name=f"{p}lt{i}"),
                 helper.make_node("And", [f"{p}ge{i}", f"{p}lt{i}"], [f"{p}in{i}"], name=f"{p}in{i}"),
-                helper.make_node("Compress", [idx, f"{p}in{i}"], [f"{p}idx{i}"], name=f"{p}idx{i}", axis=0),
-                helper.make_node("Compress", [vals, f"{p}in{i}"], [f"{p}val{i}"], name=f"{p}val{i}", axis=0),
+                helper.make_node("Where", [f"{p}in{i}", shifted, f"{p}zero_i"], [f"{p}idx{i}"], name=f"{p}idx{i}"),
+                helper.make_node("Where", [f"{p}in{i}", vals, f"{p}zero_f"], [f"{p}val{i}"], name=f"{p}val{i}"),
             ]
-            idx, vals = f"{p}idx{i}", f"{p}val{i}"
-        shift = (piece.offset - piece.row_start) * in_f  # row r of the module is column offset + r - row_start
-        if shift:
-            nodes += [_const(f"{p}shift{i}", np.array(shift, np.int32)),
-                      helper.make_node("Add", [idx, f"{p}shift{i}"], [f"{p}flat{i}"], name=f"{p}flat{i}")]
-            idx = f"{p}flat{i}"
-        idx_parts.append(idx)
+            shifted, vals = f"{p}idx{i}", f"{p}val{i}"
+        idx_parts.append(shifted)
         val_parts.append(vals)
-    nodes += [helper.make_node("Concat", idx_parts, [indices_name(key)], name=f"{p}indices", axis=0),
-              helper.make_node("Concat", val_parts, [values_name(key)], name=f"{p}values", axis=0)]
+    if len(pieces) > 1:  # one R for all: Concat along nnz needs equal rows
+        rows = []
+        for i, piece in enumerate(pieces):
+            nodes.append(helper.make_node("Shape", [indices_name(piece.module)], [f"{p}r{i}"], name=f"{p}r{i}", start=0, end=1))
+            rows.append(f"{p}r{i}")
+        nodes += [helper.make_node("Max", rows, [f"{p}R"], name=f"{p}R"), const(f"{p}one", np.array([1], np.int64)),
+                  helper.make_node("Concat", [f"{p}R", f"{p}one"], [f"{p}R1"], name=f"{p}R1", axis=0)]
+        for parts, tag in ((idx_parts, "ie"), (val_parts, "ve")):
+            for i, name in enumerate(list(parts)):
+                nodes.append(helper.make_node("Expand", [name, f"{p}R1"], [f"{p}{tag}{i}"], name=f"{p}{tag}{i}"))
+                parts[i] = f"{p}{tag}{i}"
+    nodes += [helper.make_node("Concat", idx_parts, [indices_name(key)], name=f"{p}indices", axis=1),
+              helper.make_node("Concat", val_parts, [values_name(key)], name=f"{p}values", axis=1)]
     return nodes
-
-
-def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
 
 
 def insert_builder_deltas(model: onnx.ModelProto, pieces: Sequence[Piece], module_rows: Mapping[str, int], *,
@@ -237,11 +248,7 @@ def insert_builder_deltas(model: onnx.ModelProto, pieces: Sequence[Piece], modul
             new_nodes += quant_delta._delta_nodes(site, node.input[0], y_base, y, threshold)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    for module in sorted({p.module for p in pieces}):
-        dim = f"nnz_{module.replace('.', '_')}"
-        for name, dtype in ((indices_name(module), TensorProto.INT32), (values_name(module), TensorProto.FLOAT)):
-            graph.input.append(helper.make_tensor_value_info(name, dtype, [dim]))
-            graph.initializer.append(helper.make_tensor(name, dtype, [0], []))
+    graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}))
     entry = model.metadata_props.add()
     entry.key, entry.value = GROUPS_KEY, json.dumps(groups)
 
@@ -290,8 +297,8 @@ def builder_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *
             if start == 0 and rows == out_features[module]:
                 parts.append(weight_name(module))
             else:
-                new_nodes += [_const(f"{p}s{i}", np.array([start], np.int64)), _const(f"{p}e{i}", np.array([start + rows], np.int64)),
-                              _const(f"{p}a{i}", np.array([1], np.int64)),
+                new_nodes += [const(f"{p}s{i}", np.array([start], np.int64)), const(f"{p}e{i}", np.array([start + rows], np.int64)),
+                              const(f"{p}a{i}", np.array([1], np.int64)),
                               helper.make_node("Slice", [weight_name(module), f"{p}s{i}", f"{p}e{i}", f"{p}a{i}"],
                                                [f"{p}part{i}"], name=f"{p}part{i}")]
                 parts.append(f"{p}part{i}")

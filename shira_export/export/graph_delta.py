@@ -1,19 +1,20 @@
 """Graph surgery for the sparse export: find each targeted weight by content, add a
-sparse-delta branch fed by overridable inputs, and derive the runtime's dense variant.
+sparse-delta site fed by overridable inputs, and derive the runtime's dense variant.
 
-Per targeted module `m`, the base node `Y = MatMul(X, B)` (or `Gemm(X, B, C)`) becomes
+Per targeted module `m`, the base node `Y = MatMul(X, W)` (or `Gemm(X, W, C)`) becomes one
+site (export.delta_sites):
 
-    Y = If(Size(values) > 0,
-           then: row = idx / in; col = idx - row * in            # flat = out * in_features + in
-                 If(tokens > threshold,
-                    then: base op(X, ScatterND(B, (row, col), values, reduction=add))  # long inputs
-                    else: ScatterElements(base op(X, B), row, X[:, col] * values, add)),  # short inputs
-           else: base op(X, B))                                  # no adapter, or not in this adapter
+    row, col = idx / in, idx - row * in                     # flat = out * in_features + in
+    Y = If(n > threshold and nnz > 0,
+           then: MatMul(X3, W + scatter(values)) per adapter row   # long inputs (prefill)
+           else: base op(X, W) + scatter(row, X3[..., col] * values))  # decode; no adapter: no-op
 
-`shira.<m>.indices` (int32 [nnz]) and `shira.<m>.values` (fp32 [nnz]) are graph inputs
-with zero-size initializers of the same name, so with no adapter the graph is the base
-model. Long inputs pay one copy of B (cheap next to their MatMul); short inputs never copy
-B, whose copy would dominate a decode step (ANCHORS 4b).
+`shira.<m>.indices` (int32 [R, nnz]) and `shira.<m>.values` (fp32 [R, nnz]) are graph
+inputs with [1, 0] initializers of the same name, so with no adapter the graph is the base
+model. R = 1: one adapter for the whole batch (an `.onnx_adapter` file, LoraAdapter,
+genai); R = batch: row b of the batch uses row b of the arrays (a mixed batch, padded with
+index 0 / value 0.0). Short inputs never copy W, whose copy would dominate a decode step
+(ANCHORS 4b), and keep its prepacked constant; long inputs pay one copy per adapter row.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.errors import ShiraInputError
+from shira_export.export.delta_sites import copy_node as _copy_node
+from shira_export.export.delta_sites import site_nodes
 
 __all__ = [
     "TargetSite",
@@ -39,12 +42,13 @@ __all__ = [
     "to_dense_variant",
     "DEFAULT_TOKEN_THRESHOLD",
     "site_base_node",
+    "add_adapter_inputs",
 ]
 
 PREFIX = "shira"
-# Above this many rows (batch x tokens) per call the weight-scatter branch runs. Measured on
-# one 768x768 site with 12,288 nonzeros (ORT 1.32, CPU): short/long branch 148/215 us at 1 row,
-# 282/284 us at 2, 481/313 us at 4, 1420/451 us at 16; the short branch grows with rows x nnz.
+# Above this many rows of x per adapter row (tokens x batch / R) the weight branch runs.
+# Measured on one 768x768 site with 12,288 nonzeros (ORT 1.32, CPU): activation/weight branch
+# 148/215 us at 1 row, 282/284 us at 2, 481/313 us at 4, 1420/451 us at 16 (tools/bench_site.py).
 DEFAULT_TOKEN_THRESHOLD = 2
 
 
@@ -159,91 +163,23 @@ def graph_fingerprint(sites: Sequence[TargetSite]) -> str:
     return h.hexdigest()
 
 
-def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
-
-
 def _delta_nodes(site: TargetSite, base: onnx.NodeProto, threshold: int, value_type: int) -> list[onnx.NodeProto]:
-    # Op count, not arithmetic, is what a decode step pays here (each ORT kernel launch costs
-    # microseconds), so the short branch is 6 ops and an empty adapter tensor skips it all.
-    p = f"{PREFIX}/{site.module}/"
-    x, w = base.input[0], base.input[1]
-    y = base.output[0]
-    vals = values_name(site.module)
-    info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
-    cast_vals = []
-    if value_type != TensorProto.FLOAT:
-        cast_vals = [helper.make_node("Cast", [vals], [p + "vals"], name=p + "cast_vals", to=value_type)]
-        vals = p + "vals"
-    # long inputs: scatter into a copy of the weight, then the base op
-    a, b = (p + "row", p + "col") if site.transposed else (p + "col", p + "row")
-    long_nodes = [
-        _const(p + "axis1", np.array([1], np.int64)),
-        helper.make_node("Unsqueeze", [a, p + "axis1"], [p + "a2"], name=p + "a2"),
-        helper.make_node("Unsqueeze", [b, p + "axis1"], [p + "b2"], name=p + "b2"),
-        helper.make_node("Concat", [p + "a2", p + "b2"], [p + "pairs32"], name=p + "pairs32", axis=1),
-        helper.make_node("Cast", [p + "pairs32"], [p + "pairs"], name=p + "pairs", to=TensorProto.INT64),
-        helper.make_node("ScatterND", [w, p + "pairs", vals], [p + "w_eff"], name=p + "w_eff", reduction="add"),
-        _copy_node(base, p + "long_op", {1: p + "w_eff"}, p + "y_long"),
-    ]
-    # short inputs: base op, then y[n, row] += x[n, col] * value over the N = batch x tokens rows.
-    # GatherElements/ScatterElements: ORT's Gather copies index by index, ~6x slower here.
-    short_nodes = [
-        _copy_node(base, p + "short_op", {}, p + "y0"),
-        _const(p + "x2_shape", np.array([-1, site.in_features], np.int64)),
-        helper.make_node("Reshape", [x, p + "x2_shape"], [p + "x2"], name=p + "x2"),  # [N, in]
-        helper.make_node("Shape", [p + "x2"], [p + "n"], name=p + "n", start=0, end=1),
-        _const(p + "one", np.array([1], np.int64)),
-        helper.make_node("Concat", [p + "n", p + "one"], [p + "n1"], name=p + "n1", axis=0),
-        helper.make_node("Expand", [p + "col", p + "n1"], [p + "cols"], name=p + "cols"),  # [N, nnz]
-        helper.make_node("GatherElements", [p + "x2", p + "cols"], [p + "g"], name=p + "g", axis=1),
-        helper.make_node("Mul", [p + "g", vals], [p + "u"], name=p + "u"),
-        helper.make_node("Expand", [p + "row", p + "n1"], [p + "rows"], name=p + "rows"),
-        _const(p + "y2_shape", np.array([-1, site.out_features], np.int64)),
-        helper.make_node("Reshape", [p + "y0", p + "y2_shape"], [p + "y2"], name=p + "y2"),  # [N, out]
-        helper.make_node("ScatterElements", [p + "y2", p + "rows", p + "u"], [p + "ys"], name=p + "ys",
-                         axis=1, reduction="add"),
-        helper.make_node("Shape", [p + "y0"], [p + "y_shape"], name=p + "y_shape"),
-        helper.make_node("Reshape", [p + "ys", p + "y_shape"], [p + "y_short"], name=p + "y_short"),
-    ]
-    delta_nodes = cast_vals + [
-        _const(p + "in_f", np.array(site.in_features, np.int32)),
-        helper.make_node("Div", [indices_name(site.module), p + "in_f"], [p + "row"], name=p + "row"),  # output index
-        helper.make_node("Mul", [p + "row", p + "in_f"], [p + "row_start"], name=p + "row_start"),
-        helper.make_node("Sub", [indices_name(site.module), p + "row_start"], [p + "col"], name=p + "col"),  # input index
-        helper.make_node("Size", [x], [p + "x_size"], name=p + "x_size"),
-        _const(p + "limit", np.array(threshold * site.in_features, np.int64)),
-        helper.make_node("Greater", [p + "x_size", p + "limit"], [p + "long"], name=p + "long"),
-        helper.make_node("If", [p + "long"], [p + "y_delta"], name=p + "If_long",
-                         then_branch=helper.make_graph(long_nodes, p + "long_g", [], [info(p + "y_long")]),
-                         else_branch=helper.make_graph(short_nodes, p + "short_g", [], [info(p + "y_short")])),
-    ]
-    base_nodes = [_copy_node(base, p + "base", {}, p + "y_base")]
-    # else_branch.node[0] is the base op: other stages (to_dense_variant, quantize) rely on it
-    return [
-        helper.make_node("Size", [values_name(site.module)], [p + "nnz"], name=p + "nnz"),
-        _const(p + "zero", np.array(0, np.int64)),
-        helper.make_node("Greater", [p + "nnz", p + "zero"], [p + "active"], name=p + "active"),
-        helper.make_node("If", [p + "active"], [y], name=p + "If",
-                         then_branch=helper.make_graph(delta_nodes, p + "delta_g", [], [info(p + "y_delta")]),
-                         else_branch=helper.make_graph(base_nodes, p + "base_g", [], [info(p + "y_base")])),
-    ]
+    """One site's nodes (delta_sites.site_nodes), replacing `base`."""
+    return site_nodes(f"{PREFIX}/{site.module}/", base.input[0], base.output[0], indices_name(site.module),
+                      values_name(site.module), site.in_features, site.out_features, threshold=threshold,
+                      value_type=value_type, base=base, transposed=site.transposed)
 
 
 def site_base_node(if_node: onnx.NodeProto) -> onnx.NodeProto:
-    """The base MatMul/Gemm inside a site's `shira/<m>/If` node (its else branch, first node)."""
-    return next(a for a in if_node.attribute if a.name == "else_branch").g.node[0]
-
-
-def _copy_node(node: onnx.NodeProto, name: str, replace: Mapping[int, str], output: str) -> onnx.NodeProto:
-    new = onnx.NodeProto()
-    new.CopyFrom(node)
-    new.name = name
-    for slot, value in replace.items():
-        new.input[slot] = value
-    del new.output[:]
-    new.output.append(output)
-    return new
+    """The base MatMul/Gemm of a site's `shira/<m>/If` node (named `shira/<m>/base`)."""
+    prefix = if_node.name.rsplit("/", 1)[0] + "/"
+    for attr in if_node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            for node in attr.g.node:
+                if node.name == prefix + "base":
+                    return node
+    raise ShiraInputError(f"node {if_node.name!r}: no base op {prefix + 'base'!r} in its branches (expected a graph "
+                          f"written by this release's `shira-export sparse`; re-export)")
 
 
 def insert_sparse_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite], *,
@@ -266,14 +202,20 @@ def insert_sparse_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite], *,
         new_nodes.extend(_delta_nodes(site, node, threshold, dtypes[site.initializer]))
     del graph.node[:]
     graph.node.extend(new_nodes)
-    for site in sites:
-        for name, dtype in ((indices_name(site.module), TensorProto.INT32), (values_name(site.module), TensorProto.FLOAT)):
-            graph.input.append(helper.make_tensor_value_info(name, dtype, [f"nnz_{_dim_key(site.module)}"]))
-            graph.initializer.append(helper.make_tensor(name, dtype, [0], []))
+    add_adapter_inputs(graph, [s.module for s in sites])
 
 
 def _dim_key(module: str) -> str:
     return module.replace(".", "_")
+
+
+def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str]) -> None:
+    """`shira.<m>.indices` int32 / `.values` fp32 [R, nnz] inputs with [1, 0] defaults (no delta)."""
+    for module in modules:
+        dims = [f"rows_{_dim_key(module)}", f"nnz_{_dim_key(module)}"]
+        for name, dtype in ((indices_name(module), TensorProto.INT32), (values_name(module), TensorProto.FLOAT)):
+            graph.input.append(helper.make_tensor_value_info(name, dtype, dims))
+            graph.initializer.append(helper.make_tensor(name, dtype, [1, 0], []))
 
 
 def to_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *,

@@ -1,0 +1,171 @@
+"""The nodes of one sparse-delta site, shared by the fp32 graph (graph_delta), the
+quantized graph (quant_delta) and genai builder graphs (genai_sites).
+
+Inputs per site: `idx` int32 [R, nnz] (flat out * in_features + in, PyTorch's (out, in)
+layout) and `vals` fp32 [R, nnz]; R = 1 applies one adapter to the whole batch, R = B
+gives batch row b the adapter of row b (padding: index 0 / value 0.0, a no-op). The
+defaults are [1, 0]: no delta. x is viewed as [R, n, in] (n = rows per adapter row), so a
+[B, S, in] input and a flattened [B*S, in] one (OPT's fc1, GPT-2's Conv1D Gemm) map alike.
+
+    row, col = idx / in, idx - row * in
+    y = If(n > threshold and nnz > 0,
+           then: MatMul(x3, W + scatter(col * out + row, vals))     # weight side: long inputs
+                 (quantized: y_base + MatMul(x3, scatter(zeros, ...)))
+           else: base op(x, W) + scatter(row, x3[..., col] * vals))  # activation side: decode
+
+One If per site and none nested: an empty adapter takes the activation branch, where
+zero-size tensors make every op a no-op. The activation branch keeps the base op's
+constant weight, which onnxruntime prepacks; the weight branch copies W once per adapter
+row, cheap next to the MatMul of many rows. Measured per op: docs/sparse_format.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["const", "copy_node", "site_nodes", "BASE_NODE"]
+
+BASE_NODE = "base"  # name suffix of the site's base op inside its activation branch
+
+
+def const(name: str, value: object) -> onnx.NodeProto:
+    """A Constant node whose output has the node's name."""
+    return helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value), name))
+
+
+def _op(op: str, inputs: Sequence[str], output: str, **attrs: Any) -> onnx.NodeProto:
+    """One node named after its output (every name under the site's prefix)."""
+    return helper.make_node(op, list(inputs), [output], name=output, **attrs)
+
+
+def copy_node(node: onnx.NodeProto, name: str, replace: Mapping[int, str], output: str) -> onnx.NodeProto:
+    new = onnx.NodeProto()
+    new.CopyFrom(node)
+    new.name = name
+    for slot, value in replace.items():
+        new.input[slot] = value
+    del new.output[:]
+    new.output.append(output)
+    return new
+
+
+def _views(p: str, x: str, idx: str, in_f: int) -> list[onnx.NodeProto]:
+    """row / col [R, nnz], R, and x as [R, n, in]: what both branches read."""
+    return [
+        const(p + "in_f", np.array(in_f, np.int32)),
+        _op("Div", [idx, p + "in_f"], p + "row"),  # output index
+        _op("Mul", [p + "row", p + "in_f"], p + "row_start"),
+        _op("Sub", [idx, p + "row_start"], p + "col"),  # input index
+        _op("Shape", [idx], p + "R", start=0, end=1),
+        const(p + "m1_in", np.array([-1, in_f], np.int64)),
+        _op("Concat", [p + "R", p + "m1_in"], p + "x3_shape", axis=0),
+        _op("Reshape", [x, p + "x3_shape"], p + "x3"),  # [R, n, in]
+    ]
+
+
+def _activation_branch(p: str, vals: str, out_f: int, y0: str,
+                       base: Optional[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], str]:
+    """y[r, n, row] += x[r, n, col] * value: nnz entries per row of x, no copy of W."""
+    nodes = [copy_node(base, p + BASE_NODE, {}, y0)] if base is not None else []
+    nodes += [
+        const(p + "ax1", np.array([1], np.int64)),
+        _op("Unsqueeze", [p + "col", p + "ax1"], p + "col3"),  # [R, 1, nnz]
+        _op("Unsqueeze", [p + "row", p + "ax1"], p + "row3"),
+        _op("Unsqueeze", [vals, p + "ax1"], p + "vals3"),
+        _op("Shape", [p + "x3"], p + "rn", start=0, end=2),
+        const(p + "one", np.array([1], np.int64)),
+        _op("Concat", [p + "rn", p + "one"], p + "rn1", axis=0),
+        _op("Expand", [p + "col3", p + "rn1"], p + "cols"),  # [R, n, nnz]
+        _op("Expand", [p + "row3", p + "rn1"], p + "rows"),
+        _op("GatherElements", [p + "x3", p + "cols"], p + "g", axis=2),
+        _op("Mul", [p + "g", p + "vals3"], p + "u"),
+        const(p + "m1_out", np.array([-1, out_f], np.int64)),
+        _op("Concat", [p + "R", p + "m1_out"], p + "y3_shape", axis=0),
+        _op("Reshape", [y0, p + "y3_shape"], p + "y3"),
+        _op("ScatterElements", [p + "y3", p + "rows", p + "u"], p + "ys", axis=2, reduction="add"),
+        _op("Shape", [y0], p + "y_shape"),
+        _op("Reshape", [p + "ys", p + "y_shape"], p + "y_short"),
+    ]
+    return nodes, p + "y_short"
+
+
+def _weight_branch(p: str, x: str, idx: str, vals: str, in_f: int, out_f: int, *, base: Optional[onnx.NodeProto],
+                   y_base: Optional[str], transposed: bool, value_type: int) -> tuple[list[onnx.NodeProto], str]:
+    """fp32 (`base`): MatMul(x3, W + delta) with W + delta built per adapter row ([R, in, out]).
+    Quantized (`y_base`): y_base + MatMul(x3, delta), W being packed."""
+    nodes = [const(p + "one_one", np.array([1, 1], np.int64)),
+             _op("Concat", [p + "R", p + "one_one"], p + "R11", axis=0)]  # [R, 1, 1]
+    flat_idx = idx if transposed else p + "t"  # the graph holds W [out, in]: the flat index is its own
+    if not transposed:  # W^T [in, out]: position (col, row) is col * out + row
+        nodes += [const(p + "out_f", np.array(out_f, np.int32)),
+                  _op("Mul", [p + "col", p + "out_f"], p + "col_start"),
+                  _op("Add", [p + "col_start", p + "row"], flat_idx)]
+    if base is not None:  # R copies of W; [R, 1, 1] is not a constant, so W is never folded into a second copy
+        nodes.append(_op("Expand", [base.input[1], p + "R11"], p + "w_r"))
+    else:
+        nodes += [const(p + "wsize", np.array([in_f * out_f], np.int64)),
+                  _op("Concat", [p + "R", p + "wsize"], p + "z_shape", axis=0),
+                  helper.make_node("ConstantOfShape", [p + "z_shape"], [p + "w_r"], name=p + "w_r",
+                                   value=helper.make_tensor("zero", value_type, [1], [0]))]
+    shape = [0, out_f, in_f] if transposed else [0, in_f, out_f]
+    nodes += [
+        const(p + "flat", np.array([0, -1], np.int64)),
+        _op("Reshape", [p + "w_r", p + "flat"], p + "w_flat"),
+        _op("ScatterElements", [p + "w_flat", flat_idx, vals], p + "w_flat2", axis=1, reduction="add"),
+        const(p + "w_shape", np.array(shape, np.int64)),
+        _op("Reshape", [p + "w_flat2", p + "w_shape"], p + "w_3"),
+    ]
+    w_eff = p + "w_3"
+    if transposed:
+        nodes.append(_op("Transpose", [w_eff], p + "w_eff", perm=[0, 2, 1]))  # [R, in, out]
+        w_eff = p + "w_eff"
+    nodes.append(_op("MatMul", [p + "x3", w_eff], p + "y3l"))  # [R, n, out]
+    y = p + "y3l"
+    if base is not None and base.op_type == "Gemm" and len(base.input) > 2 and base.input[2]:
+        nodes.append(_op("Add", [y, base.input[2]], p + "y3b"))
+        y = p + "y3b"
+    nodes += [
+        _op("Shape", [x], p + "x_lead", start=0, end=-1),
+        const(p + "out1", np.array([out_f], np.int64)),
+        _op("Concat", [p + "x_lead", p + "out1"], p + "y_shape_l", axis=0),
+        _op("Reshape", [y, p + "y_shape_l"], p + "y_long" if y_base is None else p + "d_long"),
+    ]
+    if y_base is not None:
+        nodes.append(_op("Add", [y_base, p + "d_long"], p + "y_long"))
+    return nodes, p + "y_long"
+
+
+def site_nodes(p: str, x: str, y: str, idx: str, vals: str, in_f: int, out_f: int, *, threshold: int,
+               value_type: int = TensorProto.FLOAT, base: Optional[onnx.NodeProto] = None,
+               y_base: Optional[str] = None, transposed: bool = False) -> list[onnx.NodeProto]:
+    """Nodes computing `y` for one site, all named under prefix `p`. Either `base` (the
+    fp32/fp16 MatMul or Gemm they replace, its weight a constant) or `y_base` (the output
+    of a quantized base op left in the graph: the delta is added on the activations)."""
+    if (base is None) == (y_base is None):
+        raise ValueError("site_nodes: pass exactly one of base (float weight) and y_base (quantized base output)")
+    nodes = _views(p, x, idx, in_f)
+    if value_type != TensorProto.FLOAT:
+        nodes.append(_op("Cast", [vals], p + "vals", to=value_type))
+        vals = p + "vals"
+    y0 = p + "y0" if base is not None else y_base
+    assert y0 is not None
+    short_nodes, short_out = _activation_branch(p, vals, out_f, y0, base)
+    long_nodes, long_out = _weight_branch(p, x, idx, vals, in_f, out_f, base=base, y_base=y_base,
+                                          transposed=transposed, value_type=value_type)
+    info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
+    return nodes + [
+        _op("Shape", [p + "x3"], p + "n", start=1, end=2),  # rows of x per adapter row
+        const(p + "limit", np.array(threshold, np.int64)),
+        _op("Greater", [p + "n", p + "limit"], p + "long"),
+        _op("Size", [vals], p + "nnz"),
+        const(p + "zero", np.array(0, np.int64)),
+        _op("Greater", [p + "nnz", p + "zero"], p + "any"),
+        _op("And", [p + "long", p + "any"], p + "use_weight"),
+        helper.make_node("If", [p + "use_weight"], [y], name=p + "If",
+                         then_branch=helper.make_graph(long_nodes, p + "weight_g", [], [info(long_out)]),
+                         else_branch=helper.make_graph(short_nodes, p + "act_g", [], [info(short_out)])),
+    ]
