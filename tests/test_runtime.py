@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402
-from shira_export.pipeline import export_sparse  # noqa: E402
+from shira_export import export_sparse  # noqa: E402
 from shira_export.runtime import Mode, ShiraORTModelForCausalLM, ShiraSession  # noqa: E402
 from shira_export.verify.reference import merged_reference  # noqa: E402
 
@@ -83,10 +83,14 @@ def test_adapters_give_different_outputs_and_base_is_base(setup):
     np.testing.assert_allclose(outs[None], _logits(refs[None], ids), atol=1e-4, rtol=0)
     for n in "abcd":
         assert np.abs(outs[n] - outs[None]).max() > 1e-3
-    assert session.adapter_nbytes("a") > 0
+    nnz = session.manifest.adapters["a"]["nnz"]
+    assert session.mode is Mode.LEAN and session.adapter_nbytes("a") == 8 * nnz  # the default holds its arrays only
+    dense = ShiraSession(folder, mode="dense", adapters=["a"])
+    targeted = sum(s.out_features * s.in_features * 4 for s in dense.manifest.targets if s.module in dense._get("a").arrays.deltas)
+    assert dense.adapter_nbytes("a") == 8 * nnz + targeted  # plus a merged copy of every weight it touches
 
 
-def test_greedy_generation_matches_pytorch_in_both_modes(setup):
+def test_greedy_generation_matches_pytorch_in_every_mode(setup):
     folder, refs = setup
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

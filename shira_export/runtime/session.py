@@ -128,7 +128,9 @@ class ShiraSession:
         self.input_names = [i.name for i in graph_inputs if i.name not in hidden]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # graphs of the per-row contract take [R, nnz] adapter inputs; older exports [nnz]
-        ranks = {len(i.shape) for i in graph_inputs if i.name in hidden and i.name.endswith(".indices")}
+        # (inputs with a default are onnxruntime's overridable initializers, not get_inputs())
+        ranks = {len(i.shape) for i in self.session.get_overridable_initializers()
+                 if i.name.startswith(PREFIX + ".") and i.name.endswith(".indices")}
         self.per_row = ranks == {2}
         self._lock = threading.RLock()
         self._mixed = MixedCache(mixed_cache, mixed_cache_bytes, lock=self._lock)
