@@ -174,7 +174,7 @@ def test_shira_session_dense_and_portable_on_builder_graphs(family_export):
         for role in ("key", "value"):
             feeds[f"past_key_values.{i}.{role}"] = np.zeros((2, runner.kv_heads, 0, runner.head_size), np.float32)
     sessions = {m: ShiraSession(out, mode=m) for m in (Mode.DENSE, Mode.PORTABLE)}
-    assert ShiraSession(out).mode is Mode.DENSE
+    assert ShiraSession(out).mode is Mode.LEAN  # the default since #18; dense is opt-in
     for name in [None, *adapters]:
         ref = _merged_logits(base, adapters.get(name), IDS)
         got = {m: s.run(feeds, adapter=name, output_names=["logits"])["logits"] for m, s in sessions.items()}

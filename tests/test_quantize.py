@@ -143,8 +143,8 @@ def test_int4_fixed_plan_keeps_the_last_two_thirds_of_matmuls_at_8_bits(exports,
     assert np.abs(mixed - ref).mean() < np.abs(all4 - ref).mean()
 
 
-def _plan(report) -> dict:
-    return next(p for p in report.passes["model.onnx"] if p["pass"] == "plan_bits")
+def _plan(report, where: str = "model.onnx") -> dict:
+    return next(p for p in report.passes[where] if p["pass"] == "plan_bits")
 
 
 def _worst_on_calibration(fp32_folder, quantized_onnx) -> float:
@@ -200,6 +200,32 @@ def test_int4_measured_plan_follows_its_target(exports, tmp_path, capsys, target
     assert f"int4 plan (measured): {four} of 12 body MatMuls at 4 bits" in err
     assert ("all at 8 bits" in err) is (four == 0)
     assert _plan(report)["weight_fraction_4bit"] == (1.0 if four else 0.0)
+
+
+def test_int4_plan_falls_back_to_fixed_when_inputs_cannot_be_fed(exports, tmp_path, capsys):
+    root, _, _ = exports
+    model = onnx.load(str(root / "merged" / "model.onnx"))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("pixel_values", onnx.TensorProto.FLOAT, [1, 3]))
+    onnx.save(model, str(tmp_path / "odd.onnx"))
+    report = quantize_onnx_model(tmp_path / "odd.onnx", tmp_path / "odd_int4.onnx", mode="int4")
+    plan = _plan(report, "odd_int4.onnx")
+    assert plan["method"] == "fixed" and report.matmuls_8bit == 8  # the fixed plan's ceil(12 * 2/3)
+    assert "pixel_values" in plan["measured"]["reason"] and "pixel_values" in capsys.readouterr().err
+
+
+def test_classifier_score_counts_flipped_labels():
+    """Classifier logits are judged by probabilities' cosine and by label agreement over every row."""
+    from shira_export.export.quantize.calib import CALIBRATION_TEXTS
+    from shira_export.export.quantize.measure import _score
+    from shira_export.verify.sentences import SENTENCES
+
+    ref = np.array([[2.0, 0.0, -1.0], [0.0, 0.01, 0.0], [1.0, 3.0, 0.0], [0.5, 0.0, 0.0]])
+    cand = ref.copy()
+    cand[1, 0] += 0.02  # a near-tie row flips: counted
+    score = _score(ref, cand, np.ones((4, 1)))
+    assert score["labels"] == 0.75 and score["cosine"] > 0.999
+    assert _score(ref, ref + 5.0, np.ones((4, 1))) == {"cosine": pytest.approx(1.0), "labels": 1.0}  # shift-invariant
+    assert not set(CALIBRATION_TEXTS) & set(SENTENCES)  # the plan never sees verify's sentences
 
 
 def test_fake_quant_is_what_matmulnbits_computes():
@@ -368,7 +394,7 @@ def test_cli_sparse_quantize_keeps_adapters_exact_and_runs_portable(exports, tmp
     assert {r["adapter"] for r in parity["records"]} == {"a", "b", "base"}
     assert not any(r["output"].endswith("@dense") for r in parity["records"])  # no fp32 weights to feed
     session = ShiraSession(out)
-    assert session.mode is Mode.PORTABLE
+    assert session.mode is Mode.LEAN  # the runtime's default (#18): the graph as written, adapter arrays fed
     with pytest.raises(ShiraInputError, match="quantized"):
         ShiraSession(out, mode="dense")
     # the adapter still changes the output, and its file is byte for byte the fp32 export's
