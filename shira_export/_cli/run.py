@@ -20,9 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=("dense", "portable"), default=None,
-                   help="dense: merged weights per adapter (fast, the default for fp32 graphs); "
-                        "portable: .onnx_adapter via RunOptions (the default for quantized graphs)")
+    p.add_argument("--mode", choices=("lean", "portable", "dense"), default=None,
+                   help="lean (default): the adapter's arrays fed per call, memory about its file; "
+                        "portable: .onnx_adapter via RunOptions as plain onnxruntime runs it; "
+                        "dense: merged copies of the targeted weights per adapter (fp32 graphs)")
     p.set_defaults(func=_run)
 
 
