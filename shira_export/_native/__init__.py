@@ -262,7 +262,7 @@ def _reset_for_tests() -> None:
 
 
 def _fits(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return all(t.is_cpu and t.is_contiguous() for t in tensors)
 
 
 # ---- argument checks: explicit (asserts vanish under python -O), since a wrong pointer
@@ -279,15 +279,20 @@ def _loaded_lib(fn: str) -> ctypes.CDLL:
 def _check(fn: str, dtype: torch.dtype, dim: Optional[int], **tensors: object) -> None:
     """Each of `tensors` is a contiguous CPU torch.Tensor of `dtype` with `dim` dims (None: any)."""
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"_native.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype != dtype:
-            raise TypeError(f"_native.{fn}: {name} must be {dtype}, got {t.dtype}")
-        if t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"_native.{fn}: {name} must be a contiguous CPU tensor, got one on {t.device}"
-                             f"{'' if t.is_contiguous() else ', not contiguous'}")
-        if dim is not None and t.dim() != dim:
-            raise ValueError(f"_native.{fn}: {name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
+        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous()
+                and (dim is None or t.dim() == dim)):
+            _refuse(fn, name, t, dtype, dim)
+
+
+def _refuse(fn: str, name: str, t: object, dtype: torch.dtype, dim: Optional[int]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"_native.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"_native.{fn}: {name} must be {dtype}, got {t.dtype}")
+    if not t.is_cpu or not t.is_contiguous():
+        raise ValueError(f"_native.{fn}: {name} must be a contiguous CPU tensor, got one on {t.device}"
+                         f"{'' if t.is_contiguous() else ', not contiguous'}")
+    raise ValueError(f"_native.{fn}: {name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
 def _check_len(fn: str, positions: str, n_positions: int, values: str, n_values: int) -> None:

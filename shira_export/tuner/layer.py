@@ -173,8 +173,9 @@ class ShiraLayer(nn.Module):
             old_saved = state.saved(old, weight)
             if base is not None and old_saved is not None:
                 merged = self._merged_entries(name, base)
-                old_support, new_support = (state.support(n, self.shira_indices[n]) for n in (old, name))
-                _native.switch_(weight.view(-1), old_support.flat32(), old_saved, new_support.flat32(), merged)
+                old_flat = state.support(old, self.shira_indices[old]).flat32()
+                new_flat = state.support(name, self.shira_indices[name]).flat32()
+                _native.switch_(weight.view(-1), old_flat, old_saved, new_flat, merged)
                 increment_version(weight)  # W changed: autograd and our state must see a write
                 state.wrote(weight)
                 state.take_saved(old, weight)

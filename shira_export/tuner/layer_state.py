@@ -1,9 +1,9 @@
 """Everything a ShiraLayer derives from its adapters and its weight, behind one object.
 
 One rule for all derived data: a value is reused only while its key is unchanged, and
-keys are compared in one place (`LayerState._lookup`). A key holds the tensors the value
-was computed from (compared with `is`; held here, so none can be freed and its id reused)
-and the weight's *generation*, which moves whenever the weight is not as this layer's
+keys are compared in one place (`LayerState._get`). A key holds the ids of the tensors
+the value was computed from (held with it, so no other tensor can take those ids), and
+the weight's *generation*, which moves whenever the weight is not as this layer's
 last write left it (another tensor, or its version moved: an optimizer, a load, a DDP
 broadcast, a user's in-place edit). Derived, rebuilt on a miss:
 
@@ -72,19 +72,15 @@ class Resident:
     scale: float
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(
-        x is y if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) else x == y for x, y in zip(a, b)
-    )
-
-
 class LayerState:
     """Derived data and undo memory of one ShiraLayer (shape and storage layout fixed)."""
 
     def __init__(self, shape: tuple[int, int], *, transposed: bool) -> None:
         self.shape = shape
         self.transposed = transposed
-        self._entries: dict[tuple[str, str], tuple[tuple, Any]] = {}  # (kind, adapter) -> (key, value)
+        # (kind, adapter) -> (key, value, the tensors whose ids the key holds: kept alive
+        # here, so that no other tensor can take one of those ids)
+        self._entries: dict[tuple[str, str], tuple[tuple, Any, tuple]] = {}
         self._stamp: Optional[tuple[torch.Tensor, int]] = None  # (W, W._version) after our last write
         self._generation = 0
         self._saved: dict[str, tuple[torch.Tensor, int]] = {}  # adapter -> (entries before its merge, generation)
@@ -94,13 +90,13 @@ class LayerState:
     def _get(self, kind: str, name: str, key: tuple) -> Any:
         """The value stored under (kind, name) if it was stored with this key, else None."""
         entry = self._entries.get((kind, name))
-        return entry[1] if entry is not None and _same(entry[0], key) else None
+        return entry[1] if entry is not None and entry[0] == key else None
 
-    def _lookup(self, kind: str, name: str, key: tuple, build: Callable[[], _T]) -> _T:
+    def _lookup(self, kind: str, name: str, key: tuple, refs: tuple, build: Callable[[], _T]) -> _T:
         value = self._get(kind, name, key)
         if value is None:
             value = build()
-            self._entries[(kind, name)] = (key, value)
+            self._entries[(kind, name)] = (key, value, refs)
         return cast(_T, value)
 
     def generation(self, weight: torch.Tensor) -> int:
@@ -134,16 +130,16 @@ class LayerState:
             return Support(SparsePlan.build(indices, self.shape),
                            storage_index(indices, self.shape, transposed=self.transposed))
 
-        return self._lookup("support", name, (indices,), build)
+        return self._lookup("support", name, (id(indices),), (indices,), build)
 
     def _base_key(self, indices: torch.Tensor, weight: torch.Tensor) -> tuple:
-        return (indices, self.generation(weight), weight.device, weight.dtype)
+        return (id(indices), self.generation(weight), weight.device, weight.dtype)
 
     def base_entries(self, name: str, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """W's entries at the support. Call only while no adapter is merged: read then,
         they would include its values where the supports overlap."""
         flat = self.support(name, indices).flat
-        return self._lookup("base", name, self._base_key(indices, weight), lambda: gather_flat(weight, flat))
+        return self._lookup("base", name, self._base_key(indices, weight), (indices,), lambda: gather_flat(weight, flat))
 
     def cached_base_entries(self, name: str, indices: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """The base entries if they were read in this generation, else None (not read now)."""
@@ -157,7 +153,8 @@ class LayerState:
 
         if values.requires_grad:  # trainable: optimizers writing p.data change it with no new version
             return build()
-        return self._lookup("merged", name, (base, values, values._version, scale, dtype), build)
+        key = (id(base), id(values), values._version, scale, dtype)
+        return self._lookup("merged", name, key, (base, values), build)
 
     # ---- undo memory ------------------------------------------------------------------
     def save(self, name: str, entries: torch.Tensor, weight: torch.Tensor) -> None:
@@ -167,7 +164,10 @@ class LayerState:
     def saved(self, name: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """The saved entries (on W's device, in its dtype) if nothing but us wrote W since."""
         entries, generation = self._saved[name]
-        return entries.to(weight.device, weight.dtype) if generation == self.generation(weight) else None
+        if generation != self.generation(weight):
+            return None
+        return entries if entries.dtype == weight.dtype and entries.device == weight.device else \
+            entries.to(weight.device, weight.dtype)
 
     def take_saved(self, name: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
         entries = self.saved(name, weight)
