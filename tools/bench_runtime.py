@@ -1,32 +1,45 @@
-"""Benchmark: per-call adapter switching on a sparse export vs merged ONNX models.
+"""Benchmark: the runtime's modes against merged ONNX models, mixed-adapter batches, and
+memory per loaded adapter, all in one run (issue #18).
 
 OPT-125m-shaped decoder from OPTConfig() defaults (random weights, fp32), q/k/v/out
-targeted, r=8 and r=32, two adapters each, CPU. Compares in one run, medians of
-interleaved rounds:
+targeted, r=8 and r=32 (PEFT SHiRA adapters, values at the weights' scale), CPU.
+Medians of interleaved rounds, ratio to merged:
 
     merged      the base graph with the adapter merged into constant weights (what
                 `shira-export merged` produces; built here from the same export)
-    dense       ShiraSession(mode="dense"): merged targeted weights fed per call (default)
-    portable    ShiraSession(mode="portable"): model.onnx + .onnx_adapter via RunOptions
+    lean        ShiraSession(folder): the default mode (model.onnx, adapter arrays fed per call)
+    portable    plain onnxruntime: InferenceSession(model.onnx) + LoraAdapter + RunOptions,
+                exactly what a C#/C++/Java user runs (no shira_export code in the call)
+    dense       ShiraSession(mode="dense"): merged copies of the targeted weights fed per call (opt-in)
 
-Prints a table and writes tools/results/bench_runtime.json.
-Usage: python tools/bench_runtime.py [--rounds 7] [--layers 12] [--work DIR]
+Then, per r: 8 decode streams (128-token caches) over 8 different adapters, one mixed batch
+of 8 against 8 separate calls (lean mode), tokens/s; and memory: 64 adapters of r=8 loaded
+(resident set, VmRSS) per adapter against the file size, lean and portable.
+All sessions: intra-op threads = ORT's default, spinning off (sessions take turns on shared
+cores). Prints the table with the CPU's flags and load; writes tools/results/bench_runtime.json.
 
-`--genai` instead times onnxruntime-genai (tools/bench_genai.py): a Llama-shaped ~125M
-model from LlamaConfig, r=8 on q/k/v/o, decode tokens/s and prefill time of the genai
-builder's graph merged, the builder's graph + sparse delta, and our sparse graph.
+Usage: python tools/bench_runtime.py [--rounds 7] [--layers 12] [--ranks 8 32] [--work DIR]
+
+`--genai` instead times onnxruntime-genai (tools/bench_genai.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
+import os
+import re
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+HEADS, DIM, VOCAB = 12, 64, 50272
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def build_model(work: Path, layers: int) -> Path:
@@ -54,8 +67,7 @@ def build_adapters(work: Path, model_dir: Path, ranks) -> dict[str, Path]:
             name = f"r{r}{k}"
             path = work / name
             if not (path / "adapter_config.json").exists():
-                cfg = ShiraConfig(r=r, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
-                                  init_weights=False, random_seed=seed)
+                cfg = ShiraConfig(r=r, target_modules=TARGETS, init_weights=False, random_seed=seed)
                 get_shira_model(OPTForCausalLM.from_pretrained(model_dir), cfg).save_pretrained(path)
                 ckpt = read_adapter_dir(path)
                 for delta in ckpt.deltas.values():
@@ -65,33 +77,219 @@ def build_adapters(work: Path, model_dir: Path, ranks) -> dict[str, Path]:
     return dirs
 
 
-def merged_graph(folder: Path, session, name: str):
+def like_adapter(session, name: str, path: Path, seed: int) -> Path:
+    """An adapter file with the nnz of `name` per site at random positions (more adapters of a rank)."""
+    from shira_export.export.adapter_file import AdapterArrays, short_fingerprint, write_adapter_file
+
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    sites = {s.module: s for s in session.manifest.targets}
+    deltas = {}
+    for module, (idx, _) in session._get(name).arrays.deltas.items():
+        s = sites[module]
+        flat = rng.choice(s.out_features * s.in_features, idx.size, replace=False).astype(np.int32)
+        deltas[module] = (flat, (rng.standard_normal(idx.size) * 0.02).astype(np.float32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_adapter_file(path, AdapterArrays(deltas, short_fingerprint(session.manifest.base_fingerprint)))
+
+
+def merged_graph(folder: Path, dense, name: str):
     """The export's graph with adapter `name` merged into constant weights (prepacked by ORT)."""
     import onnx
     from onnx import numpy_helper
 
     from shira_export.export.graph_delta import to_dense_variant, weight_name
 
-    sites = session.manifest.targets
-    dense, _ = to_dense_variant(onnx.load(str(folder / "model.onnx")), sites, defaults=True)
-    merged = {k: v.numpy() for k, v in session._get(name).feeds.items()}
-    for init in dense.graph.initializer:
+    sites = dense.manifest.targets
+    graph, _ = to_dense_variant(onnx.load(str(folder / "model.onnx")), sites, defaults=True)
+    merged = {k: v.numpy() for k, v in dense._get(name).feeds.items()}
+    for init in graph.graph.initializer:
         if init.name in merged:
             init.CopyFrom(numpy_helper.from_array(merged[init.name], init.name))
-    keep = [i for i in dense.graph.input if i.name not in {weight_name(s.module) for s in sites}]
-    del dense.graph.input[:]
-    dense.graph.input.extend(keep)
-    return dense
+    keep = [i for i in graph.graph.input if i.name not in {weight_name(s.module) for s in sites}]
+    del graph.graph.input[:]
+    graph.graph.input.extend(keep)
+    return graph
+
+
+def machine() -> dict:
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo.read_text(), re.M)
+        flags = set(m.group(1).split()) if m else set()
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
+    return {"cpu": model.group(1) if model else "?", "cores": os.cpu_count(),
+            "flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")},
+            "load_start": list(os.getloadavg())}
+
+
+def rss() -> int:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def session_options():
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # sessions take turns on shared cores: idle pool threads must not spin into the next run
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def feeds(n_layers: int, ids, past=None, past_len: int = 0):
+    import onnxruntime as ort
+
+    batch, total = ids.shape[0], past_len + ids.shape[1]
+    f = {"input_ids": ids, "attention_mask": np.ones((batch, total), np.int64),
+         "position_ids": np.broadcast_to(np.arange(past_len, total, dtype=np.int64), (batch, ids.shape[1])).copy()}
+    for i in range(n_layers):
+        for kv in ("key", "value"):
+            name = f"past_key_values.{i}.{kv}"
+            f[name] = np.zeros((batch, HEADS, 0, DIM), np.float32) if past is None else past[name]
+    return {k: ort.OrtValue.ortvalue_from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in f.items()}
+
+
+def as_past(outs: list[str], values: list) -> dict:
+    return {"past_key_values." + n[len("present."):]: v for n, v in zip(outs, values) if n.startswith("present.")}
+
+
+def timed(fn, f) -> float:
+    t = time.perf_counter()
+    fn(f)
+    return time.perf_counter() - t
+
+
+def bench_modes(r, folder, work, lean, dense, args, outs) -> dict:
+    """Prefill 1x128 and decode with a 128-token cache: merged, lean, portable, dense."""
+    import onnx
+    import onnxruntime as ort
+
+    a = f"r{r}a"
+    merged_path = work / f"merged_{a}.onnx"
+    if not merged_path.exists():
+        onnx.save_model(merged_graph(folder, dense, a), str(merged_path))
+    t = time.perf_counter()
+    merged = ort.InferenceSession(str(merged_path), session_options(), providers=["CPUExecutionProvider"])
+    new_session_s = time.perf_counter() - t
+    # portable: what a C#/C++ user writes, through the Python binding of the same C API
+    plain = ort.InferenceSession(str(folder / "model.onnx"), session_options(), providers=["CPUExecutionProvider"])
+    lora = ort.LoraAdapter()
+    lora.Load(str(folder / "adapters" / f"{a}.onnx_adapter"))
+    plain_opts = ort.RunOptions()
+    plain_opts.add_active_adapter(lora)
+    runners = {
+        "merged": lambda f: merged.run_with_ort_values(outs, f),
+        "lean": lambda f: lean.run_ort_values(f, adapter=a, output_names=outs),
+        "portable": lambda f: plain.run_with_ort_values(outs, f, plain_opts),
+        "dense": lambda f: dense.run_ort_values(f, adapter=a, output_names=outs),
+    }
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, VOCAB, (1, 128), dtype=np.int64)
+    step = rng.integers(0, VOCAB, (1, 1), dtype=np.int64)
+    caches, logits = {}, {}
+    for k, run in runners.items():
+        res = run(feeds(args.layers, prompt))
+        logits[k], caches[k] = res[0].numpy(), as_past(outs, res)
+    times: dict[str, list[float]] = {f"{k}_{p}": [] for k in runners for p in ("prefill", "decode")}
+    for _ in range(args.rounds):
+        for k, run in runners.items():
+            times[f"{k}_prefill"].append(timed(run, feeds(args.layers, prompt)))
+        for _ in range(4):
+            for k, run in runners.items():
+                times[f"{k}_decode"].append(timed(run, feeds(args.layers, step, caches[k], 128)))
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    switch = {}
+    for k, s in (("lean", lean), ("dense", dense)):
+        ts = [timed(s.prepare, a if i % 2 else f"r{r}b") for i in range(1000)]
+        switch[f"{k}_prepare_us"] = statistics.median(ts) * 1e6
+    return {
+        "median_ms": med,
+        "ratio_to_merged": {k: med[k] / med[f"merged_{k.split('_')[1]}"] for k in med if not k.startswith("merged")},
+        "max_abs_vs_merged": {k: float(np.abs(logits[k] - logits["merged"]).max()) for k in runners},
+        "switch": dict(switch, new_session_on_merged_ms=new_session_s * 1000),
+        "file_bytes": (folder / "adapters" / f"{a}.onnx_adapter").stat().st_size,
+        "bytes_per_nnz": (folder / "adapters" / f"{a}.onnx_adapter").stat().st_size / lean.manifest.adapters[a]["nnz"],
+        "dense_adapter_mb": dense.adapter_nbytes(a) / 2**20,
+        "lean_adapter_mb": lean.adapter_nbytes(a) / 2**20,
+    }
+
+
+def bench_mixed(r, work, lean, args, outs) -> dict:
+    """8 decode streams over 8 adapters: one mixed batch of 8 against 8 separate calls."""
+    names = [f"r{r}a", f"r{r}b"]
+    for k in range(6):
+        name = f"r{r}x{k}"
+        if name not in lean.adapters:
+            lean.load_adapter(name, like_adapter(lean, f"r{r}a", work / "more" / f"{name}.onnx_adapter", 50 + k))
+        names.append(name)
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(0, VOCAB, (8, 128), dtype=np.int64)
+    # each stream's own 128-token cache, then the batch's cache is the 8 stacked
+    alone = [as_past(outs, lean.run_ort_values(feeds(args.layers, prompts[i:i + 1]), adapter=n, output_names=outs))
+             for i, n in enumerate(names)]
+    stacked = {k: np.concatenate([c[k].numpy() for c in alone]) for k in alone[0]}
+    step = rng.integers(0, VOCAB, (8, 1), dtype=np.int64)
+    batch_feeds = feeds(args.layers, step, stacked, 128)
+    mixed = lean.run_ort_values(batch_feeds, adapter=names, output_names=outs[:1])[0].numpy()
+    singles = [lean.run_ort_values(feeds(args.layers, step[i:i + 1], alone[i], 128), adapter=n,
+                                   output_names=outs[:1])[0].numpy() for i, n in enumerate(names)]
+    err = float(np.abs(mixed - np.concatenate(singles)).max())
+    t_mixed, t_sep = [], []
+    for _ in range(4 * args.rounds):
+        t_mixed.append(timed(lambda f: lean.run_ort_values(f, adapter=names, output_names=outs), batch_feeds))
+        t = time.perf_counter()
+        for i, n in enumerate(names):
+            lean.run_ort_values(feeds(args.layers, step[i:i + 1], alone[i], 128), adapter=n, output_names=outs)
+        t_sep.append(time.perf_counter() - t)
+    mixed_tps, sep_tps = 8 / statistics.median(t_mixed), 8 / statistics.median(t_sep)
+    return {"mixed_tokens_per_s": mixed_tps, "separate_tokens_per_s": sep_tps, "ratio": mixed_tps / sep_tps,
+            "mixed_ms": statistics.median(t_mixed) * 1000, "separate_ms": statistics.median(t_sep) * 1000,
+            "max_abs_mixed_vs_alone": err}
+
+
+def bench_memory(folder, work, like_session, name: str, n_layers: int, count: int = 64) -> dict:
+    """RSS per loaded adapter (each used once) against its file: lean and portable modes."""
+    from shira_export.runtime import ShiraSession
+
+    paths = [like_adapter(like_session, name, work / "mem" / f"m{i}.onnx_adapter", 1000 + i) for i in range(count)]
+    size = paths[0].stat().st_size
+    step = np.ones((1, 1), np.int64)
+    result = {"adapters": count, "file_mb": size / 2**20}
+    for mode in ("lean", "portable"):
+        s = ShiraSession(folder, mode=mode, adapters=[], session_options=session_options())
+        s.run(feeds(n_layers, step))
+        start = rss()
+        for i, p in enumerate(paths):
+            s.load_adapter(f"m{i}", p)
+            s.run(feeds(n_layers, step), adapter=f"m{i}", output_names=["logits"])
+        loaded = rss()
+        reported = sum(s.adapter_nbytes(f"m{i}") for i in range(count)) / count
+        for i in range(count):
+            s.unload_adapter(f"m{i}")
+        end = rss()
+        per = (loaded - start) / count
+        result[mode] = {"rss_mb_per_adapter": per / 2**20, "x_file": per / size, "reported_mb": reported / 2**20,
+                        "after_unload_mb": (end - start) / 2**20}
+        del s
+    return result
 
 
 def main() -> None:
     import onnxruntime as ort
 
-    from shira_export.pipeline import export_sparse
+    from shira_export import export_sparse
     from shira_export.runtime import Mode, ShiraSession
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=7, help="prefill rounds; decode gets 4x as many")
+    ap.add_argument("--rounds", type=int, default=7, help="prefill rounds; decode and mixed get 4x as many")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--work", type=Path, default=None)
@@ -100,120 +298,65 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(work, args.layers)
     adapters = build_adapters(work, model_dir, args.ranks)
-    out = work / "sparse"
-    if not (out / "shira_export.json").exists():
+    folder = work / "sparse"
+    if not (folder / "shira_export.json").exists():
         t = time.perf_counter()
-        export_sparse(model_dir, adapters, out, verify=False, overwrite=True)
+        export_sparse(model_dir, adapters, folder, verify=False, overwrite=True)
         print(f"export: {time.perf_counter() - t:.1f} s")
-
-    def options():
-        # three sessions take turns on shared cores: idle pool threads must not spin into the next run
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return opts
-
-    opts = options()
-    dense = ShiraSession(out, mode=Mode.DENSE, session_options=options())
-    portable = ShiraSession(out, mode=Mode.PORTABLE, session_options=options())
-    heads, dim, n_layers = 12, 64, args.layers
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, 50272, (1, 128), dtype=np.int64)
-
-    def feeds(ids, past=None, past_len=0):
-        total = past_len + ids.shape[1]
-        f = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-             "position_ids": np.arange(past_len, total, dtype=np.int64)[None]}
-        for i in range(n_layers):
-            for kv in ("key", "value"):
-                f[f"past_key_values.{i}.{kv}"] = (np.zeros((1, heads, 0, dim), np.float32) if past is None
-                                                   else past[f"present.{i}.{kv}"])
-        return {k: ort.OrtValue.ortvalue_from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in f.items()}
-
-    outs = [o.name for o in dense.session.get_outputs()]
-    results = {"rounds": args.rounds, "layers": n_layers, "threads": ort.SessionOptions().intra_op_num_threads,
-               "ranks": {}}
+    results: dict = {"rounds": args.rounds, "layers": args.layers, "machine": machine(),
+                     "ort": ort.__version__, "ort_intra_op_threads": "default (0: one per physical core)",
+                     "ranks": {}, "mixed": {}}
+    lean = ShiraSession(folder, session_options=session_options())
+    dense = ShiraSession(folder, mode=Mode.DENSE, session_options=session_options())
+    outs = [o.name for o in lean.session.get_outputs()]
     for r in args.ranks:
-        a, b = f"r{r}a", f"r{r}b"
-        merged_path = work / f"merged_{a}.onnx"
-        if not merged_path.exists():
-            import onnx
-
-            onnx.save_model(merged_graph(out, dense, a), str(merged_path))
-        t = time.perf_counter()
-        merged = ort.InferenceSession(str(merged_path), opts, providers=["CPUExecutionProvider"])
-        new_session_s = time.perf_counter() - t
-
-        runners = {
-            "merged": lambda f, ad=None, m=merged: m.run_with_ort_values(outs, f),
-            "dense": lambda f, ad=a: dense.run_ort_values(f, adapter=ad, output_names=outs),
-            "portable": lambda f, ad=a: portable.run_ort_values(f, adapter=ad, output_names=outs),
-        }
-        # parity of the three (logits of the prefill) and a 128-token cache for each
-        caches, logits = {}, {}
-        for k, run in runners.items():
-            res = run(feeds(prompt))
-            logits[k] = res[0].numpy()
-            caches[k] = dict(zip(outs, res))
-        err = {k: float(np.abs(logits[k] - logits["merged"]).max()) for k in runners}
-        step = rng.integers(0, 50272, (1, 1), dtype=np.int64)
-        times = {f"{k}_{p}": [] for k in runners for p in ("prefill", "decode")}
-        for _ in range(args.rounds):
-            for k, run in runners.items():
-                f = feeds(prompt)
-                t = time.perf_counter(); run(f); times[f"{k}_prefill"].append(time.perf_counter() - t)
-            for _ in range(4):
-                for k, run in runners.items():
-                    f = feeds(step, caches[k], 128)
-                    t = time.perf_counter(); run(f); times[f"{k}_decode"].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
-        # switching: the whole per-call cost of choosing another adapter, and an A/B/A/B decode loop
-        sw = {}
-        for k, s in (("dense", dense), ("portable", portable)):
-            ts = []
-            for i in range(1000):
-                t = time.perf_counter(); s.prepare(a if i % 2 else b); ts.append(time.perf_counter() - t)
-            sw[f"{k}_prepare_ms"] = statistics.median(ts) * 1000
-            f = feeds(step, caches[k], 128)
-            same, alt = [], []
-            for i in range(4 * args.rounds):
-                t = time.perf_counter(); s.run_ort_values(f, adapter=a, output_names=outs[:1]); same.append(time.perf_counter() - t)
-                t = time.perf_counter(); s.run_ort_values(f, adapter=a if i % 2 else b, output_names=outs[:1]); alt.append(time.perf_counter() - t)
-            sw[f"{k}_alternating_extra_ms"] = (statistics.median(alt) - statistics.median(same)) * 1000
-        files = {n: Path(out / "adapters" / f"{n}.onnx_adapter").stat().st_size for n in (a, b)}
-        nnz = {n: dense.manifest.adapters[n]["nnz"] for n in (a, b)}
-        peft = {n: Path(adapters[n] / "adapter_model.safetensors").stat().st_size for n in (a, b)}
-        row = {
-            "median_ms": med,
-            "ratio_to_merged": {k: med[k] / med[f"merged_{k.split('_')[1]}"] for k in med if not k.startswith("merged")},
-            "switch": dict(sw, new_session_on_merged_s=new_session_s,
-                           speedup_vs_new_session=new_session_s * 1000 / max(sw["dense_prepare_ms"], 1e-9)),
-            "bytes_per_nnz": {n: files[n] / nnz[n] for n in files},
-            "peft_bytes_per_nnz": {n: peft[n] / nnz[n] for n in files},
-            "dense_mode_adapter_mb": dense.adapter_nbytes(a) / 2**20,
-            "max_abs_vs_merged": err,
-        }
-        results["ranks"][r] = row
-        del merged
-
-    print(f"\nOPT-125m shape ({n_layers} layers), q/k/v/out, fp32, CPU, medians of {args.rounds} interleaved rounds")
-    print(f"{'r':>3} {'variant':<9} {'prefill ms':>10} {'x merged':>8} {'decode ms':>9} {'x merged':>8}")
-    for r, row in results["ranks"].items():
-        m = row["median_ms"]
-        for k in ("merged", "dense", "portable"):
-            rp = 1.0 if k == "merged" else row["ratio_to_merged"][f"{k}_prefill"]
-            rd = 1.0 if k == "merged" else row["ratio_to_merged"][f"{k}_decode"]
-            print(f"{r:>3} {k:<9} {m[f'{k}_prefill']:>10.1f} {rp:>8.3f} {m[f'{k}_decode']:>9.2f} {rd:>8.3f}")
-        s = row["switch"]
-        print(f"    switch: dense {s['dense_prepare_ms'] * 1000:.1f} us, portable {s['portable_prepare_ms'] * 1000:.1f} us "
-              f"per call; A/B alternation adds {s['dense_alternating_extra_ms']:.3f} / {s['portable_alternating_extra_ms']:.3f} ms; "
-              f"new session on merged {s['new_session_on_merged_s'] * 1000:.0f} ms ({s['speedup_vs_new_session']:.0f}x)")
-        print(f"    adapter file {min(row['bytes_per_nnz'].values()):.2f} B/nnz (PEFT {min(row['peft_bytes_per_nnz'].values()):.2f}); "
-              f"dense mode holds {row['dense_mode_adapter_mb']:.0f} MB per adapter; max |diff| vs merged {row['max_abs_vs_merged']}")
+        results["ranks"][r] = bench_modes(r, folder, work, lean, dense, args, outs)
+    del dense
+    for r in args.ranks:
+        results["mixed"][r] = (bench_mixed(r, work, lean, args, outs) if lean.per_row
+                               else {"skipped": "graph takes one adapter per call ([nnz] inputs)"})
+    results["memory"] = bench_memory(folder, work, lean, f"r{args.ranks[0]}a", args.layers)
+    results["machine"]["load_end"] = list(os.getloadavg())
+    report(results)
     dest = Path(__file__).resolve().parent / "results" / "bench_runtime.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {dest}")
+
+
+def report(results: dict) -> None:
+    m = results["machine"]
+    flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in m["flags"].items())
+    print(f"\n{m['cpu']}, {m['cores']} cores ({flags}); onnxruntime {results['ort']}, intra-op threads "
+          f"{results['ort_intra_op_threads']}; load {m['load_start'][0]:.1f} -> {m['load_end'][0]:.1f}")
+    print(f"OPT-125m shape ({results['layers']} layers), q/k/v/out, fp32, medians of {results['rounds']} interleaved rounds")
+    print("| r | mode | prefill 1x128 ms | x merged | decode ms (128 cache) | x merged | memory per adapter |")
+    print("|---|---|---|---|---|---|---|")
+    for r, row in results["ranks"].items():
+        med, ratio = row["median_ms"], row["ratio_to_merged"]
+        mem = {"merged": "a model per adapter", "lean": f"{row['lean_adapter_mb']:.1f} MB (file {row['file_bytes'] / 2**20:.1f} MB)",
+               "portable": f"file mapped, {row['file_bytes'] / 2**20:.1f} MB", "dense": f"{row['dense_adapter_mb']:.0f} MB"}
+        for k in ("merged", "lean", "portable", "dense"):
+            rp = 1.0 if k == "merged" else ratio[f"{k}_prefill"]
+            rd = 1.0 if k == "merged" else ratio[f"{k}_decode"]
+            print(f"| {r} | {k} | {med[f'{k}_prefill']:.1f} | {rp:.3f} | {med[f'{k}_decode']:.2f} | {rd:.3f} | {mem[k]} |")
+        s = row["switch"]
+        print(f"    r={r}: {row['bytes_per_nnz']:.2f} B/nnz; switch {s['lean_prepare_us']:.1f} us (lean), "
+              f"{s['dense_prepare_us']:.1f} us (dense) vs a new merged session {s['new_session_on_merged_ms']:.0f} ms; "
+              f"max |diff| vs merged {row['max_abs_vs_merged']}")
+    for r, mx in results["mixed"].items():
+        if "skipped" in mx:
+            print(f"mixed r={r}: skipped ({mx['skipped']})")
+            continue
+        print(f"mixed r={r}, 8 decode streams over 8 adapters (128-token caches): one batch {mx['mixed_tokens_per_s']:.0f} "
+              f"tokens/s ({mx['mixed_ms']:.1f} ms/step) vs 8 separate calls {mx['separate_tokens_per_s']:.0f} tokens/s "
+              f"({mx['separate_ms']:.1f} ms): {mx['ratio']:.2f}x; max |diff| batch vs alone {mx['max_abs_mixed_vs_alone']:.1e}")
+    mem = results["memory"]
+    for mode in ("lean", "portable"):
+        x = mem[mode]
+        print(f"memory, {mem['adapters']} adapters loaded ({mode}): {x['rss_mb_per_adapter']:.2f} MB RSS per adapter = "
+              f"{x['x_file']:.2f}x its file ({mem['file_mb']:.2f} MB; adapter_nbytes says {x['reported_mb']:.2f} MB); "
+              f"{x['after_unload_mb']:+.1f} MB after unloading all")
 
 
 if __name__ == "__main__":
