@@ -14,6 +14,7 @@ import torch
 from shira_export import ShiraConfig, _native, get_shira_model
 from shira_export.tuner.mixed import mixed_batch, mixed_head_forward
 from shira_export.tuner.modules_to_save import ModulesToSaveWrapper
+from shira_export.tuner.sparse_ops import SparsePlan
 from tiny_models import tiny_opt
 
 native = pytest.mark.skipif(_native._lib() is None, reason=f"native kernels: {_native.status()}")
@@ -42,6 +43,10 @@ def _bad_calls() -> dict:
     a, b = torch.ones(4, 8), torch.ones(4, 8)
     crow, bptr = torch.zeros(9, dtype=torch.int64), torch.zeros(1, 9, dtype=torch.int64)
     bcol, dest = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32)
+    plan = SparsePlan.build(torch.tensor([[0, 1, 5, 7], [2, 7, 0, 3]]), (8, 8))
+    pattern = plan.sddmm_pattern("out")  # (crow, bptr, bcol, dest) of a real 4-nonzero pattern
+    bad_dest, bad_bptr = pattern[3].clone(), pattern[1].clone()
+    bad_dest[2], bad_bptr[0, 3] = 4, 5
     return {
         "scatter int32 positions": (TypeError, "flat must be torch.int64", lambda: _native.scatter_(w, i32, v)),
         "scatter fp64 values": (TypeError, "values must be torch.float32", lambda: _native.scatter_(w, i64, v.double())),
@@ -61,6 +66,16 @@ def _bad_calls() -> dict:
         "sddmm crow dtype": (TypeError, "crow must be torch.int64",
                              lambda: _native.sddmm(a, b, crow.int(), bptr, bcol, dest)),
         "sddmm nnz": (ValueError, "crow ends at 3", lambda: _native.sddmm(a, b, torch.full((9,), 3), bptr, bcol, dest)),
+        # contents: positions outside the weight, a pattern pointing outside its nonzeros (checked in C)
+        "scatter out of range": (ValueError, "positions outside the weight's 64 elements",
+                                 lambda: _native.scatter_(w, torch.tensor([1, 64, 9]), v)),
+        "scatter negative": (ValueError, "positions outside", lambda: _native.scatter_(w, torch.tensor([-1, 5, 9]), v)),
+        "switch out of range": (ValueError, "positions outside the weight's 64 elements",
+                                lambda: _native.switch_(w, i32, v, torch.tensor([1, 5, 64], dtype=torch.int32), v)),
+        "sddmm dest": (ValueError, "points outside its nonzeros",
+                       lambda: _native.sddmm(a, b, pattern[0], pattern[1], pattern[2], bad_dest)),
+        "sddmm bptr": (ValueError, "points outside its nonzeros",
+                       lambda: _native.sddmm(a, b, pattern[0], bad_bptr, pattern[2], pattern[3])),
     }
 
 
@@ -70,6 +85,15 @@ def test_native_arguments_are_checked(case):
     error, message, call = _bad_calls()[case]
     with pytest.raises(error, match=message):
         call()
+
+
+@native
+def test_valid_native_calls_still_run():
+    w = torch.zeros(64)
+    _native.scatter_(w, torch.tensor([1, 63]), torch.tensor([2.0, 3.0]))
+    _native.switch_(w, torch.tensor([1, 63], dtype=torch.int32), torch.zeros(2),
+                    torch.tensor([0, 5], dtype=torch.int32), torch.tensor([4.0, 5.0]))
+    assert w[0].item() == 4.0 and w[5].item() == 5.0 and w.abs().sum().item() == 9.0
 
 
 def test_native_without_the_kernels_says_so(monkeypatch):
@@ -90,6 +114,7 @@ def test_the_checks_hold_under_python_O():
         out = []
         for call in (lambda: _native.scatter_(w, torch.tensor([1, 2], dtype=torch.int32), torch.ones(2)),
                      lambda: _native.scatter_(w, torch.tensor([1, 2]), torch.ones(3)),
+                     lambda: _native.scatter_(w, torch.tensor([1, 16]), torch.ones(2)),
                      lambda: _native.switch_(w, torch.tensor([1]), torch.ones(1), torch.tensor([2]), torch.ones(1))):
             try:
                 call()
@@ -100,7 +125,8 @@ def test_the_checks_hold_under_python_O():
     """)
     done = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "True", "TypeError", "ValueError", "TypeError", "0.0"]
+    # the out-of-range call wrote its one valid position (w[1] = 1) and nothing else
+    assert done.stdout.split() == ["1", "True", "TypeError", "ValueError", "ValueError", "TypeError", "1.0"]
 
 
 def test_an_empty_mixed_batch_through_a_head_gives_the_heads_empty_output():

@@ -237,7 +237,7 @@ def _load() -> Optional[ctypes.CDLL]:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.shira_sddmm_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.shira_scatter_f32.argtypes = [ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.shira_scatter_f32.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_int]
     lib.shira_switch_f32.argtypes = [ptr, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     return lib
 
@@ -336,6 +336,8 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
     out = torch.empty(bcol.numel(), dtype=torch.float32)
     rc = lib.shira_sddmm_f32(a.data_ptr(), n_a, b.data_ptr(), n_b, a.shape[0], crow.data_ptr(), bptr.data_ptr(),
                              bcol.data_ptr(), dest.data_ptr(), SDDMM_BLOCK_COLS, out.data_ptr(), torch.get_num_threads())
+    if rc == -3:
+        raise ValueError("_native.sddmm: the pattern points outside its nonzeros (bptr or dest out of range)")
     if rc != 0:
         raise MemoryError(f"shira_sddmm_f32 failed ({rc}): out of memory for its scratch buffers") if rc == -1 else \
             RuntimeError(f"shira_sddmm_f32 refused the call ({rc})")
@@ -343,20 +345,25 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
 
 
 def scatter_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
-    """w[flat] = values in place (int64 positions into the contiguous weight's storage)."""
+    """w[flat] = values in place (int64 positions into the contiguous weight's storage;
+    one outside it is not written and raises ValueError, after the others are)."""
     lib = _loaded_lib("scatter_")
     _check("scatter_", torch.float32, None, weight=weight)
     _check("scatter_", torch.int64, 1, flat=flat)
     _check("scatter_", torch.float32, 1, values=values)
     _check_len("scatter_", "flat", flat.numel(), "values", values.numel())
-    lib.shira_scatter_f32(weight.data_ptr(), flat.data_ptr(), values.data_ptr(), flat.numel(), torch.get_num_threads())
+    rc = lib.shira_scatter_f32(weight.data_ptr(), weight.numel(), flat.data_ptr(), values.data_ptr(), flat.numel(),
+                               torch.get_num_threads())
+    if rc != 0:  # the kernel wrote the others
+        raise ValueError(f"_native.scatter_: positions outside the weight's {weight.numel()} elements were not written")
 
 
 def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tensor, new_flat: torch.Tensor,
             new_values: torch.Tensor, *, block: int = 8192) -> None:
     """w[old_flat] = old_values, then w[new_flat] = new_values, in one pass over the
     weight's storage (int32 position lists, ascending; weights under 2^31 elements).
-    The caller bumps weight._version."""
+    A position out of range raises ValueError and is never written (nor, in unsorted
+    lists, anything out of bounds). The caller bumps weight._version."""
     lib = _loaded_lib("switch_")
     _check("switch_", torch.float32, None, weight=weight)
     _check("switch_", torch.float32, 1, old_values=old_values, new_values=new_values)
@@ -367,6 +374,8 @@ def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tens
         raise ValueError(f"_native.switch_: int32 positions cover weights under 2^31 elements, got {weight.numel()}")
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"_native.switch_: block must be a positive int, got {block!r}")
-    lib.shira_switch_f32(weight.data_ptr(), weight.numel(), old_flat.data_ptr(), old_values.data_ptr(),
-                         old_flat.numel(), new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block,
-                         torch.get_num_threads())
+    rc = lib.shira_switch_f32(weight.data_ptr(), weight.numel(), old_flat.data_ptr(), old_values.data_ptr(),
+                              old_flat.numel(), new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block,
+                              torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"_native.switch_: positions outside the weight's {weight.numel()} elements, or not ascending")

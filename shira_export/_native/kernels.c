@@ -141,11 +141,14 @@ int shira_sddmm_f32(const float *a, int64_t n_a, const float *b, int64_t n_b, in
                     int n_threads) {
     if (block_cols != CB) return -2;
     const int64_t nnz = crow[n_a];
+    const int64_t n_ptr = (n_b + CB - 1) / CB * (n_a + 1);
+    for (int64_t q = 0; q < n_ptr; ++q)  /* every nonzero range lies within [0, nnz) */
+        if (bptr[q] < 0 || bptr[q] > nnz) return -3;
     float *acc = calloc(nnz > 0 ? (size_t)nnz : 1, sizeof(float));
     if (!acc) return -1;
     if (n_threads < 1 || nnz < 4096) n_threads = 1;
-    int failed = 0;
-#pragma omp parallel for num_threads(n_threads) schedule(static, 1) reduction(| : failed)
+    int failed = 0, bad = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1) reduction(| : failed, bad)
     for (int th = 0; th < n_threads; ++th) {
         const int64_t r0 = th == 0 ? 0 : lower_row(crow, n_a, nnz * th / n_threads);
         const int64_t r1 = th == n_threads - 1 ? n_a : lower_row(crow, n_a, nnz * (th + 1) / n_threads);
@@ -156,10 +159,12 @@ int shira_sddmm_f32(const float *a, int64_t n_a, const float *b, int64_t n_b, in
         free(scratch);
         const int64_t n_cb = (n_b + CB - 1) / CB;
         for (int64_t cb = 0; cb < n_cb; ++cb)  /* this thread's results to their places */
-            for (int64_t k = bptr[cb * (n_a + 1) + r0]; k < bptr[cb * (n_a + 1) + r1]; ++k) out[dest[k]] = acc[k];
+            for (int64_t k = bptr[cb * (n_a + 1) + r0]; k < bptr[cb * (n_a + 1) + r1]; ++k) {
+                if ((uint64_t)dest[k] < (uint64_t)nnz) out[dest[k]] = acc[k]; else bad = 1;
+            }
     }
     free(acc);
-    return failed ? -1 : 0;
+    return failed ? -1 : bad ? -3 : 0;
 }
 
 /* ---- scatter: w[idx] = vals (merge, unmerge, the training merge) -------------------
@@ -167,12 +172,16 @@ int shira_sddmm_f32(const float *a, int64_t n_a, const float *b, int64_t n_b, in
  * Positions are unique, so the threads never write the same element. */
 #define PAR_MIN 16384
 
-/* w[idx] = vals */
-int shira_scatter_f32(float *w, const int64_t *idx, const float *vals, int64_t n, int n_threads) {
+/* w[idx] = vals; a position outside [0, numel) is not written and makes it return -3 */
+int shira_scatter_f32(float *w, int64_t numel, const int64_t *idx, const float *vals, int64_t n, int n_threads) {
     if (n_threads < 1 || n < PAR_MIN) n_threads = 1;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t k = 0; k < n; ++k) w[idx[k]] = vals[k];
-    return 0;
+    int bad = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(| : bad)
+    for (int64_t k = 0; k < n; ++k) {
+        const int64_t p = idx[k];
+        if ((uint64_t)p < (uint64_t)numel) w[p] = vals[k]; else bad = 1;
+    }
+    return bad ? -3 : 0;
 }
 
 /* ---- switch: restore one adapter's entries and write another's, block by block --------
@@ -191,19 +200,28 @@ static int64_t lower_pos(const int32_t *idx, int64_t n, int64_t pos) {
     return lo;
 }
 
-/* Positions are int32 (weights under 2^31 elements): 4 bytes per nonzero less to read. */
+/* Positions are int32 (weights under 2^31 elements): 4 bytes per nonzero less to read.
+ * Ascending lists lie within [0, numel) when their ends do (-3 if not, nothing written);
+ * a thread writes only inside its own range, so unsorted lists cannot write out of bounds
+ * either (an entry left out makes it return -3). */
 int shira_switch_f32(float *w, int64_t numel, const int32_t *old_idx, const float *old_vals, int64_t n_old,
                      const int32_t *new_idx, const float *new_vals, int64_t n_new, int64_t block, int n_threads) {
+    if ((n_old && (old_idx[0] < 0 || old_idx[n_old - 1] >= numel)) ||
+        (n_new && (new_idx[0] < 0 || new_idx[n_new - 1] >= numel)))
+        return -3;
     if (n_threads < 1 || n_old + n_new < 4 * PAR_MIN) n_threads = 1;
-#pragma omp parallel for num_threads(n_threads) schedule(static, 1)
+    int64_t written = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static, 1) reduction(+ : written)
     for (int t = 0; t < n_threads; ++t) {
         const int64_t lo = numel * t / n_threads, hi = numel * (t + 1) / n_threads;
         int64_t i = lower_pos(old_idx, n_old, lo), j = lower_pos(new_idx, n_new, lo);
         const int64_t i_end = lower_pos(old_idx, n_old, hi), j_end = lower_pos(new_idx, n_new, hi);
         for (int64_t end = lo + block; i < i_end || j < j_end; end += block) {
-            for (; i < i_end && old_idx[i] < end; ++i) w[old_idx[i]] = old_vals[i];
-            for (; j < j_end && new_idx[j] < end; ++j) w[new_idx[j]] = new_vals[j];
+            for (; i < i_end && old_idx[i] < end; ++i)
+                if (old_idx[i] >= lo && old_idx[i] < hi) { w[old_idx[i]] = old_vals[i]; ++written; }
+            for (; j < j_end && new_idx[j] < end; ++j)
+                if (new_idx[j] >= lo && new_idx[j] < hi) { w[new_idx[j]] = new_vals[j]; ++written; }
         }
     }
-    return 0;
+    return written == n_old + n_new ? 0 : -3;
 }

@@ -20,10 +20,11 @@ before each merge (`save` / `take_saved`: given back only in the generation they
 read in; otherwise the caller subtracts the delta instead) and the adapter that
 training keeps merged (`resident`).
 
-Measured (tools/bench_switch.py's shapes, r=32, one thread; see docs/architecture.md's
-tuner note in the report): dropping the support cache makes a switch 1.7-2.4x slower,
-the base entries 2.1x, the int32 positions 1.1-1.3x, the merged entries 1.1-1.2x; the
-plans cost a training step 5 % and every inference call a rebuild.
+Each cache is kept because dropping it costs measurably (tools/bench_layer_state.py:
+median CPU time per switch, one thread, OPT-shaped 24 x 768x768 / LLaMA-shaped
+8 x 4096x4096): the support 4.0x / 2.8x, the base entries 1.9x / 2.1x, the int32
+positions 1.28x / 1.18x, the merged entries 1.13x / 1.07x; the support also costs a
+training step 5 % and every inference call a rebuild.
 """
 
 from __future__ import annotations
