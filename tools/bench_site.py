@@ -15,6 +15,8 @@ tokens. nnz = r * (in + out) as PEFT's SHiRA budget. ORT CPU, 2 threads, spinnin
     ws_nd     weight side: MatMul(x, ScatterND(W, (col, row), values, add)) (copy of W, not prepacked)
     ws_se     weight side through ScatterElements on the flat W^T
     new       the package's current graph (graph_delta.insert_sparse_deltas)
+    int4      the bare chain with MatMulNBits int4 weights (block 32): the int4 merged model
+    int4_new  int4 + the package's quantized site (quant_delta), ratio to int4
 
 Usage: python tools/bench_site.py [--rounds 5] [--layers 12] [--shape square|mlp|all] [--ranks 8 32]
        [--rows 1 2 4 8 16 128] [--only act,new] [--profile FORMULATION]
@@ -177,6 +179,26 @@ def build_new(dims: list[tuple[int, int]]) -> onnx.ModelProto:
     return bare
 
 
+def build_int4(dims: list[tuple[int, int]], delta: bool) -> onnx.ModelProto:
+    """The bare chain with MatMulNBits int4 weights (block 32), and with the package's
+    quantized site (quant_delta: y_base + delta on the activations) when `delta`."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from shira_export.export.graph_delta import locate_targets
+    from shira_export.export.quant_delta import attach_quantized_deltas, site_io
+
+    bare = build("bare", dims)
+    weights = {f"{i}": numpy_helper.to_array(init).T for i, init in enumerate(bare.graph.initializer)}
+    sites, _ = locate_targets(bare, weights)
+    io = site_io(bare, sites)
+    quant = MatMulNBitsQuantizer(bare, bits=4, block_size=32, is_symmetric=True)
+    quant.process()
+    model = quant.model.model
+    if delta:
+        attach_quantized_deltas(model, sites, io, threshold=2)
+    return model
+
+
 def adapter_feeds(dims, r: int, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -188,11 +210,14 @@ def adapter_feeds(dims, r: int, seed: int = 1) -> dict[str, np.ndarray]:
     return feeds
 
 
+THREADS = 2
+
+
 def session(model: onnx.ModelProto, profile: bool = False):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
+    opts.intra_op_num_threads = THREADS
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.enable_profiling = profile
@@ -227,45 +252,64 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 128])
     ap.add_argument("--only", default="", help="comma-separated formulations (bare always runs)")
     ap.add_argument("--profile", default="", help="print per-op-type time of this formulation (one r, rows)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: process CPU time per call (robust on a shared, loaded machine); wall: elapsed")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_site.json")
     args = ap.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     names = ["bare"] + [n for n in (args.only.split(",") if args.only else [*FORMULATIONS, "new"]) if n and n != "bare"]
     kinds = ["square", "mlp"] if args.shape == "all" else [args.shape]
     load = os.getloadavg()
-    results = {"uptime_load": load, "cpu_flags": cpu_flags(), "layers": args.layers, "rounds": args.rounds, "rows": {}}
-    print(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; CPU flags {' '.join(cpu_flags())}; ORT 2 threads, no spinning")
+    results = {"uptime_load": load, "cpu_flags": cpu_flags(), "layers": args.layers, "rounds": args.rounds,
+               "threads": args.threads, "clock": args.clock, "rows": {}}
+    print(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; CPU flags {' '.join(cpu_flags())}; ORT {args.threads} "
+          f"thread(s), no spinning; {args.clock} time per call")
     for kind in kinds:
         dims = shapes(kind, args.layers)
-        models = {n: (build_new(dims) if n == "new" else build(n, dims)) for n in names}
+        def make(n: str) -> onnx.ModelProto:
+            if n == "new":
+                return build_new(dims)
+            if n in ("int4", "int4_new"):
+                return build_int4(dims, n == "int4_new")
+            return build(n, dims)
+
+        models = {n: make(n) for n in names}
         sessions = {n: session(m) for n, m in models.items()}
         for r in args.ranks:
             ad = adapter_feeds(dims, r)
             for rows in args.rows:
                 x = np.random.default_rng(2).standard_normal((1, rows, dims[0][0])).astype(np.float32)
-                feeds = {n: dict(x=x, **({} if n == "bare" else ad)) for n in names}
+                feeds = {n: dict(x=x, **({} if n in ("bare", "int4") else ad)) for n in names}
                 want = reference(dims, x, ad, models["bare"])
                 err = {}
                 for n in names:
                     got = sessions[n].run(None, feeds[n])[0]
+                    if n.startswith("int4"):  # int4 weights change every layer's input: exactness is tests/test_graph_delta.py's
+                        err[n] = float("nan")
+                        continue
                     err[n] = float(np.abs(got - (reference(dims, x, {k: v[:, :0] for k, v in ad.items()}, models["bare"])
                                                  if n == "bare" else want)).max())
-                iters = max(3, int(2000 / (rows + 10)))
+                iters = max(3, int(600 / (rows + 5)))
                 times: dict[str, list[float]] = {n: [] for n in names}
                 for _ in range(args.rounds):
                     for n in names:
                         s, f = sessions[n], feeds[n]
-                        t = time.perf_counter()
+                        t = clock()
                         for _ in range(iters):
                             s.run(None, f)
-                        times[n].append((time.perf_counter() - t) / iters * 1e6)
+                        times[n].append((clock() - t) / iters * 1e6)
                 med = {n: statistics.median(v) for n, v in times.items()}
                 key = f"{kind} r={r} rows={rows}"
-                results["rows"][key] = {"us_per_call": med, "ratio": {n: med[n] / med["bare"] for n in names},
+                ref_of = lambda n: "int4" if n.startswith("int4") and "int4" in med else "bare"  # noqa: E731
+                results["rows"][key] = {"us_per_call": med, "ratio": {n: med[n] / med[ref_of(n)] for n in names},
                                         "extra_us_per_site": {n: (med[n] - med["bare"]) / len(dims) for n in names},
                                         "max_abs_err": err}
-                cells = "  ".join(f"{n} {med[n] / med['bare']:.3f}" for n in names if n != "bare")
+                cells = "  ".join(f"{n} {med[n] / med[ref_of(n)]:.3f}" for n in names if n not in ("bare", "int4"))
                 print(f"{key:<24} bare {med['bare']:8.0f} us | {cells}", flush=True)
-                bad = [n for n in names if err[n] > 1e-3]
+                bad = [n for n in names if err[n] > 1e-3]  # NaN (int4) compares False
                 if bad:
                     print(f"   WRONG RESULT: {bad} {[err[n] for n in bad]}")
     if args.profile:

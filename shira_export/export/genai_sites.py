@@ -8,11 +8,12 @@ column offset of one builder node.
 
 Per builder node with pieces, the module's flat indices (row * in + col, in the module's
 own (out, in) space, exactly as in every `.onnx_adapter` this package writes) are moved
-into the node's packed space by one Add (+ offset * in), concatenated, and fed to the same
-delta branch as any other site: `graph_delta`'s in-weight scatter for a float MatMul,
-`quant_delta`'s activation-side delta for MatMulNBits. The adapter inputs stay
-`shira.<module>.indices` / `.values`, so the files of an optimum/torch-route export of
-the same base load here unchanged (same fingerprint: it covers modules, not nodes).
+into the node's packed space by one Add (+ offset * in), concatenated along nnz ([R, nnz]
+each, broadcast to one R), and fed to the same site as any other (export.delta_sites):
+the weight branch on a float MatMul, the `y_base` form after a MatMulNBits. The adapter
+inputs stay `shira.<module>.indices` / `.values`, so the files of an optimum/torch-route
+export of the same base load here unchanged (same fingerprint: it covers modules, not
+nodes), and mixed batches work here too.
 """
 
 from __future__ import annotations
