@@ -182,3 +182,15 @@ def test_a_cycle_is_found():
     graph = {"a": {"b": (True, 1)}, "b": {"c": (False, 2)}, "c": {"a": (True, 3)}, "d": {"a": (True, 4)}}
     assert _cycles(graph) == [frozenset({"a", "b", "c"})]
     assert _cycles({"a": {"b": (True, 1)}, "b": {}}) == []
+
+
+def test_the_moved_entry_points_still_answer_under_their_old_names_with_a_warning():
+    import shira_export
+    import shira_export.export as export_stage
+
+    for name in ("export_merged", "export_sparse"):
+        with pytest.warns(DeprecationWarning, match=f"shira_export.{name}"):
+            old = getattr(export_stage, name)
+        assert old is getattr(shira_export, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        export_stage.no_such_name  # noqa: B018

@@ -25,7 +25,18 @@ __all__ = ["Dtype", "MergedExport", "QuantizeReport", "SparseExportResult", "Tas
            "plan_sparse", "quantize_onnx_model", "write_merged", "write_sparse"]
 
 
+# The public entry points moved to the pipeline (export no longer verifies itself); the old
+# names keep working for code written against 0.x, with a warning, and load nothing until used.
+_MOVED = {"export_merged", "export_sparse"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _NAMES:
         return getattr(import_module(f"shira_export.export.{_NAMES[name]}"), name)
+    if name in _MOVED:
+        import warnings
+
+        warnings.warn(f"shira_export.export.{name} moved: use shira_export.{name} (shira_export.pipeline)",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(import_module("shira_export.pipeline"), name)
     raise AttributeError(f"module 'shira_export.export' has no attribute {name!r}")
