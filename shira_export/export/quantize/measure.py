@@ -13,8 +13,11 @@ The weights become graph inputs of one ORT session, so each trial is one run, no
 graph. The score per output: worst per-position cosine over real tokens (hidden states, LM
 logits; also the mean-pooled sentence cosine for 3-D states) and, for [batch, labels]
 classifier logits, the worst cosine of the probabilities (verify's metric for labels) and
-the label agreement over the rows the reference decides (top-2 probabilities at least
-DECIDED_MARGIN apart), so that with the default target no decided calibration row flips.
+the label agreement over every calibration row: with the default target (0.99) no row may
+flip. On the MiniLM classifier, exempting near-ties (reference top-2 probabilities < 0.05
+apart) let the plan take 86 % of the body to 4 bits and cost 8 of 48 labels on verify's
+sentences; out-of-domain rows have margins down to 0.002, so any flip allowed on
+calibration rows comes back as flips on other sentences.
 """
 
 from __future__ import annotations
@@ -55,9 +58,6 @@ def fake_quant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) ->
     return out.reshape(-1, n)[:k].astype(np.float32)
 
 
-DECIDED_MARGIN = 0.05  # classifier rows whose reference top-2 probabilities are closer are ties, not decisions
-
-
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -74,10 +74,7 @@ def _score(ref: np.ndarray, cand: np.ndarray, mask: np.ndarray) -> dict[str, flo
     """Worst cosines of one output (see the module doc)."""
     if ref.ndim == 2:  # [batch, labels]: classifier logits
         p, q = _softmax(ref), _softmax(cand)
-        top2 = np.sort(p, -1)[:, -2:]
-        decided = top2[:, 1] - top2[:, 0] >= DECIDED_MARGIN
-        same = p.argmax(-1) == q.argmax(-1)
-        return {"cosine": float(_cosine(p, q).min()), "labels": float(same[decided].mean()) if decided.any() else 1.0}
+        return {"cosine": float(_cosine(p, q).min()), "labels": float((p.argmax(-1) == q.argmax(-1)).mean())}
     if ref.ndim == 3 and ref.shape[:2] == mask.shape:
         valid = mask.astype(bool)
         out = {"cosine": float(_cosine(ref[valid], cand[valid]).min())}
