@@ -32,7 +32,7 @@ from shira_export.tuner.sparse_ops import SparsePlan, gather_flat, storage_index
 
 
 def _no_merged(self, name, base, values, scale, dtype):
-    return (base.to(torch.float32) + ls.scaled_delta(values, scale).to(torch.float32)).to(dtype)
+    return ls.merged_values(base, values, scale, dtype)
 
 
 def _no_support(self, name, indices):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from shira_export import _native
-from shira_export.tuner.layer_state import LayerState, Resident, scaled_delta
+from shira_export.tuner.layer_state import LayerState, Resident, merged_values, scaled_delta
 from shira_export.tuner.masks import layer_shape
 from shira_export.tuner.mixed import current_rows, mixed_layer_forward
 from shira_export.tuner.sparse_ops import SparsePlan, gather_flat, merged_weight_linear, sparse_linear_delta
@@ -130,10 +130,10 @@ class ShiraLayer(nn.Module):
 
     def _merged_entries(self, name: str, base: torch.Tensor, *, cached: bool = True) -> torch.Tensor:
         """base + scale * values at the support (cached for frozen values)."""
-        dtype = self.weight.dtype
+        values, scale, dtype = self.shira_weight[name], self.scaling[name], self.weight.dtype
         if not cached:
-            return (base.to(torch.float32) + self.delta_values(name).to(torch.float32)).to(dtype)
-        return self._state.merged_entries(name, base, self.shira_weight[name], self.scaling[name], dtype)
+            return merged_values(base, values, scale, dtype)
+        return self._state.merged_entries(name, base, values, scale, dtype)
 
     @torch.no_grad()
     def merge(self, adapter_names: Optional[Iterable[str]] = None, *, safe_merge: bool = False) -> None:

@@ -36,7 +36,7 @@ import torch
 
 from shira_export.tuner.sparse_ops import SparsePlan, gather_flat, scatter_flat_, storage_index
 
-__all__ = ["LayerState", "Resident", "Support", "scaled_delta"]
+__all__ = ["LayerState", "Resident", "Support", "merged_values", "scaled_delta"]
 
 _T = TypeVar("_T")
 
@@ -44,6 +44,11 @@ _T = TypeVar("_T")
 def scaled_delta(values: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * values, detached (scale 1: the values themselves, no op)."""
     return values.detach() if scale == 1.0 else values.detach() * scale
+
+
+def merged_values(base: torch.Tensor, values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """base + scale * values, summed in fp32, in `dtype`."""
+    return (base.to(torch.float32) + scaled_delta(values, scale).to(torch.float32)).to(dtype)
 
 
 @dataclass
@@ -150,7 +155,7 @@ class LayerState:
                        dtype: torch.dtype) -> torch.Tensor:
         """base + scale * values at the support, in `dtype` (summed in fp32)."""
         def build() -> torch.Tensor:
-            return (base.to(torch.float32) + scaled_delta(values, scale).to(torch.float32)).to(dtype)
+            return merged_values(base, values, scale, dtype)
 
         if values.requires_grad:  # trainable: optimizers writing p.data change it with no new version
             return build()
