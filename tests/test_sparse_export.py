@@ -70,7 +70,7 @@ def test_parity_report_every_adapter_and_base(exported):
     records = report["records"]
     checked = {(r["adapter"], r["output"]) for r in records if r["metric"] == "max_abs"}
     main = "logits" if arch != "bert" else "last_hidden_state"
-    assert checked == {(a, main + v) for a in ["base", *adapters] for v in ("", "@dense")}
+    assert checked == {(a, main + v) for a in ["base", *adapters] for v in ("", "@lean")}
     assert max(r["value"] for r in records if r["metric"] == "max_abs") <= 1e-4
     shapes = {tuple(i["shape"]) for i in report["inputs"]}
     assert {(1, 1), (1, 11), (3, 7), (3, 21)} <= shapes  # batch 1 and 3, odd lengths, one token; both branches

@@ -159,7 +159,7 @@ def test_adapter_file_swapped_for_another_adapters(tmp_path):
     rc, report, _ = _verify(tmp_path, out, reports)
     assert rc == 0, _failed(report)
     assert [a["name"] for a in report["adapters"]] == ["a", "b", "base"]
-    assert {r["output"] for r in report["records"]} >= {"logits", "logits@dense", "generate", "generate@dense"}
+    assert {r["output"] for r in report["records"]} >= {"logits", "logits@lean", "generate", "generate@lean"}
 
     manifest = json.loads((out / "shira_export.json").read_text())
     shutil.copy(out / manifest["adapters"]["a"]["file"], out / manifest["adapters"]["b"]["file"])
@@ -170,7 +170,7 @@ def test_adapter_file_swapped_for_another_adapters(tmp_path):
     assert rc == 1
     failed = _failed(report)
     assert {a for a, _, _ in failed} == {"b"}  # a and the base model still pass
-    assert {("b", "logits", "max_abs"), ("b", "logits@dense", "max_abs"), ("b", "generate", "greedy_prefix")} <= failed
+    assert {("b", "logits", "max_abs"), ("b", "logits@lean", "max_abs"), ("b", "generate", "greedy_prefix")} <= failed
 
 
 def test_a_model_file_that_does_not_load_is_a_failure_not_a_crash(good, tmp_path):

@@ -37,7 +37,7 @@ def read_manifest(folder: Union[str, "os.PathLike[str]"]) -> Manifest:
 
 
 class CandidateRunner(Protocol):
-    """Runs the candidate. `variants` are suffixes of the ways it runs (e.g. "" and "@dense"):
+    """Runs the candidate. `variants` are suffixes of the ways it runs (e.g. "" and "@lean"):
     `forward` returns each output under `name + suffix`, `generate` new tokens per suffix."""
 
     variants: tuple[str, ...]

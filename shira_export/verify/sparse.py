@@ -1,9 +1,10 @@
 """Sparse exports: one base graph, one `.onnx_adapter` per adapter, adapter chosen per call.
 
-Each check runs both ways `shira_export.runtime` offers: the folder as plain onnxruntime
-runs it (`Mode.PORTABLE`: the graph's own sparse-delta branch, adapters activated through
-`RunOptions`; outputs named as usual) and the runtime's default `Mode.DENSE` (merged
-weights fed per call; outputs suffixed "@dense").
+Each check runs the two ways users run the folder: as plain onnxruntime runs it
+(`Mode.PORTABLE`: the `.onnx_adapter` activated through `RunOptions`, as C#/C++/Java and
+genai users run it; outputs named as usual) and the Python runtime's default `Mode.LEAN`
+(the adapter's arrays fed per call, mixed batches; outputs suffixed "@lean"). The opt-in
+`Mode.DENSE` (merged weight copies) is covered by the runtime's tests.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from shira_export.verify.sessions import session_options
 
 __all__ = ["SparseRunner", "open_sparse"]
 
-DENSE_SUFFIX = "@dense"
+LEAN_SUFFIX = "@lean"
 
 
 class SparseRunner:
     """`CandidateRunner` over `shira_export.runtime` (base model = adapter None)."""
 
-    variants: tuple[str, ...] = ("", DENSE_SUFFIX)
+    variants: tuple[str, ...] = ("", LEAN_SUFFIX)
 
     def __init__(self, manifest: SparseManifest, threads: Optional[int] = None) -> None:
         from shira_export.runtime import Mode, ShiraORTModelForCausalLM, ShiraSession
@@ -35,9 +36,8 @@ class SparseRunner:
         self.sessions = {
             "": ShiraSession(manifest.folder, mode=Mode.PORTABLE, adapters=[], session_options=session_options(threads)),
         }
-        if manifest.quantization is None:  # dense mode feeds fp32 merged weights: not for quantized bases
-            self.sessions[DENSE_SUFFIX] = ShiraSession(manifest.folder, mode=Mode.DENSE, adapters=[],
-                                                       session_options=session_options(threads))
+        self.sessions[LEAN_SUFFIX] = ShiraSession(manifest.folder, mode=Mode.LEAN, adapters=[],
+                                                  session_options=session_options(threads))
         # An adapter file that is refused (damaged, changed since written: sha256) fails its own
         # checks; the other adapters and the base model are still judged.
         self.refused: dict[str, str] = {}
