@@ -25,9 +25,17 @@ def train_with_hf_trainer(model, batch, steps: int, lr: float, workdir: Path) ->
 
     rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
     args = TrainingArguments(
-        output_dir=str(workdir / "trainer"), max_steps=steps, per_device_train_batch_size=len(rows),
-        learning_rate=lr, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        lr_scheduler_type="constant", weight_decay=0.0, disable_tqdm=True,
+        output_dir=str(workdir / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=len(rows),
+        learning_rate=lr,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
@@ -46,7 +54,12 @@ def main() -> None:
     base_dir = build_base_model(args.out / "base")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
-    model = get_shira_model(copy.deepcopy(base), ShiraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], task_type="CAUSAL_LM"))
+    model = get_shira_model(
+        copy.deepcopy(base),
+        ShiraConfig(
+            r=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], task_type="CAUSAL_LM"
+        ),
+    )
     model.print_trainable_parameters()
     batch = task_batches(tokenizer, "poet")
     if args.trainer:

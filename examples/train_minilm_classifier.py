@@ -79,8 +79,12 @@ def ort_run(path: Path, feeds: dict, output: str) -> np.ndarray:
 
 def score(name: str, logits: np.ndarray, ref_logits: np.ndarray, labels: list[int], extra: dict) -> dict:
     pred, ref = logits.argmax(-1), ref_logits.argmax(-1)
-    row = {"variant": name, "label_agreement": float((pred == ref).mean()), "accuracy": float((pred == np.array(labels)).mean()),
-           "logits_cosine_min": float(cosine_rows(logits, ref_logits).min())}
+    row = {
+        "variant": name,
+        "label_agreement": float((pred == ref).mean()),
+        "accuracy": float((pred == np.array(labels)).mean()),
+        "logits_cosine_min": float(cosine_rows(logits, ref_logits).min()),
+    }
     row.update(extra)
     return row
 
@@ -143,8 +147,10 @@ def main() -> None:
         ref_logits = merged_torch(**torch_feeds).logits.numpy()
         ref_hidden = merged_torch.bert(**torch_feeds).last_hidden_state.numpy()
     ref_emb = mean_pool(ref_hidden, feeds["attention_mask"])
-    rows = [score("base fp32 torch (no adapter)", base_logits, ref_logits, test_labels, {}),
-            score("adapted fp32 torch", ref_logits, ref_logits, test_labels, {})]
+    rows = [
+        score("base fp32 torch (no adapter)", base_logits, ref_logits, test_labels, {}),
+        score("adapted fp32 torch", ref_logits, ref_logits, test_labels, {}),
+    ]
 
     # -- merged: classification graph + an embedding graph of the same merged backbone ----
     merged_dir = out / "merged"
@@ -164,11 +170,15 @@ def main() -> None:
         logits = ort_run(folder / "model.onnx", feeds, "logits")
         emb = mean_pool(ort_run(emb_path, feeds, "last_hidden_state"), feeds["attention_mask"])
         cos = cosine_rows(emb, ref_emb)
-        extra = {"embedding_cosine_min": float(cos.min()), "embedding_cosine_mean": float(cos.mean()),
-                 "model_mb": round((folder / "model.onnx").stat().st_size / 1e6, 2)}
+        extra = {
+            "embedding_cosine_min": float(cos.min()),
+            "embedding_cosine_mean": float(cos.mean()),
+            "model_mb": round((folder / "model.onnx").stat().st_size / 1e6, 2),
+        }
         if report is not None:
-            extra.update(size_ratio=round(report.size_ratio, 4), details=report.to_json(),
-                         verify=verify_folder(base_dir, folder))
+            extra.update(
+                size_ratio=round(report.size_ratio, 4), details=report.to_json(), verify=verify_folder(base_dir, folder)
+            )
         rows.append(score(name, logits, ref_logits, test_labels, extra))
 
     # -- sparse: fp32 base graph + adapter file; quantized base, same adapter file ---------
@@ -188,19 +198,26 @@ def main() -> None:
             session = ShiraSession(folder, mode="portable")
             run_feeds = {k: v for k, v in feeds.items() if k in session.input_names}
             logits = session.run(run_feeds, adapter="topic", output_names=["logits"])["logits"]
-            extra = {"model_mb": round((folder / "model.onnx").stat().st_size / 1e6, 2),
-                     "adapter_bytes": (folder / "adapters" / "topic.onnx_adapter").stat().st_size}
+            extra = {
+                "model_mb": round((folder / "model.onnx").stat().st_size / 1e6, 2),
+                "adapter_bytes": (folder / "adapters" / "topic.onnx_adapter").stat().st_size,
+            }
             if report is not None:
-                extra.update(size_ratio=round(report.size_ratio, 4), details=report.to_json(),
-                             verify=verify_folder(base_dir, folder))
+                extra.update(
+                    size_ratio=round(report.size_ratio, 4),
+                    details=report.to_json(),
+                    verify=verify_folder(base_dir, folder),
+                )
             rows.append(score(name, logits, ref_logits, test_labels, extra))
 
     print(f"\nheld-out: {len(test_texts)} sentences, {len(LABELS)} classes; reference = adapted fp32 PyTorch")
     print(f"{'variant':<30} {'agree':>6} {'acc':>6} {'emb cos min':>11} {'logit cos':>9} {'MB':>7}  verify")
     for r in rows:
         emb = f"{r['embedding_cosine_min']:.4f}" if "embedding_cosine_min" in r else "-"
-        print(f"{r['variant']:<30} {r['label_agreement']:>6.3f} {r['accuracy']:>6.3f} {emb:>11} "
-              f"{r['logits_cosine_min']:>9.4f} {r.get('model_mb', '-'):>7}  {r.get('verify', '')[:60]}")
+        print(
+            f"{r['variant']:<30} {r['label_agreement']:>6.3f} {r['accuracy']:>6.3f} {emb:>11} "
+            f"{r['logits_cosine_min']:>9.4f} {r.get('model_mb', '-'):>7}  {r.get('verify', '')[:60]}"
+        )
     (out / "results.json").write_text(json.dumps({"losses": [losses[0], losses[-1]], "rows": rows}, indent=2) + "\n")
     print(f"\nresults: {out / 'results.json'}")
 

@@ -3,8 +3,15 @@
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ShiraConfig", "ShiraModel", "get_shira_model", "inject_adapter_in_model", "export_merged", "export_sparse",
-           "__version__"]
+__all__ = [
+    "ShiraConfig",
+    "ShiraModel",
+    "get_shira_model",
+    "inject_adapter_in_model",
+    "export_merged",
+    "export_sparse",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

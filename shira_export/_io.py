@@ -30,8 +30,17 @@ from typing import Iterable, Iterator, Optional, Union
 
 from shira_export.errors import ShiraInputError, is_input_os_error
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_dir", "check_output_location", "folder_lock", "confined",
-           "describe_path", "rename_noreplace", "sha256_file"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_dir",
+    "check_output_location",
+    "folder_lock",
+    "confined",
+    "describe_path",
+    "rename_noreplace",
+    "sha256_file",
+]
 
 PathLike = Union[str, os.PathLike]
 _OURS = re.compile(r"^\.(?P<name>.+)\.shira-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[A-Za-z0-9_]+\.(?P<kind>tmp|old)$")
@@ -70,8 +79,10 @@ def _name_fits(path: Path) -> None:
         limit = 255
     size = len(os.fsencode(path.name))
     if size + _TAG_BYTES > limit:
-        raise ShiraInputError(f"{path}: name too long ({size} bytes; at most {limit - _TAG_BYTES} bytes here, "
-                              f"since the file system allows {limit} and temp names add {_TAG_BYTES})")
+        raise ShiraInputError(
+            f"{path}: name too long ({size} bytes; at most {limit - _TAG_BYTES} bytes here, "
+            f"since the file system allows {limit} and temp names add {_TAG_BYTES})"
+        )
 
 
 def _make_parent(parent: Path) -> None:
@@ -165,12 +176,14 @@ def rename_noreplace(src: PathLike, dst: PathLike) -> None:
 
 # --- folders ------------------------------------------------------------------------------
 
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_output_location(output: PathLike, inputs: Iterable[Optional[PathLike]] = (), *,
-                          overwrite: bool = False) -> Path:
+def check_output_location(
+    output: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, overwrite: bool = False
+) -> Path:
     """Refuse an output folder that exists (unless `overwrite`), is not a folder, or that is,
     contains or lies inside one of `inputs` (replacing it would delete or change an input),
     the current folder or the home folder. Returns `output` as a Path."""
@@ -187,8 +200,10 @@ def check_output_location(output: PathLike, inputs: Iterable[Optional[PathLike]]
             continue
         resolved = Path(src).resolve()
         if _inside(out, resolved) or _inside(resolved, out):
-            raise ShiraInputError(f"{output}: overlaps the input folder {src} (resolved {resolved}); choose an output "
-                                  f"outside the inputs (replacing it would delete or change an input)")
+            raise ShiraInputError(
+                f"{output}: overlaps the input folder {src} (resolved {resolved}); choose an output "
+                f"outside the inputs (replacing it would delete or change an input)"
+            )
     for keep, what in ((Path.cwd(), "the current folder"), (Path(os.path.expanduser("~")), "the home folder")):
         if _inside(keep.resolve(), out):
             raise ShiraInputError(f"{output}: is or contains {what}; choose a new folder for the output")
@@ -301,11 +316,15 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         rename_noreplace(tmp, path)
     except FileExistsError:
         if backup is not None:  # someone published meanwhile: keep theirs, say where ours went
-            raise ShiraInputError(f"{path}: another process published this output while this one ran; its "
-                                  f"folder was kept, the previous one is at {backup}") from None
-        raise ShiraInputError(f"{path}: another process created this output while this one ran; nothing was "
-                              f"replaced and this run's result was discarded (run again with --overwrite to "
-                              f"replace it)") from None
+            raise ShiraInputError(
+                f"{path}: another process published this output while this one ran; its "
+                f"folder was kept, the previous one is at {backup}"
+            ) from None
+        raise ShiraInputError(
+            f"{path}: another process created this output while this one ran; nothing was "
+            f"replaced and this run's result was discarded (run again with --overwrite to "
+            f"replace it)"
+        ) from None
     except BaseException:
         if backup is not None:
             rename_noreplace(backup, path)
@@ -315,6 +334,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
 
 
 # --- locks and confined paths -------------------------------------------------------------
+
 
 @contextmanager
 def folder_lock(folder: PathLike, *, timeout: float = 120.0) -> Iterator[None]:
@@ -339,8 +359,10 @@ def folder_lock(folder: PathLike, *, timeout: float = 120.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise ShiraInputError(f"{folder}: locked by another shira-export process for over "
-                                          f"{timeout:.0f} s ({lock_path}); try again when it has finished") from None
+                    raise ShiraInputError(
+                        f"{folder}: locked by another shira-export process for over "
+                        f"{timeout:.0f} s ({lock_path}); try again when it has finished"
+                    ) from None
                 time.sleep(0.05)
         yield
     finally:

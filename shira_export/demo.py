@@ -101,8 +101,9 @@ def _run(out: Path, *, steps: int, r: int, log: Callable[[str], None]) -> DemoRe
     for i, task in enumerate(TASKS):
         log(f"[2/4] training adapter {task!r} (r={r}, {', '.join(DEMO_TARGETS)}; {steps} steps)")
         torch.manual_seed(i)
-        model = get_shira_model(copy.deepcopy(base), ShiraConfig(r=r, target_modules=DEMO_TARGETS, random_seed=i,
-                                                                  task_type="CAUSAL_LM"))
+        model = get_shira_model(
+            copy.deepcopy(base), ShiraConfig(r=r, target_modules=DEMO_TARGETS, random_seed=i, task_type="CAUSAL_LM")
+        )
         batch = task_batches(tokenizer, task)
         losses = train_adapter(model, [batch], steps=steps, lr=2e-2, desc=task)
         adapter_dirs[task] = out / "adapters" / task
@@ -123,7 +124,7 @@ def _run(out: Path, *, steps: int, r: int, log: Callable[[str], None]) -> DemoRe
         row = {}
         for adapter in [None, *adapter_dirs]:
             tokens = runtime.generate(ids, adapter=adapter, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id)
-            text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
+            text = tokenizer.decode(tokens[0, ids.shape[1] :], skip_special_tokens=True)
             row[adapter or "(base)"] = str(text).strip()
         generations[prompt] = row
     ids = tokenizer("the river", return_tensors="pt")["input_ids"]

@@ -52,8 +52,10 @@ def build_tokenizer(vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus() * 4, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>")
@@ -67,9 +69,16 @@ def build_base_model(folder: Union[str, os.PathLike], *, hidden: int = 64, layer
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
-        num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=4 * hidden,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = OPTForCausalLM(config)
     model.save_pretrained(folder)

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["ShiraInputError", "ParityFailure", "INPUT_ERRNOS", "is_input_os_error", "check_opset", "CandidateError",
-           "candidate_errors"]
+__all__ = [
+    "ShiraInputError",
+    "ParityFailure",
+    "INPUT_ERRNOS",
+    "is_input_os_error",
+    "check_opset",
+    "CandidateError",
+    "candidate_errors",
+]
 
 
 class ShiraInputError(ValueError):
@@ -54,10 +61,24 @@ def candidate_errors() -> tuple[type[BaseException], ...]:
 
 # OS refusals of a path the user chose: the environment or the input is wrong, not our code.
 INPUT_ERRNOS = frozenset(
-    getattr(errno, name) for name in (
-        "ENOENT", "EEXIST", "ENOTDIR", "EISDIR", "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT",
-        "ENAMETOOLONG", "EFBIG", "ENOTEMPTY", "ELOOP", "EXDEV",
-    ) if hasattr(errno, name)
+    getattr(errno, name)
+    for name in (
+        "ENOENT",
+        "EEXIST",
+        "ENOTDIR",
+        "EISDIR",
+        "EACCES",
+        "EPERM",
+        "EROFS",
+        "ENOSPC",
+        "EDQUOT",
+        "ENAMETOOLONG",
+        "EFBIG",
+        "ENOTEMPTY",
+        "ELOOP",
+        "EXDEV",
+    )
+    if hasattr(errno, name)
 )
 
 
@@ -70,8 +91,10 @@ def check_opset(opset: object, minimum: int, *, why: str = "") -> None:
 
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not minimum <= opset <= newest:
-        raise ShiraInputError(f"opset: expected an integer from {minimum}{why} to {newest} (the newest the "
-                              f"installed onnx {onnx.__version__} knows), found {opset!r}")
+        raise ShiraInputError(
+            f"opset: expected an integer from {minimum}{why} to {newest} (the newest the "
+            f"installed onnx {onnx.__version__} knows), found {opset!r}"
+        )
 
 
 def is_input_os_error(exc: BaseException) -> bool:
@@ -79,6 +102,7 @@ def is_input_os_error(exc: BaseException) -> bool:
     if not isinstance(exc, OSError):
         return False
     if exc.errno is None:  # raised by Python code with a message only: the class says what it is
-        return isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                                PermissionError))
+        return isinstance(
+            exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+        )
     return exc.errno in INPUT_ERRNOS

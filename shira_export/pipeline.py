@@ -65,21 +65,44 @@ def export_merged(
     export does not match (the folder and its parity.json are kept for inspection)."""
     from tqdm import tqdm
 
-    plan = merged_stage.plan_merged(model_dir, adapter_dir, output_dir, adapter_name=adapter_name, format=format,
-                                    task=task, opset=opset, dtype=dtype, overwrite=overwrite, quantize=quantize,
-                                    block_size=block_size, exporter=exporter)
+    plan = merged_stage.plan_merged(
+        model_dir,
+        adapter_dir,
+        output_dir,
+        adapter_name=adapter_name,
+        format=format,
+        task=task,
+        opset=opset,
+        dtype=dtype,
+        overwrite=overwrite,
+        quantize=quantize,
+        block_size=block_size,
+        exporter=exporter,
+    )
     out = plan.output_dir
     report = None
     if plan.exporter is Exporter.GENAI:  # the builder loads the folders itself, and quantizes itself
         with atomic_dir(out, overwrite=overwrite, inputs=plan.inputs) as tmp:
-            genai_builder.write_merged_genai(plan.model_dir, plan.adapter_dir, tmp, adapter_name=plan.adapter_name,
-                                             precision=plan.precision)
+            genai_builder.write_merged_genai(
+                plan.model_dir, plan.adapter_dir, tmp, adapter_name=plan.adapter_name, precision=plan.precision
+            )
             if verify:
                 report = _verify(plan.model_dir, tmp, adapters=[plan.adapter_dir], profile=plan.precision)
                 report.write_json(tmp / PARITY_NAME)
             files = _files(tmp)
-        return _checked(MergedExport(out, Format.ONNX, Task.TEXT_GENERATION_WITH_PAST, Dtype.FP32, Exporter.GENAI,
-                                     files, out / merged_stage.MANIFEST_NAME, _parity(out, verify), report))
+        return _checked(
+            MergedExport(
+                out,
+                Format.ONNX,
+                Task.TEXT_GENERATION_WITH_PAST,
+                Dtype.FP32,
+                Exporter.GENAI,
+                files,
+                out / merged_stage.MANIFEST_NAME,
+                _parity(out, verify),
+                report,
+            )
+        )
 
     steps = tqdm(total=4 if verify else 3, desc="merged export", unit="step", file=sys.stderr, leave=False)
     try:
@@ -105,8 +128,19 @@ def export_merged(
         steps.update()
     finally:
         steps.close()
-    return _checked(MergedExport(out, plan.format, plan.task, plan.dtype, plan.exporter, files,
-                                 out / merged_stage.MANIFEST_NAME, _parity(out, verify), report))
+    return _checked(
+        MergedExport(
+            out,
+            plan.format,
+            plan.task,
+            plan.dtype,
+            plan.exporter,
+            files,
+            out / merged_stage.MANIFEST_NAME,
+            _parity(out, verify),
+            report,
+        )
+    )
 
 
 def export_sparse(
@@ -132,19 +166,33 @@ def export_sparse(
     ("auto", "torch", "optimum", "genai") picks the ONNX exporter; the manifest records it."""
     from tqdm.auto import tqdm
 
-    plan = sparse_stage.plan_sparse(model_dir, adapter_dirs, output_dir, task=task, opset=opset, overwrite=overwrite,
-                                    token_threshold=token_threshold, quantize=quantize, block_size=block_size,
-                                    exporter=exporter)
+    plan = sparse_stage.plan_sparse(
+        model_dir,
+        adapter_dirs,
+        output_dir,
+        task=task,
+        opset=opset,
+        overwrite=overwrite,
+        token_threshold=token_threshold,
+        quantize=quantize,
+        block_size=block_size,
+        exporter=exporter,
+    )
     out = plan.output_dir
     report, quantized = None, None
     if plan.exporter is Exporter.GENAI:  # genai's builder loads the folder itself and builds the base its own way
         with atomic_dir(out, overwrite=overwrite, inputs=plan.inputs) as tmp:
-            manifest = genai_builder.write_sparse_genai(plan.model_dir, plan.adapters, tmp,
-                                                        precision=plan.quantize or "fp32",
-                                                        token_threshold=plan.token_threshold)
+            manifest = genai_builder.write_sparse_genai(
+                plan.model_dir,
+                plan.adapters,
+                tmp,
+                precision=plan.quantize or "fp32",
+                token_threshold=plan.token_threshold,
+            )
             if verify:
-                report = verify_stage.verify(model=plan.model_dir, candidate=tmp, profile=plan.quantize or "fp32",
-                                             report_dir=tmp)
+                report = verify_stage.verify(
+                    model=plan.model_dir, candidate=tmp, profile=plan.quantize or "fp32", report_dir=tmp
+                )
     else:
         model = sparse_stage.load_sparse_base(plan)
         steps = tqdm(total=3 + len(plan.checkpoints), desc="sparse export", unit="step", disable=None)
@@ -164,8 +212,10 @@ def export_sparse(
         result.report, result.parity_path = report, out / PARITY_NAME
         if not report.passed:
             failures = "; ".join(f.summary for f in report.failures[:3])
-            raise ParityFailure(f"{out}: sparse export does not match PyTorch: {failures} "
-                                f"(details: {result.parity_path})", report=report)
+            raise ParityFailure(
+                f"{out}: sparse export does not match PyTorch: {failures} (details: {result.parity_path})",
+                report=report,
+            )
     return result
 
 
@@ -183,14 +233,22 @@ def _genai_config(folder: Path, task: Task) -> None:
         write_genai_config(folder)
 
 
-def _verify(model_dir: Path, candidate: Path, *, profile: str, adapters: Sequence[Path] = (),
-            report_dir: Optional[Path] = None) -> "VerifyReport":
+def _verify(
+    model_dir: Path, candidate: Path, *, profile: str, adapters: Sequence[Path] = (), report_dir: Optional[Path] = None
+) -> "VerifyReport":
     # the check a standalone `verify` of the folder repeats (32 greedy tokens: long enough
     # for a frozen-shape bug in the KV cache to show)
-    profile, overrides = verify_stage.export_check_settings(profile if profile in ("int8", "int4") else None,
-                                                            dtype=profile)
-    return verify_stage.verify(model=model_dir, adapters=list(adapters), candidate=candidate, profile=profile,
-                               overrides=overrides, report_dir=report_dir)
+    profile, overrides = verify_stage.export_check_settings(
+        profile if profile in ("int8", "int4") else None, dtype=profile
+    )
+    return verify_stage.verify(
+        model=model_dir,
+        adapters=list(adapters),
+        candidate=candidate,
+        profile=profile,
+        overrides=overrides,
+        report_dir=report_dir,
+    )
 
 
 def _files(folder: Path) -> tuple[Path, ...]:

@@ -24,11 +24,12 @@ class PlainOrtModel:
     def _feeds(self, ids: np.ndarray, mask: np.ndarray, past: list | None, token_type_ids=None) -> dict:
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         if "token_type_ids" in self.inputs:
-            feeds["token_type_ids"] = (np.zeros_like(ids) if token_type_ids is None
-                                       else np.asarray(token_type_ids)).astype(np.int64)
+            feeds["token_type_ids"] = (
+                np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids)
+            ).astype(np.int64)
         if "position_ids" in self.inputs:
             positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-            feeds["position_ids"] = positions[:, mask.shape[1] - ids.shape[1]:].astype(np.int64)
+            feeds["position_ids"] = positions[:, mask.shape[1] - ids.shape[1] :].astype(np.int64)
         for i, name in enumerate(self.past):
             shape = self.inputs[name].shape
             dtype = np.float16 if "float16" in self.inputs[name].type else np.float32
@@ -46,7 +47,7 @@ class PlainOrtModel:
         ids = np.asarray(input_ids)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         out, step, past = ids, ids, None
-        presents = ["present." + n[len("past_key_values."):] for n in self.past]
+        presents = ["present." + n[len("past_key_values.") :] for n in self.past]
         for _ in range(max_new_tokens):
             result = dict(zip(self.outputs, self.session.run(None, self._feeds(step, mask, past))))
             token = result["logits"][:, -1].argmax(-1)[:, None]

@@ -21,10 +21,14 @@ def tiny_model(arch: str):
 
 # per arch: adapters with different r, masks (seeds) and target modules
 ADAPTERS = {
-    "opt": {"a": dict(r=2, target_modules=["q_proj", "v_proj"]),
-            "b": dict(r=4, target_modules=["q_proj", "k_proj", "out_proj", "fc1"])},
-    "llama": {"a": dict(r=2, target_modules=["q_proj", "v_proj"]),
-              "b": dict(r=3, target_modules=["k_proj", "o_proj", "down_proj"])},
+    "opt": {
+        "a": dict(r=2, target_modules=["q_proj", "v_proj"]),
+        "b": dict(r=4, target_modules=["q_proj", "k_proj", "out_proj", "fc1"]),
+    },
+    "llama": {
+        "a": dict(r=2, target_modules=["q_proj", "v_proj"]),
+        "b": dict(r=3, target_modules=["k_proj", "o_proj", "down_proj"]),
+    },
     "gpt2": {"a": dict(r=2, target_modules=["c_attn"]), "b": dict(r=4, target_modules=["c_attn", "c_proj", "c_fc"])},
     "bert": {"a": dict(r=2, target_modules=["query", "value"]), "b": dict(r=4, target_modules=["key", "dense"])},
 }
@@ -39,7 +43,9 @@ def make_base(arch: str, root: Path) -> Path:
 def make_adapter(arch: str, base_dir: Path, root: Path, name: str, seed: int, **cfg) -> Path:
     import transformers as tf
 
-    model = tf.AutoModel.from_pretrained(base_dir) if arch == "bert" else tf.AutoModelForCausalLM.from_pretrained(base_dir)
+    model = (
+        tf.AutoModel.from_pretrained(base_dir) if arch == "bert" else tf.AutoModelForCausalLM.from_pretrained(base_dir)
+    )
     shira = get_shira_model(model, ShiraConfig(init_weights=False, random_seed=seed, **cfg))
     path = root / f"{arch}_{name}"
     shira.save_pretrained(path)
@@ -47,5 +53,7 @@ def make_adapter(arch: str, base_dir: Path, root: Path, name: str, seed: int, **
 
 
 def make_adapters(arch: str, base_dir: Path, root: Path) -> dict[str, Path]:
-    return {name: make_adapter(arch, base_dir, root, name, seed=i + 1, **cfg)
-            for i, (name, cfg) in enumerate(ADAPTERS[arch].items())}
+    return {
+        name: make_adapter(arch, base_dir, root, name, seed=i + 1, **cfg)
+        for i, (name, cfg) in enumerate(ADAPTERS[arch].items())
+    }

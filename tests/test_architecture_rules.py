@@ -23,8 +23,9 @@ PACKAGE = ROOT / "shira_export"
 KNOWN_CYCLES: dict[frozenset[str], str] = {
     # graph_delta.to_dense_variant dispatches builder graphs to genai_sites (which builds on
     # graph_delta): the graph-edit rewrite (issue 12 item 4) moves the dense variant out
-    frozenset({"shira_export.export.graph_delta", "shira_export.export.genai_sites",
-               "shira_export.export.quant_delta"}): "dense-variant dispatch, issue 12 item 4",
+    frozenset(
+        {"shira_export.export.graph_delta", "shira_export.export.genai_sites", "shira_export.export.quant_delta"}
+    ): "dense-variant dispatch, issue 12 item 4",
 }
 
 
@@ -44,7 +45,8 @@ MODULES = _modules()
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _targets(module: str, node: ast.AST) -> list[str]:
@@ -138,9 +140,13 @@ def _cycles(graph: dict[str, dict[str, tuple[bool, int]]]) -> list[frozenset[str
 
 
 def _violations(source_prefix: str, target_prefix: str, *, allowed: tuple[str, ...] = ()) -> list[str]:
-    return [f"{m}:{line} imports {t}" for m, edges in sorted(GRAPH.items()) if m.startswith(source_prefix)
-            for t, (_, line) in sorted(edges.items()) if (t == target_prefix or t.startswith(target_prefix + "."))
-            and t not in allowed]
+    return [
+        f"{m}:{line} imports {t}"
+        for m, edges in sorted(GRAPH.items())
+        if m.startswith(source_prefix)
+        for t, (_, line) in sorted(edges.items())
+        if (t == target_prefix or t.startswith(target_prefix + ".")) and t not in allowed
+    ]
 
 
 def test_the_walk_sees_the_imports_it_must_judge():
@@ -164,17 +170,27 @@ def test_runtime_and_verify_read_folders_through_the_contract(stage):
 def test_the_contract_depends_on_no_stage_but_what_it_re_exports():
     # naming and adapter_io re-export export.graph_delta / export.adapter_file (defined there)
     reexports = ("shira_export.export", "shira_export.export.graph_delta", "shira_export.export.adapter_file")
-    for stage in ("shira_export.export", "shira_export.verify", "shira_export.runtime", "shira_export.pipeline",
-                  "shira_export.tuner"):
+    for stage in (
+        "shira_export.export",
+        "shira_export.verify",
+        "shira_export.runtime",
+        "shira_export.pipeline",
+        "shira_export.tuner",
+    ):
         assert _violations("shira_export.artifacts", stage, allowed=reexports) == []
 
 
 def test_no_import_cycles():
     cycles = _cycles(GRAPH)
     unknown = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
-    detail = [f"{a} -> {b} (line {line}{'' if top else ', inside a function'})"
-              for c in cycles if c not in KNOWN_CYCLES for a in sorted(c)
-              for b, (top, line) in sorted(GRAPH[a].items()) if b in c]
+    detail = [
+        f"{a} -> {b} (line {line}{'' if top else ', inside a function'})"
+        for c in cycles
+        if c not in KNOWN_CYCLES
+        for a in sorted(c)
+        for b, (top, line) in sorted(GRAPH[a].items())
+        if b in c
+    ]
     assert unknown == [], "\n".join(detail)
 
 

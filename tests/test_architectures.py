@@ -21,13 +21,16 @@ def test_merged_and_sparse_match_pytorch(arch, tmp_path):
     if not available(arch):
         import transformers
 
-        pytest.skip(f"{ARCHS[arch].config} is not in transformers {transformers.__version__} "
-                    f"(needs >= {ARCHS[arch].since})")
+        pytest.skip(
+            f"{ARCHS[arch].config} is not in transformers {transformers.__version__} (needs >= {ARCHS[arch].since})"
+        )
     spec = ARCHS[arch]
     model = build(arch)
     model.save_pretrained(tmp_path / "base")
-    get_shira_model(model, ShiraConfig(r=2, target_modules=spec.targets, init_weights=False, random_seed=3,
-                                       task_type=spec.peft_task)).save_pretrained(tmp_path / "adapter")
+    get_shira_model(
+        model,
+        ShiraConfig(r=2, target_modules=spec.targets, init_weights=False, random_seed=3, task_type=spec.peft_task),
+    ).save_pretrained(tmp_path / "adapter")
 
     merged = export_merged(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
     assert merged.report.passed
@@ -35,8 +38,9 @@ def test_merged_and_sparse_match_pytorch(arch, tmp_path):
     if spec.peft_task == "SEQ_CLS":  # its head (modules_to_save) ships merged only; sparse: encoder only
         model = build(arch)
         sparse_adapter = tmp_path / "adapter-encoder"
-        get_shira_model(model, ShiraConfig(r=2, target_modules=spec.targets, init_weights=False,
-                                           random_seed=4)).save_pretrained(sparse_adapter)
+        get_shira_model(
+            model, ShiraConfig(r=2, target_modules=spec.targets, init_weights=False, random_seed=4)
+        ).save_pretrained(sparse_adapter)
     sparse = export_sparse(tmp_path / "base", {"a": sparse_adapter}, tmp_path / "sparse", task=spec.task)
     assert sparse.report.passed
     manifest = json.loads((tmp_path / "sparse" / "shira_export.json").read_text())
@@ -59,10 +63,17 @@ def test_a_cache_that_is_not_a_kv_cache_is_refused_by_name(tmp_path):
 
     if not hasattr(transformers, "Qwen3_5TextConfig"):
         pytest.skip(f"no Qwen3.5 in transformers {transformers.__version__}")
-    config = transformers.Qwen3_5TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                            max_position_embeddings=256, head_dim=8,
-                                            layer_types=["linear_attention", "full_attention"])
+    config = transformers.Qwen3_5TextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+    )
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(ShiraInputError, match="qwen3_5_text.*LinearAttentionLayer.*text-generation"):
         export_with_torch(model, tmp_path, task="text-generation-with-past")

@@ -27,26 +27,38 @@ def _variant(saved, tmp_path, edit):
     tensors = load_file(saved / "adapter_model.safetensors")
     edit(tensors)
     (tmp_path / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        tmp_path / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     return tmp_path
 
 
 def _set(key, fn):
     def edit(t):
         t[key] = fn(t[key])
+
     return edit
 
 
 CASES = {
     "missing_indices": (lambda t: t.pop(f"{Q0}.shira_indices"), [f"{Q0}.shira_indices is missing"]),
-    "out_of_range": (_set(f"{Q0}.shira_indices", lambda i: i.clone().index_fill_(1, torch.tensor([0]), 999)),
-                     ["q_proj", "(999, 999)", "out=32, in=32"]),
+    "out_of_range": (
+        _set(f"{Q0}.shira_indices", lambda i: i.clone().index_fill_(1, torch.tensor([0]), 999)),
+        ["q_proj", "(999, 999)", "out=32, in=32"],
+    ),
     "duplicate": (_set(f"{Q0}.shira_indices", lambda i: torch.cat([i[:, :1], i[:, :-1]], 1)), ["duplicate index pair"]),
     "count_mismatch": (_set(f"{Q0}.shira_weight", lambda v: v[:-3]), ["128 index pairs but 125 values"]),
-    "nan_values": (_set(f"{Q0}.shira_weight", lambda v: v.clone().index_fill_(0, torch.tensor([3]), float("nan"))),
-                   [f"{Q0}.shira_weight", "NaN/Inf"]),
+    "nan_values": (
+        _set(f"{Q0}.shira_weight", lambda v: v.clone().index_fill_(0, torch.tensor([3]), float("nan"))),
+        [f"{Q0}.shira_weight", "NaN/Inf"],
+    ),
     "float_indices": (_set(f"{Q0}.shira_indices", lambda i: i.float()), ["expected an integer tensor"]),
-    "negative": (_set(f"{Q0}.shira_indices", lambda i: i.clone().index_fill_(1, torch.tensor([0]), -1)), ["negative index"]),
+    "negative": (
+        _set(f"{Q0}.shira_indices", lambda i: i.clone().index_fill_(1, torch.tensor([0]), -1)),
+        ["negative index"],
+    ),
 }
 
 
@@ -74,8 +86,17 @@ def test_adapter_for_another_base_model(saved):
 
 def test_shape_mismatch_names_module(saved):
     from transformers import OPTConfig, OPTForCausalLM
-    small = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, ffn_dim=32,
-                                     vocab_size=128, word_embed_proj_dim=16))
+
+    small = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=32,
+            vocab_size=128,
+            word_embed_proj_dim=16,
+        )
+    )
     base = copy.deepcopy(small)
     with pytest.raises(ShiraInputError, match=r"model.decoder.layers.0.self_attn.q_proj.*\(out=16, in=16\)"):
         ShiraModel.from_pretrained(small, saved)
@@ -113,14 +134,17 @@ def test_r_too_large_and_unknown_target():
         get_shira_model(tiny_opt(), ShiraConfig(r=1, target_modules=["q_proj", "qq_proj"]))
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"r": 0}, "r must be a positive integer"),
-    ({"r": 2.5}, "r must be a positive integer"),
-    ({"mask_type": "magic"}, "mask_type must be one of"),
-    ({"target_modules": []}, "non-empty list"),
-    ({"target_modules": 3}, "list of names or a regex"),
-    ({"task_type": "CAUSAL"}, "task_type must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": 2.5}, "r must be a positive integer"),
+        ({"mask_type": "magic"}, "mask_type must be one of"),
+        ({"target_modules": []}, "non-empty list"),
+        ({"target_modules": 3}, "list of names or a regex"),
+        ({"task_type": "CAUSAL"}, "task_type must be one of"),
+    ],
+)
 def test_config_validation(kwargs, fragment):
     with pytest.raises((ValueError, TypeError), match=fragment):
         ShiraConfig(**kwargs)
@@ -143,4 +167,6 @@ def test_config_json_round_trip(tmp_path):
 def test_regex_target_modules():
     model = get_shira_model(tiny_opt(), ShiraConfig(r=1, target_modules=r".*layers\.1\.self_attn\.(k|out)_proj"))
     assert [p for p, _ in model.shira_layers()] == [
-        "model.decoder.layers.1.self_attn.k_proj", "model.decoder.layers.1.self_attn.out_proj"]
+        "model.decoder.layers.1.self_attn.k_proj",
+        "model.decoder.layers.1.self_attn.out_proj",
+    ]

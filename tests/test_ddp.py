@@ -22,8 +22,16 @@ STEPS = 3
 
 def _tiny_opt() -> OPTForCausalLM:
     torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                    max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0)
+    cfg = OPTConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+    )
     return OPTForCausalLM(cfg)
 
 
@@ -46,8 +54,9 @@ def _new_model() -> ShiraModel:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
@@ -82,8 +91,9 @@ def _free_port() -> int:
 def _run_workers(out_dir) -> None:
     """Spawn the ranks; once every rank has marked its work done, give them a few seconds
     to exit, then stop them (gloo's destroy_process_group can hang after a peer left)."""
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline, done_since = time.monotonic() + 300, None
     while not context.join(timeout=2):
         if all((out_dir / f"done_{r}").exists() for r in range(WORLD)):

@@ -19,9 +19,23 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     generations = (tmp_path / "demo_generations.txt").read_text()
     assert "poet=" in generations and "engineer=" in generations
     # `shira-export run` on the same folder (it has the tokenizer) gives the demo's greedy text
-    assert main(["run", "--graph", str(tmp_path / "onnx"), "--adapter", "poet", "--prompt", "the river",
-                 "--max-new-tokens", "12"]) == 0
-    continuation = capsys.readouterr().out.strip()[len("the river"):].strip()
+    assert (
+        main(
+            [
+                "run",
+                "--graph",
+                str(tmp_path / "onnx"),
+                "--adapter",
+                "poet",
+                "--prompt",
+                "the river",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
+    continuation = capsys.readouterr().out.strip()[len("the river") :].strip()
     assert continuation and f"poet={continuation!r}" in generations.splitlines()[0]
 
 

@@ -25,8 +25,17 @@ pytest.importorskip("onnxruntime_genai.models.builder")
 
 VOCAB = 100  # the builder takes any Linear with out_features == vocab for the LM head: keep it unique
 # GroupQueryAttention on CPU needs head_size % 16 == 0
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=VOCAB, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
@@ -60,7 +69,9 @@ def _our_adapter(base: Path, path: Path, targets, seed: int) -> Path:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
-    get_shira_model(model, ShiraConfig(r=4, target_modules=targets, init_weights=False, random_seed=seed)).save_pretrained(path)
+    get_shira_model(
+        model, ShiraConfig(r=4, target_modules=targets, init_weights=False, random_seed=seed)
+    ).save_pretrained(path)
     return path
 
 
@@ -103,7 +114,7 @@ def _torch_greedy(base: Path, adapter, ids, n: int) -> np.ndarray:
     with torch.no_grad():
         for _ in range(n):
             x = torch.cat([x, model(x).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return x[:, ids.shape[1]:].numpy()
+    return x[:, ids.shape[1] :].numpy()
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -156,8 +167,12 @@ def test_manifest_sites_keep_module_names_and_packing(family_export):
     from shira_export.export import graph_delta
 
     named = dict(AutoModelForCausalLM.from_pretrained(family_export[2]).named_modules())
-    expected = [graph_delta.TargetSite(m, "", "", *named[m].weight.shape, False,
-                                       graph_delta._digest(named[m].weight.detach().numpy())) for m in sorted(modules)]
+    expected = [
+        graph_delta.TargetSite(
+            m, "", "", *named[m].weight.shape, False, graph_delta._digest(named[m].weight.detach().numpy())
+        )
+        for m in sorted(modules)
+    ]
     assert manifest.base_fingerprint == graph_delta.graph_fingerprint(expected)
 
 
@@ -193,8 +208,10 @@ def test_builder_graph_mixed_batch_with_cache_equals_rows_alone(family_export):
     family, _, _, adapters, out = family_export
     runner = GenaiGraphRunner(out)
     manifest = read_sparse_manifest(out)
-    arrays = {n: read_adapter_file(out / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
-              for n, e in manifest.adapters.items()}
+    arrays = {
+        n: read_adapter_file(out / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
+        for n, e in manifest.adapters.items()
+    }
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
@@ -204,10 +221,14 @@ def test_builder_graph_mixed_batch_with_cache_equals_rows_alone(family_export):
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         for i in range(runner.layers):
             for role in ("key", "value"):
-                feeds[f"past_key_values.{i}.{role}"] = np.zeros((len(ids), runner.kv_heads, 0, runner.head_size), np.float32)
+                feeds[f"past_key_values.{i}.{role}"] = np.zeros(
+                    (len(ids), runner.kv_heads, 0, runner.head_size), np.float32
+                )
         first = dict(zip(outs, session.run(None, {**feeds, **extra})))
-        step = {"input_ids": np.full((len(ids), 1), 9, np.int64),
-                "attention_mask": np.ones((len(ids), ids.shape[1] + 1), np.int64)}
+        step = {
+            "input_ids": np.full((len(ids), 1), 9, np.int64),
+            "attention_mask": np.ones((len(ids), ids.shape[1] + 1), np.int64),
+        }
         for i in range(runner.layers):
             for role in ("key", "value"):
                 step[f"past_key_values.{i}.{role}"] = first[f"present.{i}.{role}"]
@@ -217,7 +238,7 @@ def test_builder_graph_mixed_batch_with_cache_equals_rows_alone(family_export):
     ids = np.concatenate([IDS, IDS[:1, ::-1]], axis=0)
     mixed = two_steps(ids, batch_parameters(rows, [s.module for s in manifest.targets]))
     for b, adapter in enumerate(rows):
-        alone = two_steps(ids[b:b + 1], adapter.parameters() if adapter else {})
+        alone = two_steps(ids[b : b + 1], adapter.parameters() if adapter else {})
         assert np.abs(mixed[0][b] - alone[0][0]).max() <= 1e-5, (family, b, "prefill")
         assert np.abs(mixed[1][b] - alone[1][0]).max() <= 1e-5, (family, b, "decode")
     assert np.abs(mixed[1][0] - mixed[1][1]).max() > 1e-3 or np.abs(mixed[1][2] - mixed[1][1]).max() > 1e-3
@@ -228,11 +249,18 @@ def test_genai_runs_the_folder_and_equals_the_graph(tmp_path_factory):
     same graph, base and every adapter, batch 1 and 2, adapters chosen per generator."""
     root = tmp_path_factory.mktemp("genai_llama")
     base = _make_base("llama", root)
-    adapters = {"a": _our_adapter(base, root / "a", ["q_proj", "v_proj", "down_proj"], 1),
-                "b": _our_adapter(base, root / "b", ["k_proj", "o_proj", "up_proj"], 2)}
+    adapters = {
+        "a": _our_adapter(base, root / "a", ["q_proj", "v_proj", "down_proj"], 1),
+        "b": _our_adapter(base, root / "b", ["k_proj", "o_proj", "up_proj"], 2),
+    }
     for precision in ("fp32", "int4"):
         out = export_sparse_genai(base, adapters, root / precision, precision=precision).output_dir
-        assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["log_severity_level"] == 3
+        assert (
+            json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+                "log_severity_level"
+            ]
+            == 3
+        )
         runner = GenaiGraphRunner(out)
         model = og.Model(str(out))
         loaded = og.Adapters(model)
@@ -261,11 +289,20 @@ def test_int4_and_int8_parity_through_verify_profiles(tmp_path_factory, monkeypa
     from shira_export.verify import api, verify
 
     original = api.open_candidate
-    monkeypatch.setattr(api, "open_candidate", lambda m, threads=None: genai_runtime.open_genai(m, threads=threads)
-                        if m.raw.get("exporter") == "genai" else original(m, threads=threads))
+    monkeypatch.setattr(
+        api,
+        "open_candidate",
+        lambda m, threads=None: (
+            genai_runtime.open_genai(m, threads=threads)
+            if m.raw.get("exporter") == "genai"
+            else original(m, threads=threads)
+        ),
+    )
     root = tmp_path_factory.mktemp("verify_llama")
     base = _make_base("llama", root)
-    adapters = {"a": _our_adapter(base, root / "a", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], 1)}
+    adapters = {
+        "a": _our_adapter(base, root / "a", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], 1)
+    }
     for precision in ("int4", "int8", "fp32"):
         out = export_sparse_genai(base, adapters, root / precision, precision=precision).output_dir
         # a 2-layer random model's logits are near-ties: the builder's own int4 base agrees on
@@ -293,7 +330,10 @@ def test_merged_through_the_builder(tmp_path):
     np.testing.assert_array_equal(genai_greedy(q4, IDS[:1].tolist(), 6), q4_runner.greedy(IDS[:1], n_tokens=6))
     # int4 noise on a 2-layer random model is ~0.97 cosine; the adapter's effect must survive it
     q4_logits = q4_runner.logits(IDS)
-    assert np.abs(q4_logits - _merged_logits(base, adapter, IDS)).mean() < 0.5 * np.abs(q4_logits - _merged_logits(base, None, IDS)).mean()
+    assert (
+        np.abs(q4_logits - _merged_logits(base, adapter, IDS)).mean()
+        < 0.5 * np.abs(q4_logits - _merged_logits(base, None, IDS)).mean()
+    )
 
 
 def test_bad_input(tmp_path):
@@ -326,8 +366,20 @@ def test_exporter_genai_through_the_public_api_and_cli(tmp_path, capsys):
     merged = export_merged(base, adapter, tmp_path / "merged", exporter="genai")
     assert merged.exporter.value == "genai" and merged.report is not None and merged.report.passed
     assert (tmp_path / "merged" / "genai_config.json").is_file()
-    code = cli_main(["sparse", "--model", str(base), "--adapter", f"a={adapter}", "--output", str(tmp_path / "cli"),
-                     "--exporter", "genai", "--no-verify"])
+    code = cli_main(
+        [
+            "sparse",
+            "--model",
+            str(base),
+            "--adapter",
+            f"a={adapter}",
+            "--output",
+            str(tmp_path / "cli"),
+            "--exporter",
+            "genai",
+            "--no-verify",
+        ]
+    )
     assert code == 0 and (tmp_path / "cli" / "adapters" / "a.onnx_adapter").is_file()
     from tiny_models import tiny_bert
 

@@ -34,8 +34,11 @@ def _export(root: Path, arch: str, quantize):
     return out, list(adapters)
 
 
-@pytest.fixture(scope="module", params=[("llama", None), ("llama", "int4"), ("opt", None)],
-                ids=["llama-fp32", "llama-int4", "opt-fp32"])
+@pytest.fixture(
+    scope="module",
+    params=[("llama", None), ("llama", "int4"), ("opt", None)],
+    ids=["llama-fp32", "llama-int4", "opt-fp32"],
+)
 def folder(request, tmp_path_factory):
     arch, quantize = request.param
     out, names = _export(tmp_path_factory.mktemp(f"{arch}_{quantize}"), arch, quantize)
@@ -68,8 +71,8 @@ def _left_padded(prompts, lengths) -> tuple[np.ndarray, np.ndarray]:
     ids = np.zeros((len(prompts), width), np.int64)
     mask = np.zeros_like(ids)
     for i, (row, n) in enumerate(zip(prompts, lengths)):
-        ids[i, width - n:] = row[:n]
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = row[:n]
+        mask[i, width - n :] = 1
     return ids, mask
 
 
@@ -77,7 +80,7 @@ def _ours(lm, name, prompts, lengths) -> np.ndarray:
     """Ours, transformers' convention: left padding with an attention mask."""
     ids, mask = _left_padded(prompts, lengths)
     out = lm.generate(ids, mask, adapter=name, max_new_tokens=NEW, min_new_tokens=NEW)
-    return out.numpy()[:, ids.shape[1]:]
+    return out.numpy()[:, ids.shape[1] :]
 
 
 def test_config_reads_the_graph(folder):
@@ -148,8 +151,11 @@ def test_non_decoder_folders_and_bad_input(tmp_path):
     assert not (tmp_path / "genai_config.json").exists()
 
 
-@pytest.fixture(scope="module", params=[("fp16", None), ("fp32", "int8"), ("fp32", "int4")],
-                ids=["merged-fp16", "merged-int8", "merged-int4"])
+@pytest.fixture(
+    scope="module",
+    params=[("fp16", None), ("fp32", "int8"), ("fp32", "int4")],
+    ids=["merged-fp16", "merged-int8", "merged-int4"],
+)
 def merged_folder(request, tmp_path_factory):
     from shira_export.pipeline import export_merged
 
@@ -186,6 +192,12 @@ def test_merged_folders_run_in_genai_like_onnxruntime(merged_folder):
         if ort_model is not None:
             import torch
 
-            theirs = ort_model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                                        max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0)[:, width:].numpy()
+            theirs = ort_model.generate(
+                input_ids=torch.as_tensor(ids),
+                attention_mask=torch.as_tensor(mask),
+                do_sample=False,
+                max_new_tokens=NEW,
+                min_new_tokens=NEW,
+                pad_token_id=0,
+            )[:, width:].numpy()
             np.testing.assert_array_equal(theirs, want)

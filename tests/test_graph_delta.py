@@ -20,10 +20,18 @@ from sparse_models import make_adapters, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402
 from shira_export.export.adapter_file import (  # noqa: E402
-    AdapterArrays, batch_parameters, read_adapter_file, short_fingerprint,
+    AdapterArrays,
+    batch_parameters,
+    read_adapter_file,
+    short_fingerprint,
 )
 from shira_export.export.graph_delta import (  # noqa: E402
-    TargetSite, indices_name, insert_sparse_deltas, locate_targets, to_dense_variant, values_name,
+    TargetSite,
+    indices_name,
+    insert_sparse_deltas,
+    locate_targets,
+    to_dense_variant,
+    values_name,
 )
 from shira_export.export.manifest import read_sparse_manifest  # noqa: E402
 
@@ -43,15 +51,27 @@ def _synthetic() -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray]:
     wg = rng.standard_normal((OUT, HID)).astype(np.float32)
     bias = rng.standard_normal(OUT).astype(np.float32)
     c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v), name))  # noqa: E731
-    nodes = [helper.make_node("MatMul", ["x", "wmT"], ["h"], name="mm"), c("flat", np.array([-1, HID], np.int64)),
-             helper.make_node("Reshape", ["h", "flat"], ["h2"]),
-             helper.make_node("Gemm", ["h2", "wg", "bias"], ["z2"], name="gemm", transB=1),
-             helper.make_node("Shape", ["x"], ["lead"], end=-1), c("o", np.array([OUT], np.int64)),
-             helper.make_node("Concat", ["lead", "o"], ["zs"], axis=0), helper.make_node("Reshape", ["z2", "zs"], ["z"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", IN])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(wm.T.copy(), "wmT"), numpy_helper.from_array(wg, "wg"),
-                               numpy_helper.from_array(bias, "bias")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "wmT"], ["h"], name="mm"),
+        c("flat", np.array([-1, HID], np.int64)),
+        helper.make_node("Reshape", ["h", "flat"], ["h2"]),
+        helper.make_node("Gemm", ["h2", "wg", "bias"], ["z2"], name="gemm", transB=1),
+        helper.make_node("Shape", ["x"], ["lead"], end=-1),
+        c("o", np.array([OUT], np.int64)),
+        helper.make_node("Concat", ["lead", "o"], ["zs"], axis=0),
+        helper.make_node("Reshape", ["z2", "zs"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", IN])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(wm.T.copy(), "wmT"),
+            numpy_helper.from_array(wg, "wg"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     return model, {"m": wm, "g": wg}, bias
@@ -59,8 +79,15 @@ def _synthetic() -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray]:
 
 def _random_adapter(seed: int, nnz: int, weights: dict[str, np.ndarray]) -> AdapterArrays:
     rng = np.random.default_rng(seed)
-    return AdapterArrays({m: (np.sort(rng.choice(w.size, nnz, replace=False)).astype(np.int32),
-                              rng.standard_normal(nnz).astype(np.float32)) for m, w in weights.items()})
+    return AdapterArrays(
+        {
+            m: (
+                np.sort(rng.choice(w.size, nnz, replace=False)).astype(np.int32),
+                rng.standard_normal(nnz).astype(np.float32),
+            )
+            for m, w in weights.items()
+        }
+    )
 
 
 def _numpy(x: np.ndarray, weights, bias, adapter) -> np.ndarray:
@@ -89,9 +116,9 @@ def test_synthetic_graph_r1_and_mixed_rows_match_numpy(tokens):
         assert np.abs(got - _numpy(x, weights, bias, adapter)).max() < 1e-4
     mixed = session.run(None, {"x": x, **batch_parameters(rows, ["m", "g"])})[0]
     for b, adapter in enumerate(rows):
-        alone = session.run(None, {"x": x[b:b + 1], **(adapter.parameters() if adapter else {})})[0]
+        alone = session.run(None, {"x": x[b : b + 1], **(adapter.parameters() if adapter else {})})[0]
         assert np.abs(mixed[b] - alone[0]).max() <= 1e-5, (tokens, b)
-        assert np.abs(mixed[b] - _numpy(x[b:b + 1], weights, bias, adapter)[0]).max() < 1e-4
+        assert np.abs(mixed[b] - _numpy(x[b : b + 1], weights, bias, adapter)[0]).max() < 1e-4
     dense, _ = to_dense_variant(model, sites)
     assert not any(n.op_type == "If" for n in dense.graph.node)
     assert np.abs(_session(dense).run(None, {"x": x})[0] - _numpy(x, weights, bias, None)).max() < 1e-4
@@ -108,8 +135,12 @@ def test_wrong_row_count_is_an_error_not_a_result():
 
 def test_batch_parameters_pads_with_noop_entries():
     a = AdapterArrays({"m": (np.array([3, 7], np.int32), np.array([1.0, 2.0], np.float32))})
-    b = AdapterArrays({"m": (np.array([5], np.int32), np.array([4.0], np.float32)),
-                       "g": (np.array([1], np.int32), np.array([0.5], np.float32))})
+    b = AdapterArrays(
+        {
+            "m": (np.array([5], np.int32), np.array([4.0], np.float32)),
+            "g": (np.array([1], np.int32), np.array([0.5], np.float32)),
+        }
+    )
     p = batch_parameters([a, None, b], ["m", "g", "other"])
     assert p[indices_name("m")].tolist() == [[3, 7], [0, 0], [5, 0]]
     assert p[values_name("m")].tolist() == [[1.0, 2.0], [0.0, 0.0], [4.0, 0.0]]
@@ -135,6 +166,7 @@ def test_schema_1_adapter_is_refused_with_re_export(tmp_path):
 
 # ---- tiny OPT exports: a mixed batch with padding and a KV cache equals each row alone ----
 
+
 @pytest.fixture(scope="module")
 def opt_folders(tmp_path_factory):
     from shira_export.export.quantize import quantize_onnx_model
@@ -155,7 +187,7 @@ def _decoder_feeds(session, ids, mask, past=None):
     names = {i.name: i for i in session.get_inputs()}
     if "position_ids" in names:
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        feeds["position_ids"] = pos[:, -ids.shape[1]:]
+        feeds["position_ids"] = pos[:, -ids.shape[1] :]
     for name, info in names.items():
         if name.startswith("past_key_values."):
             if past is not None:
@@ -181,8 +213,10 @@ def test_opt_mixed_batch_with_padding_and_cache_equals_rows_alone(opt_folders, p
     folder = opt_folders[precision]
     manifest = read_sparse_manifest(folder)
     session = _session(onnx.load(str(folder / "model.onnx")))
-    adapters = {name: read_adapter_file(folder / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
-                for name, e in manifest.adapters.items()}
+    adapters = {
+        name: read_adapter_file(folder / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
+        for name, e in manifest.adapters.items()
+    }
     rows = [adapters["a"], adapters["b"], None, adapters["b"]]
     ids = np.random.default_rng(5).integers(3, 100, (4, 6)).astype(np.int64)
     mask = np.ones_like(ids)
@@ -193,9 +227,9 @@ def test_opt_mixed_batch_with_padding_and_cache_equals_rows_alone(opt_folders, p
     real = mask.astype(bool)
     differs = 0.0
     for b, adapter in enumerate(rows):
-        alone = _two_steps(session, ids[b:b + 1], mask[b:b + 1], adapter.parameters() if adapter else {})
+        alone = _two_steps(session, ids[b : b + 1], mask[b : b + 1], adapter.parameters() if adapter else {})
         assert np.abs(mixed[0][b][real[b]] - alone[0][0][real[b]]).max() <= 1e-5, (precision, b, "prefill")
         assert np.abs(mixed[1][b] - alone[1][0]).max() <= 1e-5, (precision, b, "decode")
-        base = _two_steps(session, ids[b:b + 1], mask[b:b + 1], {})
+        base = _two_steps(session, ids[b : b + 1], mask[b : b + 1], {})
         differs = max(differs, float(np.abs(alone[1][0] - base[1][0]).max()))
     assert differs > 1e-3  # the adapters change the logits: the comparison above can fail

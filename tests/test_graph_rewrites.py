@@ -28,13 +28,24 @@ def _graph(split_from_shape: bool) -> onnx.ModelProto:
         helper.make_node("Reshape", ["k3t", "split_shape" if split_from_shape else "fixed_shape"], ["kt"]),
         helper.make_node("MatMul", ["q", "kt"], ["scores"]),
     ]
-    inits = [i64("minus1", [-1]), i64("zero", [0]), i64("two", [2]), i64("three", [3]), i64("four", [4]),
-             i64("fixed_shape", [2, 3, 5, 4])]
+    inits = [
+        i64("minus1", [-1]),
+        i64("zero", [0]),
+        i64("two", [2]),
+        i64("three", [3]),
+        i64("four", [4]),
+        i64("fixed_shape", [2, 3, 5, 4]),
+    ]
     graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", 3, "t", 5]),
-         helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", 3, "s", 5])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)], inits)
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", 3, "t", 5]),
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, ["b", 3, "s", 5]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -52,8 +63,10 @@ def test_rewrite_is_exact_at_other_shapes_and_leaves_the_unprovable_alone():
     assert [list(helper.get_attribute_value(a)) for n in transposes for a in n.attribute][-1] == [0, 1, 3, 2]
     assert ops.index("MatMul") > ops.index("Transpose")
     for b, t, s in ((1, 1, 7), (2, 4, 3), (3, 2, 9)):
-        feeds = {"q": rng.standard_normal((b, 3, t, 5), dtype=np.float32),
-                 "k": rng.standard_normal((b, 3, s, 5), dtype=np.float32)}
+        feeds = {
+            "q": rng.standard_normal((b, 3, t, 5), dtype=np.float32),
+            "k": rng.standard_normal((b, 3, s, 5), dtype=np.float32),
+        }
         expected = feeds["q"] @ np.swapaxes(feeds["k"], -1, -2)
         np.testing.assert_allclose(_run(rewritten, feeds), expected, rtol=1e-5, atol=1e-5)
 
@@ -68,13 +81,25 @@ def test_torch_export_of_a_decoder_has_no_split_key_transpose(tmp_path):
     from shira_export.export.exporters.torch_export import export_with_torch
 
     torch.manual_seed(0)
-    config = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2,
-                       max_position_embeddings=64, word_embed_proj_dim=16)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        ffn_dim=32,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+    )
     model = OPTForCausalLM(config).eval()
     path = export_with_torch(model, tmp_path, task="text-generation-with-past")
     proto = onnx.load(str(path))
-    perms = [list(helper.get_attribute_value(a)) for n in proto.graph.node if n.op_type == "Transpose"
-             for a in n.attribute if a.name == "perm"]
+    perms = [
+        list(helper.get_attribute_value(a))
+        for n in proto.graph.node
+        if n.op_type == "Transpose"
+        for a in n.attribute
+        if a.name == "perm"
+    ]
     assert [0, 2, 1] not in perms
     assert perms.count([0, 1, 3, 2]) == config.num_hidden_layers
     # parity with PyTorch at a shape other than the traced one, with left padding and a cache
@@ -85,7 +110,9 @@ def test_torch_export_of_a_decoder_has_no_split_key_transpose(tmp_path):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -2:]
     past = [torch.randn(3, 2, 5, 8) for _ in range(2 * config.num_hidden_layers)]
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
-    feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p.numpy() for i, p in enumerate(past)})
+    feeds.update(
+        {f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p.numpy() for i, p in enumerate(past)}
+    )
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)

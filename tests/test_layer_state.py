@@ -49,33 +49,71 @@ def _bad_calls() -> dict:
     bad_dest[2], bad_bptr[0, 3] = 4, 5
     return {
         "scatter int32 positions": (TypeError, "flat must be torch.int64", lambda: _native.scatter_(w, i32, v)),
-        "scatter fp64 values": (TypeError, "values must be torch.float32", lambda: _native.scatter_(w, i64, v.double())),
+        "scatter fp64 values": (
+            TypeError,
+            "values must be torch.float32",
+            lambda: _native.scatter_(w, i64, v.double()),
+        ),
         "scatter lengths": (ValueError, "flat has 3 entries but values has 2", lambda: _native.scatter_(w, i64, v[:2])),
-        "scatter not a tensor": (TypeError, "flat must be a torch.Tensor, got list",
-                                 lambda: _native.scatter_(w, [1, 5], v)),
-        "scatter non-contiguous": (ValueError, "weight must be a contiguous CPU tensor",
-                                   lambda: _native.scatter_(w2.t(), i64, v)),
-        "switch int64 positions": (TypeError, "old_flat must be torch.int32",
-                                   lambda: _native.switch_(w, i64, v, i32, v)),
-        "switch lengths": (ValueError, "new_flat has 3 entries but new_values has 1",
-                           lambda: _native.switch_(w, i32, v, i32, v[:1])),
-        "switch block": (ValueError, "block must be a positive int", lambda: _native.switch_(w, i32, v, i32, v, block=0)),
+        "scatter not a tensor": (
+            TypeError,
+            "flat must be a torch.Tensor, got list",
+            lambda: _native.scatter_(w, [1, 5], v),
+        ),
+        "scatter non-contiguous": (
+            ValueError,
+            "weight must be a contiguous CPU tensor",
+            lambda: _native.scatter_(w2.t(), i64, v),
+        ),
+        "switch int64 positions": (
+            TypeError,
+            "old_flat must be torch.int32",
+            lambda: _native.switch_(w, i64, v, i32, v),
+        ),
+        "switch lengths": (
+            ValueError,
+            "new_flat has 3 entries but new_values has 1",
+            lambda: _native.switch_(w, i32, v, i32, v[:1]),
+        ),
+        "switch block": (
+            ValueError,
+            "block must be a positive int",
+            lambda: _native.switch_(w, i32, v, i32, v, block=0),
+        ),
         "sddmm tokens": (ValueError, "a has 4 rows", lambda: _native.sddmm(a, b[:3], crow, bptr, bcol, dest)),
-        "sddmm pattern shape": (ValueError, "the pattern is for another shape",
-                                lambda: _native.sddmm(a, b, crow[:5], bptr, bcol, dest)),
-        "sddmm crow dtype": (TypeError, "crow must be torch.int64",
-                             lambda: _native.sddmm(a, b, crow.int(), bptr, bcol, dest)),
+        "sddmm pattern shape": (
+            ValueError,
+            "the pattern is for another shape",
+            lambda: _native.sddmm(a, b, crow[:5], bptr, bcol, dest),
+        ),
+        "sddmm crow dtype": (
+            TypeError,
+            "crow must be torch.int64",
+            lambda: _native.sddmm(a, b, crow.int(), bptr, bcol, dest),
+        ),
         "sddmm nnz": (ValueError, "crow ends at 3", lambda: _native.sddmm(a, b, torch.full((9,), 3), bptr, bcol, dest)),
         # contents: positions outside the weight, a pattern pointing outside its nonzeros (checked in C)
-        "scatter out of range": (ValueError, "positions outside the weight's 64 elements",
-                                 lambda: _native.scatter_(w, torch.tensor([1, 64, 9]), v)),
+        "scatter out of range": (
+            ValueError,
+            "positions outside the weight's 64 elements",
+            lambda: _native.scatter_(w, torch.tensor([1, 64, 9]), v),
+        ),
         "scatter negative": (ValueError, "positions outside", lambda: _native.scatter_(w, torch.tensor([-1, 5, 9]), v)),
-        "switch out of range": (ValueError, "positions outside the weight's 64 elements",
-                                lambda: _native.switch_(w, i32, v, torch.tensor([1, 5, 64], dtype=torch.int32), v)),
-        "sddmm dest": (ValueError, "points outside its nonzeros",
-                       lambda: _native.sddmm(a, b, pattern[0], pattern[1], pattern[2], bad_dest)),
-        "sddmm bptr": (ValueError, "points outside its nonzeros",
-                       lambda: _native.sddmm(a, b, pattern[0], bad_bptr, pattern[2], pattern[3])),
+        "switch out of range": (
+            ValueError,
+            "positions outside the weight's 64 elements",
+            lambda: _native.switch_(w, i32, v, torch.tensor([1, 5, 64], dtype=torch.int32), v),
+        ),
+        "sddmm dest": (
+            ValueError,
+            "points outside its nonzeros",
+            lambda: _native.sddmm(a, b, pattern[0], pattern[1], pattern[2], bad_dest),
+        ),
+        "sddmm bptr": (
+            ValueError,
+            "points outside its nonzeros",
+            lambda: _native.sddmm(a, b, pattern[0], bad_bptr, pattern[2], pattern[3]),
+        ),
     }
 
 
@@ -91,8 +129,13 @@ def test_native_arguments_are_checked(case):
 def test_valid_native_calls_still_run():
     w = torch.zeros(64)
     _native.scatter_(w, torch.tensor([1, 63]), torch.tensor([2.0, 3.0]))
-    _native.switch_(w, torch.tensor([1, 63], dtype=torch.int32), torch.zeros(2),
-                    torch.tensor([0, 5], dtype=torch.int32), torch.tensor([4.0, 5.0]))
+    _native.switch_(
+        w,
+        torch.tensor([1, 63], dtype=torch.int32),
+        torch.zeros(2),
+        torch.tensor([0, 5], dtype=torch.int32),
+        torch.tensor([4.0, 5.0]),
+    )
     assert w[0].item() == 4.0 and w[5].item() == 5.0 and w.abs().sum().item() == 9.0
 
 
@@ -177,8 +220,9 @@ def test_a_deleted_and_re_added_adapter_merges_its_new_support():
     model.switch_adapter("default")
     model.switch_adapter("b")
     for path, layer in model.shira_layers():
-        torch.testing.assert_close(layer.base_layer.weight.detach(), _expected(reference, path, layer, "b"),
-                                   rtol=0, atol=1e-6, msg=path)
+        torch.testing.assert_close(
+            layer.base_layer.weight.detach(), _expected(reference, path, layer, "b"), rtol=0, atol=1e-6, msg=path
+        )
 
 
 def test_a_dtype_change_while_merged_keeps_unmerge_exact_and_switches_right():
@@ -189,8 +233,13 @@ def test_a_dtype_change_while_merged_keeps_unmerge_exact_and_switches_right():
     model.model.double()  # the same Parameter objects, same versions, new dtype
     model.switch_adapter("b")  # the fp32 entries must not be used as they are
     for path, layer in model.shira_layers():
-        torch.testing.assert_close(layer.base_layer.weight.detach(),
-                                   _expected(reference, path, layer, "b").double(), rtol=0, atol=1e-6, msg=path)
+        torch.testing.assert_close(
+            layer.base_layer.weight.detach(),
+            _expected(reference, path, layer, "b").double(),
+            rtol=0,
+            atol=1e-6,
+            msg=path,
+        )
     model.unmerge_adapter()
     for path, layer in model.shira_layers():
         assert torch.equal(layer.base_layer.weight.detach(), reference.get_submodule(path).weight.detach().double())

@@ -14,7 +14,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_base, tiny_model  # noqa: E402
 
 from shira_export.artifacts.manifest import (  # noqa: E402
-    MANIFEST_NAME, SCHEMA_VERSION, AdapterEntry, MergedManifest, SparseManifest, read_manifest, read_sparse_manifest,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    AdapterEntry,
+    MergedManifest,
+    SparseManifest,
+    read_manifest,
+    read_sparse_manifest,
     weights_fingerprint,
 )
 from shira_export.artifacts.naming import TargetSite  # noqa: E402
@@ -23,11 +29,26 @@ from shira_export.errors import ShiraInputError  # noqa: E402
 
 
 def test_merged_manifest_round_trip_keeps_later_stages_keys(tmp_path):
-    written = MergedManifest(tmp_path, "text-generation-with-past", "onnx", "fp32", "torch", "0.1.0", "/base",
-                             "ab" * 32, {"name": "a", "source": "/a"}, {"quantization": "int8", "quantization_details": {"k": 1}})
+    written = MergedManifest(
+        tmp_path,
+        "text-generation-with-past",
+        "onnx",
+        "fp32",
+        "torch",
+        "0.1.0",
+        "/base",
+        "ab" * 32,
+        {"name": "a", "source": "/a"},
+        {"quantization": "int8", "quantization_details": {"k": 1}},
+    )
     written.write()
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    assert (raw["schema"], raw["kind"], raw["base_fingerprint"], raw["quantization"]) == (SCHEMA_VERSION, "merged", "ab" * 32, "int8")
+    assert (raw["schema"], raw["kind"], raw["base_fingerprint"], raw["quantization"]) == (
+        SCHEMA_VERSION,
+        "merged",
+        "ab" * 32,
+        "int8",
+    )
     read = read_manifest(tmp_path)
     assert isinstance(read, MergedManifest) and read == written and read.raw == raw
     assert read.quantization == "int8" and read.adapter_entries == (AdapterEntry("a", "/a"),)
@@ -49,9 +70,14 @@ def test_sparse_manifest_round_trip_and_refusals(tmp_path):
     site = TargetSite("m.q", "node", "init", 4, 3, False, "d" * 40)
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / "a.onnx_adapter").write_bytes(b"x")
-    written = SparseManifest(tmp_path, "feature-extraction", "f" * 64, [site],
-                             {"a": {"file": "adapters/a.onnx_adapter", "source": "/a", "nnz": 1}},
-                             extra={"exporter": "torch"})
+    written = SparseManifest(
+        tmp_path,
+        "feature-extraction",
+        "f" * 64,
+        [site],
+        {"a": {"file": "adapters/a.onnx_adapter", "source": "/a", "nnz": 1}},
+        extra={"exporter": "torch"},
+    )
     written.write()
     read = read_manifest(tmp_path)
     assert isinstance(read, SparseManifest) and read == written and read.exporter == "torch"
@@ -61,9 +87,11 @@ def test_sparse_manifest_round_trip_and_refusals(tmp_path):
     with pytest.raises(ShiraInputError, match=r"adapters.a.file 'adapters/a.onnx_adapter' not found"):
         read_manifest(tmp_path)
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    for key, value, message in (("schema", 2, "key 'schema' expected 1, found 2"),
-                                ("kind", "dense", "key 'kind' expected one of"),
-                                ("quantization", "int3", "key 'quantization' expected 'int8' or 'int4'")):
+    for key, value, message in (
+        ("schema", 2, "key 'schema' expected 1, found 2"),
+        ("kind", "dense", "key 'kind' expected one of"),
+        ("quantization", "int3", "key 'quantization' expected 'int8' or 'int4'"),
+    ):
         (tmp_path / MANIFEST_NAME).write_text(json.dumps(dict(raw, **{key: value})))
         with pytest.raises(ShiraInputError, match=message):
             read_manifest(tmp_path)

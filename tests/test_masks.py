@@ -111,8 +111,15 @@ def test_registry():
 
 def _tiny_opt() -> OPTForCausalLM:
     torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                    max_position_embeddings=64, word_embed_proj_dim=32)
+    cfg = OPTConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
     return OPTForCausalLM(cfg).eval()
 
 
@@ -152,8 +159,9 @@ def test_calibration_grads_match_a_manual_loop(calib_batches):
 def test_calibration_rejects_batches_without_loss():
     model = _tiny_opt()
     with pytest.raises(ShiraInputError, match="labels"):
-        compute_mask_grads(model, [{"input_ids": torch.ones(1, 4, dtype=torch.long)}],
-                           config=ShiraConfig(r=2), progress=False)
+        compute_mask_grads(
+            model, [{"input_ids": torch.ones(1, 4, dtype=torch.long)}], config=ShiraConfig(r=2), progress=False
+        )
 
 
 @pytest.mark.parametrize("mask_type", ["random", "weight_magnitude", "gradient", "snip", "structured", "custom"])
@@ -165,8 +173,9 @@ def test_every_mask_type_trains_saves_and_loads_in_peft(mask_type, calib_batches
     if mask_type == "custom":
         # A custom callable with extra keyword arguments (PEFT's custom path rejects those).
         extra["mask_fn"] = lambda layer, r, *, random_seed=None, **kw: structured_mask(layer, r, random_seed=1).float()
-    config = ShiraConfig(r=2, mask_type=mask_type, target_modules=["q_proj", "v_proj", "fc1"],
-                         init_weights=False, random_seed=4, **extra)
+    config = ShiraConfig(
+        r=2, mask_type=mask_type, target_modules=["q_proj", "v_proj", "fc1"], init_weights=False, random_seed=4, **extra
+    )
     grads = None
     if mask_type in ("gradient", "snip"):
         grads = compute_mask_grads(base, calib_batches, config=config, num_batches=3, progress=False)

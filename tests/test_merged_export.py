@@ -52,8 +52,11 @@ def _save_adapter(model: torch.nn.Module, folder: Path, *, targets, writer: str,
     """Write a random SHiRA adapter for `model` into `folder`; return the oracle (PEFT
     merged, or our unmerged forward for layers PEFT cannot wrap)."""
     if writer == "peft":
-        wrapped = _quiet(peft.get_peft_model, model, peft.ShiraConfig(r=2, target_modules=targets, init_weights=False,
-                                                                       random_seed=7, **cfg))
+        wrapped = _quiet(
+            peft.get_peft_model,
+            model,
+            peft.ShiraConfig(r=2, target_modules=targets, init_weights=False, random_seed=7, **cfg),
+        )
         wrapped.save_pretrained(folder)
         return wrapped.merge_and_unload().eval()
     wrapped = get_shira_model(model, ShiraConfig(r=2, target_modules=targets, init_weights=False, random_seed=7, **cfg))
@@ -85,8 +88,10 @@ def minilm_adapters(tmp_path_factory) -> dict:
     cls = _quiet(AutoModelForSequenceClassification.from_pretrained, MINILM, num_labels=3).eval()
     return {
         "feature-extraction": (root / "fe", _save_adapter(fe, root / "fe", targets=["query", "value"], writer="peft")),
-        "text-classification": (root / "cls", _save_adapter(cls, root / "cls", targets=["query", "value"],
-                                                            writer="peft", task_type="SEQ_CLS")),
+        "text-classification": (
+            root / "cls",
+            _save_adapter(cls, root / "cls", targets=["query", "value"], writer="peft", task_type="SEQ_CLS"),
+        ),
     }
 
 
@@ -95,11 +100,19 @@ def _load_candidate(folder: Path, fmt: str, task: str):
     if fmt == "safetensors":
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        cls = {"text-generation-with-past": AutoModelForCausalLM, "text-generation": AutoModelForCausalLM,
-               "feature-extraction": AutoModel, "text-classification": AutoModelForSequenceClassification}[task]
+        cls = {
+            "text-generation-with-past": AutoModelForCausalLM,
+            "text-generation": AutoModelForCausalLM,
+            "feature-extraction": AutoModel,
+            "text-classification": AutoModelForSequenceClassification,
+        }[task]
         return cls.from_pretrained(folder).eval()
     if json.loads((folder / "shira_export.json").read_text())["exporter"] == "optimum":
-        from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction, ORTModelForSequenceClassification
+        from optimum.onnxruntime import (
+            ORTModelForCausalLM,
+            ORTModelForFeatureExtraction,
+            ORTModelForSequenceClassification,
+        )
 
         if task.startswith("text-generation"):
             return ORTModelForCausalLM.from_pretrained(folder, use_cache=task.endswith("with-past"))
@@ -184,7 +197,9 @@ def test_minilm_export_matches_peft(task, fmt, minilm_adapters, tmp_path):
         assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 3
 
 
-@pytest.mark.parametrize("arch,fmt", [("gpt2", "onnx"), ("gpt2", "safetensors")])  # see docs/merged.md on fp16 and near-ties
+@pytest.mark.parametrize(
+    "arch,fmt", [("gpt2", "onnx"), ("gpt2", "safetensors")]
+)  # see docs/merged.md on fp16 and near-ties
 def test_fp16_export(arch, fmt, decoders, tmp_path):
     base, adapter, oracle = decoders[arch]
     out = tmp_path / "out"
@@ -194,7 +209,9 @@ def test_fp16_export(arch, fmt, decoders, tmp_path):
         import onnx
 
         graph = onnx.load(out / "model.onnx").graph
-        floats = [i.data_type for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        floats = [
+            i.data_type for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        ]
         weights = [i for i in graph.initializer if len(i.dims) == 2]
         assert all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights) and weights
         assert floats.count(onnx.TensorProto.FLOAT16) > floats.count(onnx.TensorProto.FLOAT)
@@ -206,7 +223,9 @@ def test_fp16_export(arch, fmt, decoders, tmp_path):
     ids = _ids(3, 5)
     with torch.no_grad():
         want = _main(oracle(input_ids=ids))
-    got = _main(_load_candidate(out, fmt, "text-generation-with-past")(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    got = _main(
+        _load_candidate(out, fmt, "text-generation-with-past")(input_ids=ids, attention_mask=torch.ones_like(ids))
+    )
     assert np.abs(got - want).max() <= 1e-2
 
 
@@ -245,8 +264,17 @@ def test_adapter_for_another_base(decoders, tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    wide = OPTForCausalLM(OPTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                                    vocab_size=VOCAB, max_position_embeddings=128, word_embed_proj_dim=48))
+    wide = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            word_embed_proj_dim=48,
+        )
+    )
     wide.save_pretrained(tmp_path / "wide")
     get_shira_model(wide, ShiraConfig(r=2, init_weights=False)).save_pretrained(tmp_path / "wide-adapter")
     base, _, _ = decoders["opt"]
@@ -273,7 +301,9 @@ def test_unsupported_task_architecture_and_options(decoders, tmp_path):
     from shira_export.export.exporters.optimum_export import optimum_available
 
     (tmp_path / "biogpt").mkdir()  # a model type optimum-onnx cannot export (config is enough to tell)
-    (tmp_path / "biogpt" / "config.json").write_text(json.dumps({"model_type": "biogpt", "architectures": ["BioGptForCausalLM"]}))
+    (tmp_path / "biogpt" / "config.json").write_text(
+        json.dumps({"model_type": "biogpt", "architectures": ["BioGptForCausalLM"]})
+    )
     expected = "'biogpt': optimum-onnx cannot export" if optimum_available() else "optimum-onnx is not installed"
     with pytest.raises(ShiraInputError, match=expected):
         export_merged(tmp_path / "biogpt", adapter, tmp_path / "out", exporter="optimum")
@@ -314,8 +344,9 @@ def test_adapter_name_picks_subfolder(decoders, tmp_path):
     model = ShiraModel.from_pretrained(_base_lm(base), decoders["opt"][1])
     model.add_adapter("second", ShiraConfig(r=1, init_weights=False, random_seed=3))
     model.save_pretrained(tmp_path / "multi")
-    result = export_merged(base, tmp_path / "multi", tmp_path / "out", adapter_name="second",
-                           format="safetensors", verify=False)
+    result = export_merged(
+        base, tmp_path / "multi", tmp_path / "out", adapter_name="second", format="safetensors", verify=False
+    )
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["adapter"] == {"name": "second", "source": str((tmp_path / "multi" / "second").resolve())}
     os.rename(tmp_path / "multi" / "adapter_config.json", tmp_path / "multi" / "x.json")
@@ -334,8 +365,22 @@ def test_cli_success_and_bad_input(decoders, tmp_path, capsys):
     assert "model.safetensors" in printed and "parity PASS" in printed and "greedy_prefix = 1" in printed
     assert cli_main(args + ["--output", str(tmp_path / "out")]) == 2
     assert "output folder exists" in capsys.readouterr().err
-    assert cli_main(["merged", "--model", str(tmp_path / "nope"), "--adapter", str(adapter), "--format", "onnx",
-                     "--output", str(tmp_path / "out2")]) == 2
+    assert (
+        cli_main(
+            [
+                "merged",
+                "--model",
+                str(tmp_path / "nope"),
+                "--adapter",
+                str(adapter),
+                "--format",
+                "onnx",
+                "--output",
+                str(tmp_path / "out2"),
+            ]
+        )
+        == 2
+    )
     assert "base model folder not found" in capsys.readouterr().err and not (tmp_path / "out2").exists()
 
 
@@ -354,8 +399,9 @@ def test_cli_parity_failure_exits_1(decoders, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(merged, "_write_model", perturbed)
     base, adapter, _ = decoders["opt"]
     out = tmp_path / "bad"
-    code = cli_main(["merged", "--model", str(base), "--adapter", str(adapter), "--format", "safetensors",
-                     "--output", str(out)])
+    code = cli_main(
+        ["merged", "--model", str(base), "--adapter", str(adapter), "--format", "safetensors", "--output", str(out)]
+    )
     err = capsys.readouterr().err
     assert code == 1 and str(out) in err and "max_abs =" in err
     assert json.loads((out / "parity.json").read_text())["verdict"] == "fail"

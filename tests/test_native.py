@@ -29,8 +29,9 @@ def _plan(out_f: int, in_f: int, nnz: int, seed: int) -> SparsePlan:
     return SparsePlan.build(torch.stack([flat // in_f, flat % in_f]), (out_f, in_f))
 
 
-@pytest.mark.parametrize("shape", [(48, 40), (40, 96), (7, 300), (300, 260)],
-                         ids=["tall", "wide", "few_rows", "column_blocks"])
+@pytest.mark.parametrize(
+    "shape", [(48, 40), (40, 96), (7, 300), (300, 260)], ids=["tall", "wide", "few_rows", "column_blocks"]
+)
 @pytest.mark.parametrize("tokens", [1, 13, 130])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_sddmm_equals_sampled_addmm(shape, tokens, threads, monkeypatch):
@@ -144,7 +145,6 @@ def test_switch_in_one_pass_is_exact_and_visible_to_autograd(monkeypatch):
         assert all(torch.equal(w, expected[name][p]) for p, w in weights.items()), name
         assert all(w._version > versions[p] for p, w in weights.items())  # a write autograd can see
     assert len(calls) == 8 * len(weights)  # every switch to another adapter went through the kernel
-
 
 
 def test_unusable_cache_folder_falls_back_to_the_temp_folder(monkeypatch, tmp_path):

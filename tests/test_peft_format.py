@@ -97,8 +97,10 @@ def test_file_layout_matches_peft(tmp_path):
     for key in ("peft_type", "r", "mask_type", "random_seed", "fan_in_fan_out", "init_weights", "task_type"):
         assert mine[key] == ref[key], key
     assert sorted(mine["target_modules"]) == sorted(ref["target_modules"])
-    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as a, \
-            safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as b:
+    with (
+        safe_open(tmp_path / "adapter_model.safetensors", "pt") as a,
+        safe_open(tmp_path / "peft" / "adapter_model.safetensors", "pt") as b,
+    ):
         assert a.metadata() == {"format": "pt"}
         assert sorted(a.keys()) == sorted(b.keys())
         for key in a.keys():

@@ -125,7 +125,9 @@ def test_adding_an_adapter_reads_the_base_weight():
     model.add_adapter("wm", ShiraConfig(r=2, mask_type="weight_magnitude"))
     base = layer.base_layer.weight.detach().abs()
     rows, cols = layer.shira_indices["wm"]
-    assert base.max() < 100 and torch.equal(base[rows, cols].sort().values, base.flatten().sort().values[-rows.numel():])
+    assert base.max() < 100 and torch.equal(
+        base[rows, cols].sort().values, base.flatten().sort().values[-rows.numel() :]
+    )
 
 
 def test_a_tied_weight_is_never_left_merged():

@@ -35,8 +35,9 @@ def _copy_adapter(src: Path, dst: Path, edit=None, config=None) -> Path:
     tensors = load_file(src / "adapter_model.safetensors")
     if edit is not None:
         edit(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, dst / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
     cfg = json.loads((src / "adapter_config.json").read_text())
     cfg.update(config or {})
     (dst / "adapter_config.json").write_text(json.dumps(cfg))
@@ -60,26 +61,40 @@ def _input_error(args, capsys, *fragments: str) -> str:
 
 
 def _merged(tiny, out, *extra):
-    return ["merged", "--model", tiny / "base", "--adapter", tiny / "a", "--format", "safetensors", "--output", out,
-            *extra]
+    return [
+        "merged",
+        "--model",
+        tiny / "base",
+        "--adapter",
+        tiny / "a",
+        "--format",
+        "safetensors",
+        "--output",
+        out,
+        *extra,
+    ]
 
 
 # --- the contract itself -------------------------------------------------------------------
 
-@pytest.mark.parametrize("exc, code", [
-    (ShiraInputError("bad input"), 2),
-    (OSError(errno.ENOSPC, "No space left on device", "/out/x"), 2),
-    (OSError(errno.EROFS, "Read-only file system", "/out"), 2),
-    (OSError(errno.ENAMETOOLONG, "File name too long", "/out/x"), 2),
-    (FileNotFoundError("/x: not found"), 2),
-    (ParityFailure("logits differ"), 1),
-    (KeyboardInterrupt(), 130),
-    (ValueError("a bug"), 3),
-    (TypeError("a bug"), 3),
-    (KeyError("a bug"), 3),
-    (RecursionError("a bug"), 3),
-    (OSError(errno.EIO, "I/O error"), 3),
-])
+
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (ShiraInputError("bad input"), 2),
+        (OSError(errno.ENOSPC, "No space left on device", "/out/x"), 2),
+        (OSError(errno.EROFS, "Read-only file system", "/out"), 2),
+        (OSError(errno.ENAMETOOLONG, "File name too long", "/out/x"), 2),
+        (FileNotFoundError("/x: not found"), 2),
+        (ParityFailure("logits differ"), 1),
+        (KeyboardInterrupt(), 130),
+        (ValueError("a bug"), 3),
+        (TypeError("a bug"), 3),
+        (KeyError("a bug"), 3),
+        (RecursionError("a bug"), 3),
+        (OSError(errno.EIO, "I/O error"), 3),
+    ],
+)
 def test_exit_codes(exc, code, capsys, monkeypatch):
     import shira_export._cli.verify as verify_cli
 
@@ -96,8 +111,10 @@ def test_exit_codes(exc, code, capsys, monkeypatch):
 
 def test_help_and_version_do_not_import_torch():
     for flag in ("--help", "--version"):
-        script = ("import sys\nfrom shira_export.cli import main\ntry:\n    main([%r])\nexcept SystemExit:\n    pass\n"
-                  "print('torch' in sys.modules, 'onnx' in sys.modules)" % flag)
+        script = (
+            "import sys\nfrom shira_export.cli import main\ntry:\n    main([%r])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'onnx' in sys.modules)" % flag
+        )
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         assert done.stdout.strip().splitlines()[-1] == "False False", done.stdout
 
@@ -121,9 +138,24 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_ctrl_c_during_import_exits_130_without_a_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT, "merged", "--model", str(tmp_path), "--adapter",
-                           str(tmp_path), "--format", "onnx", "--output", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _INTERRUPTED_IMPORT,
+            "merged",
+            "--model",
+            str(tmp_path),
+            "--adapter",
+            str(tmp_path),
+            "--format",
+            "onnx",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr and "interrupted" in done.stderr
 
@@ -137,11 +169,31 @@ def test_verify_profile_choices_match_the_profiles():
 
 # --- input errors that used to exit 3 or 1 -------------------------------------------------
 
+
 def test_opset_out_of_range(tiny, tmp_path, capsys):
-    _input_error(["merged", "--model", tiny / "base", "--adapter", tiny / "a", "--format", "onnx", "--output",
-                  tmp_path / "o", "--opset", "99"], capsys, "opset", "99")
-    _input_error(["sparse", "--model", tiny / "base", "--adapter", tiny / "a", "--output", tmp_path / "o",
-                  "--opset", "99"], capsys, "opset")
+    _input_error(
+        [
+            "merged",
+            "--model",
+            tiny / "base",
+            "--adapter",
+            tiny / "a",
+            "--format",
+            "onnx",
+            "--output",
+            tmp_path / "o",
+            "--opset",
+            "99",
+        ],
+        capsys,
+        "opset",
+        "99",
+    )
+    _input_error(
+        ["sparse", "--model", tiny / "base", "--adapter", tiny / "a", "--output", tmp_path / "o", "--opset", "99"],
+        capsys,
+        "opset",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -156,34 +208,83 @@ def test_float8_values(tiny, tmp_path, capsys):
             t[k] = t[k].to(torch.float8_e4m3fn)
 
     bad = _copy_adapter(tiny / "a", tmp_path / "f8", edit=to_f8)
-    _input_error(["merged", "--model", tiny / "base", "--adapter", bad, "--format", "safetensors", "--output",
-                  tmp_path / "o"], capsys, "float8", str(bad))
+    _input_error(
+        ["merged", "--model", tiny / "base", "--adapter", bad, "--format", "safetensors", "--output", tmp_path / "o"],
+        capsys,
+        "float8",
+        str(bad),
+    )
 
 
 def test_config_nested_deeply_or_random_bytes(tiny, tmp_path, capsys):
     deep = _copy_adapter(tiny / "a", tmp_path / "deep")
     (deep / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
-    _input_error(["merged", "--model", tiny / "base", "--adapter", deep, "--format", "safetensors", "--output",
-                  tmp_path / "o"], capsys, str(deep / "adapter_config.json"))
+    _input_error(
+        ["merged", "--model", tiny / "base", "--adapter", deep, "--format", "safetensors", "--output", tmp_path / "o"],
+        capsys,
+        str(deep / "adapter_config.json"),
+    )
     noise = _copy_adapter(tiny / "a", tmp_path / "noise")
     (noise / "adapter_config.json").write_bytes(bytes(range(256)) * 4)
-    _input_error(["merged", "--model", tiny / "base", "--adapter", noise, "--format", "safetensors", "--output",
-                  tmp_path / "o"], capsys, str(noise / "adapter_config.json"))
+    _input_error(
+        ["merged", "--model", tiny / "base", "--adapter", noise, "--format", "safetensors", "--output", tmp_path / "o"],
+        capsys,
+        str(noise / "adapter_config.json"),
+    )
 
 
 def test_not_found_and_is_a_folder_are_told_apart(tiny, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    _input_error(["merged", "--model", tiny / "base", "--adapter", tmp_path / "file", "--format", "safetensors",
-                  "--output", tmp_path / "o"], capsys, "is a file, expected a folder")
-    _input_error(["merged", "--model", tiny / "base", "--adapter", tmp_path / "missing", "--format", "safetensors",
-                  "--output", tmp_path / "o"], capsys, "not found")
+    _input_error(
+        [
+            "merged",
+            "--model",
+            tiny / "base",
+            "--adapter",
+            tmp_path / "file",
+            "--format",
+            "safetensors",
+            "--output",
+            tmp_path / "o",
+        ],
+        capsys,
+        "is a file, expected a folder",
+    )
+    _input_error(
+        [
+            "merged",
+            "--model",
+            tiny / "base",
+            "--adapter",
+            tmp_path / "missing",
+            "--format",
+            "safetensors",
+            "--output",
+            tmp_path / "o",
+        ],
+        capsys,
+        "not found",
+    )
 
 
 def test_classification_on_a_causal_base(tiny, tmp_path, capsys):
     _input_error(_merged(tiny, tmp_path / "o", "--task", "text-classification"), capsys, "text-classification")
     seq_cls = _copy_adapter(tiny / "a", tmp_path / "seq", config={"task_type": "SEQ_CLS"})
-    _input_error(["merged", "--model", tiny / "base", "--adapter", seq_cls, "--format", "safetensors", "--output",
-                  tmp_path / "o"], capsys, "text-classification")
+    _input_error(
+        [
+            "merged",
+            "--model",
+            tiny / "base",
+            "--adapter",
+            seq_cls,
+            "--format",
+            "safetensors",
+            "--output",
+            tmp_path / "o",
+        ],
+        capsys,
+        "text-classification",
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -194,28 +295,41 @@ def test_values_that_overflow_the_reference(tiny, tmp_path, capsys):
                 t[k] = torch.full_like(t[k], 3e38)
 
     bad = _copy_adapter(tiny / "a", tmp_path / "huge", edit=huge)
-    _input_error(["merged", "--model", tiny / "base", "--adapter", bad, "--format", "safetensors", "--output",
-                  tmp_path / "o"], capsys, "NaN/Inf", "overflows")
+    _input_error(
+        ["merged", "--model", tiny / "base", "--adapter", bad, "--format", "safetensors", "--output", tmp_path / "o"],
+        capsys,
+        "NaN/Inf",
+        "overflows",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_output_names_too_long(tiny, tmp_path, capsys):
     _input_error(_merged(tiny, tmp_path / ("模型" * 50)), capsys, "name too long")
-    _input_error(["sparse", "--model", tiny / "base", "--adapter", f"{'模型' * 50}={tiny / 'a'}", "--output",
-                  tmp_path / "o"], capsys, "bytes")
+    _input_error(
+        ["sparse", "--model", tiny / "base", "--adapter", f"{'模型' * 50}={tiny / 'a'}", "--output", tmp_path / "o"],
+        capsys,
+        "bytes",
+    )
 
 
 def test_reserved_adapter_name(tiny, tmp_path, capsys):
-    _input_error(["sparse", "--model", tiny / "base", "--adapter", f"base={tiny / 'a'}", "--output", tmp_path / "o"],
-                 capsys, "reserved")
+    _input_error(
+        ["sparse", "--model", tiny / "base", "--adapter", f"base={tiny / 'a'}", "--output", tmp_path / "o"],
+        capsys,
+        "reserved",
+    )
 
 
 def test_output_overlapping_an_input(tiny, tmp_path, capsys):
     before = sorted(p.name for p in (tiny / "a").iterdir())
     for out in (tiny / "a", tiny / "base", tiny / "base" / "inside"):
         _input_error(_merged(tiny, out, "--overwrite"), capsys, "overlaps the input folder")
-        _input_error(["sparse", "--model", tiny / "base", "--adapter", tiny / "a", "--output", out, "--overwrite"],
-                     capsys, "overlaps the input folder")
+        _input_error(
+            ["sparse", "--model", tiny / "base", "--adapter", tiny / "a", "--output", out, "--overwrite"],
+            capsys,
+            "overlaps the input folder",
+        )
     assert sorted(p.name for p in (tiny / "a").iterdir()) == before
     assert not (tiny / "base" / "inside").exists()
 
@@ -288,8 +402,15 @@ def test_two_merged_runs_to_one_new_output_one_wins_one_exits_2(tiny, tmp_path):
     work.mkdir()
     out = work / "out"
     args = [str(a) for a in _merged(tiny, out, "--no-verify")]
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(sync), str(i), *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(sync), str(i), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     while len(list(sync.glob("ready-*"))) < 2 and all(p.poll() is None for p in procs):
         time.sleep(0.05)
     (sync / "go").touch()

@@ -31,6 +31,7 @@ def _folder(path: Path, **files: str) -> Path:
 
 # --- overlap -----------------------------------------------------------------------------
 
+
 def test_output_overlapping_an_input_is_refused(tmp_path):
     model = _folder(tmp_path / "model", **{"config.json": "{}"})
     (model / "sub").mkdir()
@@ -73,6 +74,7 @@ def test_names_too_long_for_the_file_system_are_input_errors(tmp_path):
 
 
 # --- publish races -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["renameat2", "mkdir_claim"])
 def test_publish_never_replaces_a_folder_another_process_published(tmp_path, monkeypatch, fallback):
@@ -134,6 +136,7 @@ def test_two_threads_publishing_one_new_output_one_wins_one_is_told(tmp_path):
 
 
 # --- overwrite ---------------------------------------------------------------------------
+
 
 def test_overwrite_leaves_a_users_sibling_folders_alone(tmp_path):
     out = _folder(tmp_path / "OUT", **{"old.txt": "old"})
@@ -213,6 +216,7 @@ def test_read_only_location_is_an_input_error(tmp_path):
 
 
 # --- confined paths and the folder lock ----------------------------------------------------
+
 
 def test_paths_from_a_manifest_stay_inside_the_folder(tmp_path):
     folder = _folder(tmp_path / "graph")

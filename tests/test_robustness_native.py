@@ -58,6 +58,7 @@ def test_a_new_cache_folder_is_private_and_the_library_recorded(fresh):
     (lib,) = cache.glob("kernels-*.so")
     assert stat.S_IMODE(os.stat(lib).st_mode) & 0o022 == 0
     import hashlib
+
     assert (cache / (lib.name + ".sha256")).read_text().strip() == hashlib.sha256(lib.read_bytes()).hexdigest()
     assert _native.status() == f"loaded from {lib}"
     _works()

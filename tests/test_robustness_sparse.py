@@ -38,8 +38,12 @@ def built(tmp_path_factory):
     adapters = {}
     for seed, name in enumerate(("a", "b"), start=1):
         model = AutoModelForCausalLM.from_pretrained(base)
-        shira = get_shira_model(model, ShiraConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False,
-                                                   random_seed=seed, task_type="CAUSAL_LM"))
+        shira = get_shira_model(
+            model,
+            ShiraConfig(
+                r=2, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=seed, task_type="CAUSAL_LM"
+            ),
+        )
         shira.save_pretrained(root / name)
         adapters[name] = root / name
     export_sparse(base, adapters, root / "graph", verify=False)
@@ -83,6 +87,7 @@ def _run_threads(target, n: int) -> None:
 
 
 # --- concurrent and failing `adapter` runs -------------------------------------------------
+
 
 def test_concurrent_adapter_runs_keep_every_entry(graph, built, monkeypatch):
     real = adapter_file.write_adapter_file
@@ -154,6 +159,7 @@ def test_adapters_symlink_out_of_the_folder_is_refused(graph, built, tmp_path):
 
 # --- tampered folders ----------------------------------------------------------------------
 
+
 def test_a_flipped_bit_is_refused_naming_the_file(graph, built, capsys):
     path = graph / "adapters" / "a.onnx_adapter"
     data = bytearray(path.read_bytes())
@@ -213,6 +219,7 @@ def test_a_manifest_without_digests_still_loads(graph):
 
 
 # --- export and run --------------------------------------------------------------------------
+
 
 def test_sparse_export_interrupted_while_verifying_publishes_nothing(built, tmp_path, monkeypatch):
     import shira_export.verify as verify_pkg

@@ -86,7 +86,9 @@ def test_adapters_give_different_outputs_and_base_is_base(setup):
     nnz = session.manifest.adapters["a"]["nnz"]
     assert session.mode is Mode.LEAN and session.adapter_nbytes("a") == 8 * nnz  # the default holds its arrays only
     dense = ShiraSession(folder, mode="dense", adapters=["a"])
-    targeted = sum(s.out_features * s.in_features * 4 for s in dense.manifest.targets if s.module in dense._get("a").arrays.deltas)
+    targeted = sum(
+        s.out_features * s.in_features * 4 for s in dense.manifest.targets if s.module in dense._get("a").arrays.deltas
+    )
     assert dense.adapter_nbytes("a") == 8 * nnz + targeted  # plus a merged copy of every weight it touches
 
 
@@ -94,11 +96,18 @@ def test_greedy_generation_matches_pytorch_in_every_mode(setup):
     folder, refs = setup
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = refs["d"].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
-                                 min_new_tokens=32, do_sample=False, pad_token_id=1)
+        ref = refs["d"].generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            pad_token_id=1,
+        )
     for mode in Mode:
-        got = ShiraORTModelForCausalLM(folder, mode=mode).generate(ids, adapter="d", max_new_tokens=32,
-                                                                   min_new_tokens=32)
+        got = ShiraORTModelForCausalLM(folder, mode=mode).generate(
+            ids, adapter="d", max_new_tokens=32, min_new_tokens=32
+        )
         assert torch.equal(got, ref), mode
 
 

@@ -62,16 +62,22 @@ def folder(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runtime_load")
     torch.manual_seed(0)
-    cfg = OPTConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512, vocab_size=100,
-                    max_position_embeddings=64, word_embed_proj_dim=256)
+    cfg = OPTConfig(
+        hidden_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=512,
+        vocab_size=100,
+        max_position_embeddings=64,
+        word_embed_proj_dim=256,
+    )
     OPTForCausalLM(cfg).eval().save_pretrained(root / "base")
     seed_adapter = make_adapter("opt", root / "base", root, "seed", seed=1, r=2, target_modules=TARGETS)
     return export_sparse(root / "base", {"seed": seed_adapter}, root / "out", verify=False).output_dir
 
 
 def _feeds(session: ShiraSession, ids: np.ndarray, mask: np.ndarray) -> dict:
-    feeds = {"input_ids": ids, "attention_mask": mask,
-             "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)}
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)}
     for i in session.session.get_inputs():
         if i.name.startswith("past_key_values."):
             feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
@@ -106,8 +112,16 @@ def test_sixteen_threads_mixed_calls_loads_and_unloads(folder, tmp_path):
     session = ShiraSession(folder, adapters=[])
     stable = {"a": 4096, "b": 2048, "c": 1024}
     for i, (name, nnz) in enumerate(stable.items()):
-        session.load_adapter(name, random_adapter(session, tmp_path / f"{name}.onnx_adapter", 100 + i, nnz,
-                                                  modules=None if name != "c" else ["q_proj", "v_proj"]))
+        session.load_adapter(
+            name,
+            random_adapter(
+                session,
+                tmp_path / f"{name}.onnx_adapter",
+                100 + i,
+                nnz,
+                modules=None if name != "c" else ["q_proj", "v_proj"],
+            ),
+        )
     churn = {f"p{k}": random_adapter(session, tmp_path / f"p{k}.onnx_adapter", 200 + k, 8192) for k in range(3)}
     rng = np.random.default_rng(0)
     shapes = [(1, 5, 0), (2, 3, 1), (3, 6, 2), (4, 2, 0)]  # batch, tokens, left padding of the first row
@@ -125,7 +139,9 @@ def test_sixteen_threads_mixed_calls_loads_and_unloads(folder, tmp_path):
             specs.append((i, [names[(k + j * 2 + i) % len(names)] for j in range(batch)]))
     for name, path in churn.items():
         session.load_adapter(name, path)
-    reference = {j: session.run(inputs[i], adapter=a, output_names=["logits"])["logits"] for j, (i, a) in enumerate(specs)}
+    reference = {
+        j: session.run(inputs[i], adapter=a, output_names=["logits"])["logits"] for j, (i, a) in enumerate(specs)
+    }
     uses_churn = {j for j, (_, a) in enumerate(specs) if set(a if isinstance(a, list) else [a]) & set(churn)}
     for name in churn:
         session.unload_adapter(name)

@@ -50,7 +50,7 @@ def _steps(lm: ShiraORTModelForCausalLM, ids, mask, adapter, tokens) -> list[np.
     logits = [out.logits]
     for t in range(tokens.shape[1]):
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        out = lm.forward(tokens[:, t:t + 1], mask, adapter=adapter, past_key_values=out.past_key_values)
+        out = lm.forward(tokens[:, t : t + 1], mask, adapter=adapter, past_key_values=out.past_key_values)
         logits.append(out.logits)
     return logits
 
@@ -64,7 +64,7 @@ def test_mixed_batch_equals_rows_alone_with_cache_and_padding(folder, mode):
     mixed = _steps(lm, ids, mask, ROWS, tokens)
     base = _steps(lm, ids, mask, None, tokens)
     for i, name in enumerate(ROWS):
-        alone = _steps(lm, ids[i:i + 1], mask[i:i + 1], name, tokens[i:i + 1])
+        alone = _steps(lm, ids[i : i + 1], mask[i : i + 1], name, tokens[i : i + 1])
         for step, (m, a) in enumerate(zip(mixed, alone)):
             keep = mask[i, :].astype(bool) if step == 0 else slice(None)  # padded positions' logits are unused
             err = float(np.abs(m[i][keep] - a[0][keep]).max())
@@ -81,10 +81,10 @@ def test_generate_mixed_equals_rows_alone_and_reuses_the_stacked_feeds(folder):
     got = lm.generate(ids, mask, adapter=ROWS, max_new_tokens=12, min_new_tokens=12)
     assert session._mixed.misses == 1 and session._mixed.hits >= 11  # stacked once for 12 steps
     for i, name in enumerate(ROWS):
-        alone = lm.generate(ids[i:i + 1], mask[i:i + 1], adapter=name, max_new_tokens=12, min_new_tokens=12)
+        alone = lm.generate(ids[i : i + 1], mask[i : i + 1], adapter=name, max_new_tokens=12, min_new_tokens=12)
         assert torch.equal(got[i], alone[0]), (i, name)
-        unpadded = lm.generate(ids[i:i + 1, i % 3:], adapter=name, max_new_tokens=12, min_new_tokens=12)
-        assert torch.equal(got[i, 5:], unpadded[0, 5 - i % 3:]), (i, name)
+        unpadded = lm.generate(ids[i : i + 1, i % 3 :], adapter=name, max_new_tokens=12, min_new_tokens=12)
+        assert torch.equal(got[i, 5:], unpadded[0, 5 - i % 3 :]), (i, name)
     assert len({tuple(r[5:].tolist()) for r in got[:4]}) > 1  # not one continuation for every adapter
 
 
@@ -92,7 +92,9 @@ def test_one_distinct_adapter_in_a_list_runs_the_single_adapter_path(folder):
     session = ShiraSession(folder)
     ids, mask = _padded(3, 4)
     lm = ShiraORTModelForCausalLM(session)
-    np.testing.assert_array_equal(lm.forward(ids, mask, adapter=["b"] * 3).logits, lm.forward(ids, mask, adapter="b").logits)
+    np.testing.assert_array_equal(
+        lm.forward(ids, mask, adapter=["b"] * 3).logits, lm.forward(ids, mask, adapter="b").logits
+    )
     np.testing.assert_array_equal(lm.forward(ids, mask, adapter=[None] * 3).logits, lm.forward(ids, mask).logits)
     assert session._mixed.misses == 0
 
@@ -129,5 +131,6 @@ def test_bad_adapter_lists(folder):
     dense = ShiraORTModelForCausalLM(folder, mode=Mode.DENSE)
     with pytest.raises(ShiraInputError, match="mode 'dense'"):
         dense.forward(ids, mask, adapter=["a", "b", None])
-    np.testing.assert_allclose(dense.forward(ids, mask, adapter=["a"] * 3).logits,
-                               lm.forward(ids, mask, adapter="a").logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        dense.forward(ids, mask, adapter=["a"] * 3).logits, lm.forward(ids, mask, adapter="a").logits, atol=1e-5, rtol=0
+    )

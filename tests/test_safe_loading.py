@@ -40,12 +40,15 @@ def test_plain_folder_loads(base):
     assert load_config(base).model_type == "opt"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("auto_map", {"AutoModelForCausalLM": "evil.EvilModel"}),
-    ("_attn_implementation_internal", "kernels-community/flash-attn"),
-    ("attn_implementation", "someone/kernel"),
-    ("trust_remote_code", True),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("auto_map", {"AutoModelForCausalLM": "evil.EvilModel"}),
+        ("_attn_implementation_internal", "kernels-community/flash-attn"),
+        ("attn_implementation", "someone/kernel"),
+        ("trust_remote_code", True),
+    ],
+)
 def test_code_selecting_fields_are_refused(base, tmp_path, field, value):
     folder = _copy_with(base, tmp_path / "m", **{field: value})
     with pytest.raises(ShiraInputError, match=rf"config\.json: field '{field}'"):
@@ -81,8 +84,19 @@ def test_pickle_only_weights_are_refused_everywhere(base, tmp_path, capsys):
     from shira_export import ShiraConfig, get_shira_model
 
     get_shira_model(tiny_opt(), ShiraConfig(r=1, init_weights=False)).save_pretrained(tmp_path / "adapter")
-    code = cli_main(["merged", "--model", str(folder), "--adapter", str(tmp_path / "adapter"), "--format",
-                     "safetensors", "--output", str(tmp_path / "out")])
+    code = cli_main(
+        [
+            "merged",
+            "--model",
+            str(folder),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--format",
+            "safetensors",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "pytorch_model.bin" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     code = cli_main(["verify", "--model", str(folder), "--candidate", str(base)])

@@ -118,8 +118,9 @@ def test_adapter_files_and_manifest(exported):
         # 8 bytes per nonzero + a fixed ~100-byte header + the parameter names
         size = (result.output_dir / entry["file"]).stat().st_size
         assert size <= 8 * nnz + 128 + sum(2 * len(k) + 64 for k in params)
-        arrays = read_adapter_file(result.output_dir / entry["file"], parsed.targets,
-                                   fingerprint=parsed.base_fingerprint)
+        arrays = read_adapter_file(
+            result.output_dir / entry["file"], parsed.targets, fingerprint=parsed.base_fingerprint
+        )
         assert arrays.nnz == entry["nnz"]
     modules = {t["module"] for t in manifest["targets"]} | set(manifest["unused_targets"])
     assert modules == set(result.targets)
@@ -197,8 +198,10 @@ def test_runtime_refuses_foreign_corrupt_and_out_of_range_files(opt, tmp_path):
         path.write_bytes(blob)
         with pytest.raises(ShiraInputError):
             session.load_adapter("bad", path)
-    arrays = AdapterArrays({site.module: (np.array([site.out_features * site.in_features], np.int32),
-                                          np.ones(1, np.float32))}, model_version=own)
+    arrays = AdapterArrays(
+        {site.module: (np.array([site.out_features * site.in_features], np.int32), np.ones(1, np.float32))},
+        model_version=own,
+    )
     write_adapter_file(tmp_path / "range.onnx_adapter", arrays)
     with pytest.raises(ShiraInputError, match="out of range"):
         session.load_adapter("range", tmp_path / "range.onnx_adapter")
@@ -210,8 +213,12 @@ def test_cli_sparse_adapter_and_exit_codes(opt, tmp_path):
 
     root, base, adapters, _ = opt
     out = tmp_path / "cli_out"
-    assert main(["sparse", "--model", str(base), "--adapter", f"first={adapters['a']}",
-                 "--output", str(out), "--no-verify"]) == 0
+    assert (
+        main(
+            ["sparse", "--model", str(base), "--adapter", f"first={adapters['a']}", "--output", str(out), "--no-verify"]
+        )
+        == 0
+    )
     assert (out / "adapters" / "first.onnx_adapter").is_file()
     assert main(["adapter", "--graph", str(out), "--adapter", str(adapters["a"]), "--name", "second"]) == 0
     assert main(["adapter", "--graph", str(out), "--adapter", str(adapters["b"]), "--name", "third"]) == 2  # no sites
@@ -220,6 +227,20 @@ def test_cli_sparse_adapter_and_exit_codes(opt, tmp_path):
     assert not (tmp_path / "x.onnx_adapter").exists()
     assert main(["sparse", "--model", str(base), "--adapter", str(adapters["a"]), "--output", str(out)]) == 2
     assert main(["run", "--graph", str(out), "--adapter", "first", "--prompt", "hi"]) == 2  # no tokenizer
-    assert main(["sparse", "--model", str(base), "--adapter", str(adapters["a"]), "--output", str(tmp_path / "o"),
-                 "--opset", "14"]) == 2
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(base),
+                "--adapter",
+                str(adapters["a"]),
+                "--output",
+                str(tmp_path / "o"),
+                "--opset",
+                "14",
+            ]
+        )
+        == 2
+    )
     shutil.rmtree(out)

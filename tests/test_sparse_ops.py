@@ -130,8 +130,15 @@ def test_empty_inputs(support):
 
 def _tiny_opt() -> OPTForCausalLM:
     torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                    max_position_embeddings=64, word_embed_proj_dim=32)
+    cfg = OPTConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
     return OPTForCausalLM(cfg)
 
 
@@ -144,7 +151,9 @@ def test_gradients_equal_peft_shira(mode):
 
     targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     ours = get_shira_model(_tiny_opt(), ShiraConfig(r=3, target_modules=targets, init_weights=False, random_seed=11))
-    theirs = get_peft_model(_tiny_opt(), PeftShiraConfig(r=3, target_modules=targets, init_weights=False, random_seed=11))
+    theirs = get_peft_model(
+        _tiny_opt(), PeftShiraConfig(r=3, target_modules=targets, init_weights=False, random_seed=11)
+    )
     ours.eval(), theirs.eval()  # no dropout: both see the same function
     if mode == "train":
         for module in ours.modules():

@@ -23,7 +23,10 @@ def demo_base(tmp_path_factory):
 
 def test_plain_loop_loss_falls_and_reloads(demo_base, tmp_path):
     tok = AutoTokenizer.from_pretrained(demo_base)
-    model = get_shira_model(AutoModelForCausalLM.from_pretrained(demo_base), ShiraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    model = get_shira_model(
+        AutoModelForCausalLM.from_pretrained(demo_base),
+        ShiraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    )
     losses = train_adapter(model, [task_batches(tok, "poet")], steps=25, lr=5e-2, progress=False)
     assert losses[-1] < losses[0] - 0.3
     model.save_pretrained(tmp_path)
@@ -36,12 +39,24 @@ def test_hf_trainer_trains_the_adapter(demo_base, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     tok = AutoTokenizer.from_pretrained(demo_base)
-    model = get_shira_model(AutoModelForCausalLM.from_pretrained(demo_base), ShiraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    model = get_shira_model(
+        AutoModelForCausalLM.from_pretrained(demo_base),
+        ShiraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    )
     batch = task_batches(tok, "engineer")
     rows = [{k: v[i] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=len(rows),
-                             learning_rate=5e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             lr_scheduler_type="constant", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=20,
+        per_device_train_batch_size=len(rows),
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
     before = float(model(**batch).loss)
     Trainer(model=model, args=args, train_dataset=rows).train()  # default remove_unused_columns=True
     model.eval()
@@ -49,8 +64,12 @@ def test_hf_trainer_trains_the_adapter(demo_base, tmp_path):
 
 
 def test_example_script_runs(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "train_causal_lm.py"), "--out", str(tmp_path),
-                          "--steps", "15"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_causal_lm.py"), "--out", str(tmp_path), "--steps", "15"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     first, last = (float(x) for x in out.stdout.split("loss: first ")[1].split("\n")[0].split(" -> last "))
     assert last < first

@@ -17,47 +17,131 @@ from shira_export.tuner.defaults import DEFAULT_TARGET_MODULES
 transformers = pytest.importorskip("transformers")
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # noqa: E402
 
-_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128,
-              max_position_embeddings=64)
+_SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
 _TEXT = dict(_SMALL, num_key_value_heads=2, head_dim=8)
 _T5 = dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=128)
-_BART = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-             encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, max_position_embeddings=64)
-_OPT_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=64,
-                 vocab_size=128, word_embed_proj_dim=32, max_position_embeddings=64)
+_BART = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+_OPT_TEXT = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    ffn_dim=64,
+    vocab_size=128,
+    word_embed_proj_dim=32,
+    max_position_embeddings=64,
+)
 
 # model_type -> config kwargs; model types absent from the installed transformers are skipped.
 TINY: dict[str, dict] = {
-    "t5": _T5, "mt5": _T5, "bart": _BART,
-    "blip-2": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                      image_size=16, patch_size=8),
-                   qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                       intermediate_size=64, encoder_hidden_size=32, vocab_size=128),
-                   text_config=dict(_OPT_TEXT, model_type="opt"), num_query_tokens=2, image_token_index=127),
-    "bert": _SMALL, "roberta": _SMALL, "xlm-roberta": _SMALL, "electra": dict(_SMALL, embedding_size=32),
-    "layoutlm": _SMALL, "deberta": _SMALL, "deberta-v2": _SMALL,
+    "t5": _T5,
+    "mt5": _T5,
+    "bart": _BART,
+    "blip-2": dict(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            encoder_hidden_size=32,
+            vocab_size=128,
+        ),
+        text_config=dict(_OPT_TEXT, model_type="opt"),
+        num_query_tokens=2,
+        image_token_index=127,
+    ),
+    "bert": _SMALL,
+    "roberta": _SMALL,
+    "xlm-roberta": _SMALL,
+    "electra": dict(_SMALL, embedding_size=32),
+    "layoutlm": _SMALL,
+    "deberta": _SMALL,
+    "deberta-v2": _SMALL,
     "distilbert": dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=128, max_position_embeddings=64),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
     "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
     "bloom": dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=128),
-    "gpt_neox": dict(_SMALL), "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128),
+    "gpt_neox": dict(_SMALL),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128),
     "mpt": dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64, vocab_size=128),
     "codegen": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=128, n_positions=64, n_ctx=64),
     "opt": dict(_OPT_TEXT, num_hidden_layers=2),
     "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=128, n_positions=64),
-    "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-                    vocab_size=128, max_position_embeddings=64, window_size=8),
-    "llama": _TEXT, "mistral": _TEXT, "mixtral": dict(_TEXT, num_local_experts=2, num_experts_per_tok=1),
-    "stablelm": _TEXT, "phi": _TEXT, "gemma": _TEXT, "gemma2": _TEXT, "gemma3_text": _TEXT,
-    "qwen2": _TEXT, "qwen3": _TEXT,
-    "llama4": dict(text_config=dict(_TEXT, intermediate_size_mlp=64, num_local_experts=2, interleave_moe_layer_step=1),
-                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                      image_size=16, patch_size=8, vision_output_dim=32, projector_input_dim=32,
-                                      projector_output_dim=32)),
-    "nemotron_h": dict(_TEXT, hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=8, n_groups=1,
-                       ssm_state_size=8, mamba_d_conv=2, expand=1),
-    "rwkv": dict(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64, vocab_size=128,
-                 context_length=64),
+    "gpt_neo": dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        vocab_size=128,
+        max_position_embeddings=64,
+        window_size=8,
+    ),
+    "llama": _TEXT,
+    "mistral": _TEXT,
+    "mixtral": dict(_TEXT, num_local_experts=2, num_experts_per_tok=1),
+    "stablelm": _TEXT,
+    "phi": _TEXT,
+    "gemma": _TEXT,
+    "gemma2": _TEXT,
+    "gemma3_text": _TEXT,
+    "qwen2": _TEXT,
+    "qwen3": _TEXT,
+    "llama4": dict(
+        text_config=dict(_TEXT, intermediate_size_mlp=64, num_local_experts=2, interleave_moe_layer_step=1),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=8,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+        ),
+    ),
+    "nemotron_h": dict(
+        _TEXT,
+        hybrid_override_pattern="M*",
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        n_groups=1,
+        ssm_state_size=8,
+        mamba_d_conv=2,
+        expand=1,
+    ),
+    "rwkv": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        attention_hidden_size=32,
+        intermediate_size=64,
+        vocab_size=128,
+        context_length=64,
+    ),
 }
 # Types in PEFT's mapping with no transformers implementation (remote code or gone):
 # chatglm, btlm, RefinedWeb, RefinedWebModel, rwkv7; gemma4 needs a vision+audio stack.
@@ -71,7 +155,8 @@ def test_the_table_covers_peft_mapping():
     for model_type, targets in theirs.items():
         ours = DEFAULT_TARGET_MODULES[model_type]
         assert (sorted(ours) if isinstance(ours, list) else ours) == (
-            sorted(targets) if isinstance(targets, list) else targets), model_type
+            sorted(targets) if isinstance(targets, list) else targets
+        ), model_type
     assert set(DEFAULT_TARGET_MODULES) - set(theirs) <= {"distilbert"}  # ours beyond PEFT's
     assert set(TINY) | NOT_BUILT == set(DEFAULT_TARGET_MODULES)
 
@@ -141,8 +226,11 @@ def test_default_targets_match_peft(model_type, tmp_path):
         warnings.simplefilter("ignore")
         if model_type != "distilbert":  # not in PEFT's mapping: compared through the saved adapter only
             theirs = peft.get_peft_model(copy.deepcopy(base), peft.ShiraConfig(r=1))
-            their_paths = sorted(n[len("base_model.model."):] for n, m in theirs.named_modules()
-                                 if isinstance(m, peft.tuners.shira.ShiraLayer))
+            their_paths = sorted(
+                n[len("base_model.model.") :]
+                for n, m in theirs.named_modules()
+                if isinstance(m, peft.tuners.shira.ShiraLayer)
+            )
             assert paths == their_paths
         ours.save_pretrained(tmp_path)
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()

@@ -39,14 +39,16 @@ def test_each_row_equals_its_adapter_alone(factory):
     with torch.no_grad():
         mixed = model(input_ids=IDS, adapter_names=ROWS).logits
     for i, name in enumerate(ROWS):
-        torch.testing.assert_close(mixed[i], _alone(model, IDS[i:i + 1], name)[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(mixed[i], _alone(model, IDS[i : i + 1], name)[0], rtol=0, atol=1e-6)
     assert (mixed[0] - mixed[2]).abs().max() > 1e-4  # the adapters change the rows
     assert (mixed[0] - _alone(model, IDS[0:1], "b")[0]).abs().max() > 1e-4
 
 
 def test_classification_heads_per_row():
     torch.manual_seed(0)
-    model = get_shira_model(tiny_bert_cls(), ShiraConfig(r=2, init_weights=False, task_type="SEQ_CLS"), adapter_name="a")
+    model = get_shira_model(
+        tiny_bert_cls(), ShiraConfig(r=2, init_weights=False, task_type="SEQ_CLS"), adapter_name="a"
+    )
     model.add_adapter("b", ShiraConfig(r=2, init_weights=False, task_type="SEQ_CLS", random_seed=3))
     with torch.no_grad():
         model.model.classifier.modules_to_save["b"].weight.add_(0.5)  # the heads differ
@@ -54,7 +56,7 @@ def test_classification_heads_per_row():
     with torch.no_grad():
         mixed = model(input_ids=IDS, adapter_names=ROWS).logits
     for i, name in enumerate(ROWS):
-        torch.testing.assert_close(mixed[i], _alone(model, IDS[i:i + 1], name)[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(mixed[i], _alone(model, IDS[i : i + 1], name)[0], rtol=0, atol=1e-6)
 
 
 def test_generate_per_row():
@@ -67,10 +69,10 @@ def test_generate_per_row():
         for i, name in enumerate(names):
             if name == "__base__":
                 with model.disable_adapter():
-                    alone = model.generate(input_ids=ids[i:i + 1], **kwargs)
+                    alone = model.generate(input_ids=ids[i : i + 1], **kwargs)
             else:
                 model.set_adapter(name)
-                alone = model.generate(input_ids=ids[i:i + 1], **kwargs)
+                alone = model.generate(input_ids=ids[i : i + 1], **kwargs)
             assert torch.equal(mixed[i], alone[0])
         beams = model.generate(input_ids=ids, adapter_names=names, num_beams=2, **kwargs)
         model.set_adapter("b")

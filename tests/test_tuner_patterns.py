@@ -15,16 +15,53 @@ from shira_export.tuner.patterns import PatternError, TargetPattern
 from tiny_models import tiny_opt
 
 PATTERNS = [
-    r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$", r".*language_model\..*\.(q_proj|v_proj)",
-    r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj", r"^(?!.*vision).*(q_proj|v_proj)$", r".*(?<=attn)\.q_proj",
-    r"\bq\b.*", r"[^.]+\.[a-z_]{2,5}", r"(?x) a b* c", r"a{2,3}b?", r".*\.q_proj\n?", r"(?s).*", r"x*?y+?",
-    r"\W+", r"(?=.*q)(?=.*\d).*", r"[\w.]+_proj", r"(a|ab)(c|bcd)(d*)", r"\Aq\Z|\S\s?",
+    r".*decoder.*(SelfAttention|EncDecAttention).*(q|v)$",
+    r".*language_model\..*\.(q_proj|v_proj)",
+    r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+    r"^(?!.*vision).*(q_proj|v_proj)$",
+    r".*(?<=attn)\.q_proj",
+    r"\bq\b.*",
+    r"[^.]+\.[a-z_]{2,5}",
+    r"(?x) a b* c",
+    r"a{2,3}b?",
+    r".*\.q_proj\n?",
+    r"(?s).*",
+    r"x*?y+?",
+    r"\W+",
+    r"(?=.*q)(?=.*\d).*",
+    r"[\w.]+_proj",
+    r"(a|ab)(c|bcd)(d*)",
+    r"\Aq\Z|\S\s?",
 ]
 # Exponential for a backtracking matcher: compared with `re` on short names only.
 EXPLOSIVE = [r"(.*.*)*x", r"(?:(?:a|b)*)*c", r"(a*)*$", r"(a|a)*b", r"(x+x+)+y"]
-NAMES = ["model.decoder.layers.0.SelfAttention.q", "model.language_model.layers.3.self_attn.q_proj", "xx", "aaaa",
-         "model.layers.12.self_attn.k_proj", "vision.q_proj", "text.q_proj", "attn.q_proj", "q.v", "a.bc", "abc",
-         "abbbc", "aab", "aaab", "", "x", "y", ".q_proj\n", "ab.c", "q1", "a\n", "q", "abcd", "abcdd", "q_proj"]
+NAMES = [
+    "model.decoder.layers.0.SelfAttention.q",
+    "model.language_model.layers.3.self_attn.q_proj",
+    "xx",
+    "aaaa",
+    "model.layers.12.self_attn.k_proj",
+    "vision.q_proj",
+    "text.q_proj",
+    "attn.q_proj",
+    "q.v",
+    "a.bc",
+    "abc",
+    "abbbc",
+    "aab",
+    "aaab",
+    "",
+    "x",
+    "y",
+    ".q_proj\n",
+    "ab.c",
+    "q1",
+    "a\n",
+    "q",
+    "abcd",
+    "abcdd",
+    "q_proj",
+]
 
 
 def _names(n: int = 300, longest: int = 9) -> list[str]:
@@ -49,10 +86,19 @@ def test_explosive_patterns_answer_on_long_names():
     assert TargetPattern(r"(a|a)*b").fullmatch("a" * 3000) is False
 
 
-@pytest.mark.parametrize("pattern, reason", [
-    (r"(a)\1", "backreferences"), (r"a*+", "possessive"), (r"(?>a)", "atomic"), (r"(?i)q_proj", "flags"),
-    (r"(?<=a+)b", "fixed-width"), (r"(?:a{1000}){1000}", "states"), ("(" * 5000, "characters"), (r"(?P<x>a)(?(x)b)", "conditional"),
-])
+@pytest.mark.parametrize(
+    "pattern, reason",
+    [
+        (r"(a)\1", "backreferences"),
+        (r"a*+", "possessive"),
+        (r"(?>a)", "atomic"),
+        (r"(?i)q_proj", "flags"),
+        (r"(?<=a+)b", "fixed-width"),
+        (r"(?:a{1000}){1000}", "states"),
+        ("(" * 5000, "characters"),
+        (r"(?P<x>a)(?(x)b)", "conditional"),
+    ],
+)
 def test_refused_with_the_reason(pattern, reason):
     with pytest.raises(PatternError, match=reason):
         TargetPattern(pattern)

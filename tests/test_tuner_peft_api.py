@@ -106,8 +106,15 @@ def _tiny_roberta_cls():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=VOCAB, max_position_embeddings=64, num_labels=3)
+    cfg = RobertaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return RobertaForSequenceClassification(cfg).eval()
 
 
@@ -116,7 +123,9 @@ def test_roberta_classification_head_keys_match_peft(tmp_path):
     base = _tiny_roberta_cls()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.ShiraConfig(r=2, init_weights=False, task_type="SEQ_CLS"))
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft.ShiraConfig(r=2, init_weights=False, task_type="SEQ_CLS")
+        )
     with torch.no_grad():
         theirs.base_model.model.classifier.modules_to_save["default"].out_proj.weight.add_(0.3)
     theirs.eval().save_pretrained(tmp_path)

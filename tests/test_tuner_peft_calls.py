@@ -135,13 +135,17 @@ def test_from_pretrained_options(tmp_path):
     model.save_pretrained(tmp_path, selected_adapters=["default"])
     expected = _logits(model)
     (tmp_path / "adapter_config.json").write_text("{not json")  # config= replaces the file
-    loaded = ShiraModel.from_pretrained(copy.deepcopy(base), tmp_path, config=copy.copy(model.peft_config["default"]),
-                                        low_cpu_mem_usage=True)
+    loaded = ShiraModel.from_pretrained(
+        copy.deepcopy(base), tmp_path, config=copy.copy(model.peft_config["default"]), low_cpu_mem_usage=True
+    )
     torch.testing.assert_close(_logits(loaded), expected, rtol=0, atol=1e-6)
     model.peft_config["default"].save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    save_file({k: v.half() if k.endswith("shira_weight") else v for k, v in tensors.items()},
-              str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.half() if k.endswith("shira_weight") else v for k, v in tensors.items()},
+        str(tmp_path / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     cast = ShiraModel.from_pretrained(copy.deepcopy(base), tmp_path)
     kept = ShiraModel.from_pretrained(copy.deepcopy(base), tmp_path, autocast_adapter_dtype=False)
     assert dict(cast.shira_layers())[Q].shira_weight["default"].dtype == torch.float32
@@ -157,8 +161,9 @@ def test_inject_adapter_in_model():
     assert paths == sorted(f"model.decoder.layers.{i}.self_attn.{n}_proj" for i in (0, 1) for n in "qv")
     with torch.no_grad():
         assert (out(**X).logits - base(**X).logits).abs().max() > 1e-4
-    from_keys = inject_adapter_in_model(ShiraConfig(r=1), copy.deepcopy(base),
-                                        state_dict={f"base_model.model.{Q}.shira_weight": torch.zeros(1)})
+    from_keys = inject_adapter_in_model(
+        ShiraConfig(r=1), copy.deepcopy(base), state_dict={f"base_model.model.{Q}.shira_weight": torch.zeros(1)}
+    )
     assert [p for p, m in from_keys.named_modules() if isinstance(m, ShiraLayer)] == [Q]
     peft = pytest.importorskip("peft")
     with warnings.catch_warnings():
@@ -168,6 +173,7 @@ def test_inject_adapter_in_model():
 
 
 # ---- a failed load leaves the model as it was (issue 16, item 5) ----------------------
+
 
 def _bad_adapter(tmp_path, base):
     """An adapter whose file holds a module weight adapter_config.json does not declare."""
@@ -181,9 +187,11 @@ def _bad_adapter(tmp_path, base):
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(n, p.requires_grad) for n, p in model.named_parameters()],
-            [(n, m.training, type(m).__name__) for n, m in model.named_modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+        [(n, m.training, type(m).__name__) for n, m in model.named_modules()],
+    )
 
 
 def test_a_failed_load_changes_nothing_and_a_retry_works(tmp_path):
@@ -200,8 +208,9 @@ def test_a_failed_load_changes_nothing_and_a_retry_works(tmp_path):
     model.load_adapter(good, "b")  # the retry
     assert sorted(model.peft_config) == ["b", "default"]
     model.set_adapter("b")
-    torch.testing.assert_close(_logits(model), _logits(ShiraModel.from_pretrained(copy.deepcopy(base), good)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        _logits(model), _logits(ShiraModel.from_pretrained(copy.deepcopy(base), good)), rtol=0, atol=1e-6
+    )
 
 
 def test_a_failed_from_pretrained_gives_the_plain_model_back(tmp_path):
@@ -235,8 +244,9 @@ def test_an_install_that_fails_half_way_is_rolled_back(tmp_path, monkeypatch):
         model.load_adapter(good, "b")
     after = _snapshot(model)
     assert after[1:] == before[1:] and sorted(model.peft_config) == ["default"]
-    assert [p for p, _ in model.shira_layers()] == [p for p, m in model.model.named_modules()
-                                                    if isinstance(m, ShiraLayer)]
+    assert [p for p, _ in model.shira_layers()] == [
+        p for p, m in model.model.named_modules() if isinstance(m, ShiraLayer)
+    ]
     monkeypatch.setattr(ShiraLayer, "add_adapter", original)
     model.load_adapter(good, "b")
     assert sorted(model.peft_config) == ["b", "default"]

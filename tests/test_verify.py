@@ -112,15 +112,22 @@ def opt(tmp_path_factory):
     tiny_opt().save_pretrained(root / "base")
     save_word_tokenizer(root / "base")
     merged = make_adapter(tiny_opt, root / "adapter", targets=["q_proj", "v_proj"], seed=1)
-    export_merged_onnx(merged, root / "merged_hf", root / "onnx", task="text-generation-with-past",
-                       source=root / "adapter")
+    export_merged_onnx(
+        merged, root / "merged_hf", root / "onnx", task="text-generation-with-past", source=root / "adapter"
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def opt_report(opt):
-    return verify(model=opt / "base", candidate=opt / "onnx", report_dir=opt / "reports",
-                  junit=opt / "reports/junit.xml", markdown=opt / "reports/summary.md", progress=False)
+    return verify(
+        model=opt / "base",
+        candidate=opt / "onnx",
+        report_dir=opt / "reports",
+        junit=opt / "reports/junit.xml",
+        markdown=opt / "reports/summary.md",
+        progress=False,
+    )
 
 
 def test_merged_onnx_passes_with_real_numbers(opt_report):
@@ -135,7 +142,12 @@ def test_merged_onnx_passes_with_real_numbers(opt_report):
     assert by[("logits", "max_abs")].threshold == 1e-4 and by[("logits", "max_abs")].passed
     assert by[("logits", "p50_abs")].passed is None  # reported, not judged, in fp32
     shapes = {i["name"]: tuple(i["shape"]) for i in r.inputs}
-    assert {shapes[f"seeded-{b}x{n}"] for b, n in ((1, 1), (1, 11), (3, 7), (3, 21))} == {(1, 1), (1, 11), (3, 7), (3, 21)}
+    assert {shapes[f"seeded-{b}x{n}"] for b, n in ((1, 1), (1, 11), (3, 7), (3, 21))} == {
+        (1, 1),
+        (1, 11),
+        (3, 7),
+        (3, 21),
+    }
     assert shapes["seeded-2x94"] == (2, 94)  # long: 128 positions - 32 greedy tokens - 2
     padded = {i["name"]: i for i in r.inputs if "lengths" in i}
     assert padded["padded-3x17"]["lengths"] == [17, 9, 2] and padded["padded-3x17-left"]["used_for"] == "generate"
@@ -151,7 +163,18 @@ def test_json_report_schema(opt, opt_report):
     assert data["environment"]["onnxruntime"] and data["environment"]["torch"]
     assert data["summary"]["failed"] == 0 and data["summary"]["checks"] >= 6
     rec = next(x for x in data["records"] if x["metric"] == "max_abs")
-    assert set(rec) >= {"adapter", "output", "metric", "value", "threshold", "op", "passed", "message", "inputs", "details"}
+    assert set(rec) >= {
+        "adapter",
+        "output",
+        "metric",
+        "value",
+        "threshold",
+        "op",
+        "passed",
+        "message",
+        "inputs",
+        "details",
+    }
     assert len(data["records"]) == len(opt_report.records)
 
 
@@ -167,7 +190,9 @@ def test_junit_and_markdown(opt, opt_report):
 
 
 def test_override_turns_a_pass_into_a_failure_with_a_useful_message(opt, opt_report):
-    r = verify(model=opt / "base", candidate=opt / "onnx", overrides={"atol": 1e-12, "greedy_tokens": 2}, progress=False)
+    r = verify(
+        model=opt / "base", candidate=opt / "onnx", overrides={"atol": 1e-12, "greedy_tokens": 2}, progress=False
+    )
     assert not r.passed
     (fail,) = r.failures
     assert (fail.output, fail.metric) == ("logits", "max_abs")
@@ -188,8 +213,15 @@ def test_user_inputs_file_and_plot(opt, tmp_path, monkeypatch):
     prompts.write_text("w5 w9 w13\nw100 w7 w7 w7 w2\n")
     import shira_export.verify.plot as plot
 
-    r = verify(model=opt / "base", candidate=opt / "onnx", inputs=prompts, report_dir=tmp_path,
-               overrides={"greedy_tokens": 3}, progress=False, plot=True)
+    r = verify(
+        model=opt / "base",
+        candidate=opt / "onnx",
+        inputs=prompts,
+        report_dir=tmp_path,
+        overrides={"greedy_tokens": 3},
+        progress=False,
+        plot=True,
+    )
     assert r.passed
     assert [i["shape"] for i in r.inputs if i["name"].startswith("text-")] == [[1, 3], [1, 5]]
     if plot.have_matplotlib():  # the `plot` extra; without it nothing is written and nothing fails
@@ -202,22 +234,58 @@ def test_user_inputs_file_and_plot(opt, tmp_path, monkeypatch):
 
 
 def test_cli_exit_codes(opt, tmp_path, capsys):
-    assert cli_main(["verify", "--model", str(opt / "base"), "--candidate", str(opt / "onnx"), "--quiet",
-                     "--set", "greedy_tokens=2", "--junit", str(tmp_path / "j.xml")]) == 0
+    assert (
+        cli_main(
+            [
+                "verify",
+                "--model",
+                str(opt / "base"),
+                "--candidate",
+                str(opt / "onnx"),
+                "--quiet",
+                "--set",
+                "greedy_tokens=2",
+                "--junit",
+                str(tmp_path / "j.xml"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((opt / "onnx" / REPORT_NAME).read_text())["verdict"] == "pass"  # default report dir
-    assert cli_main(["verify", "--model", str(opt / "base"), "--candidate", str(opt / "onnx"), "--quiet",
-                     "--set", "atol=1e-12", "--set", "greedy_tokens=2", "--report-dir", str(tmp_path)]) == 1
+    assert (
+        cli_main(
+            [
+                "verify",
+                "--model",
+                str(opt / "base"),
+                "--candidate",
+                str(opt / "onnx"),
+                "--quiet",
+                "--set",
+                "atol=1e-12",
+                "--set",
+                "greedy_tokens=2",
+                "--report-dir",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
     assert "FAIL" in capsys.readouterr().out
     assert cli_main(["verify", "--model", str(opt / "base"), "--candidate", str(tmp_path / "nope")]) == 2
-    assert cli_main(["verify", "--model", str(opt / "base"), "--candidate", str(opt / "onnx"),
-                     "--set", "atl=1"]) == 2
+    assert cli_main(["verify", "--model", str(opt / "base"), "--candidate", str(opt / "onnx"), "--set", "atl=1"]) == 2
 
 
 def test_adapter_flag_overrides_the_manifest_source(opt, tmp_path):
     """Verifying against another adapter than the one exported must fail."""
     make_adapter(tiny_opt, tmp_path / "other", targets=["q_proj", "v_proj"], seed=7)
-    r = verify(model=opt / "base", adapters=[tmp_path / "other"], candidate=opt / "onnx",
-               overrides={"greedy_tokens": 2}, progress=False)
+    r = verify(
+        model=opt / "base",
+        adapters=[tmp_path / "other"],
+        candidate=opt / "onnx",
+        overrides={"greedy_tokens": 2},
+        progress=False,
+    )
     assert not r.passed and r.adapters[0]["source"] == str(tmp_path / "other")
     assert any(f.metric == "max_abs" for f in r.failures)
 
@@ -228,7 +296,9 @@ def test_adapter_flag_overrides_the_manifest_source(opt, tmp_path):
 def test_bert_feature_extraction_onnx(tmp_path):
     tiny_bert().save_pretrained(tmp_path / "base")
     merged = make_adapter(tiny_bert, tmp_path / "adapter", targets=["query", "value"], seed=2)
-    export_merged_onnx(merged, tmp_path / "hf", tmp_path / "onnx", task="feature-extraction", source=tmp_path / "adapter")
+    export_merged_onnx(
+        merged, tmp_path / "hf", tmp_path / "onnx", task="feature-extraction", source=tmp_path / "adapter"
+    )
     r = verify(model=tmp_path / "base", candidate=tmp_path / "onnx", progress=False)
     assert r.passed, r.to_markdown()
     by = {(x.output, x.metric): x for x in r.records}
@@ -259,8 +329,9 @@ def test_fp16_export_passes_fp16_and_fails_fp32(opt, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(opt / "merged_hf").to(torch.float16).save_pretrained(tmp_path / "fp16")
-    write_manifest(tmp_path / "fp16", task="text-generation-with-past", fmt="safetensors",
-                   source=opt / "adapter", dtype="fp16")
+    write_manifest(
+        tmp_path / "fp16", task="text-generation-with-past", fmt="safetensors", source=opt / "adapter", dtype="fp16"
+    )
     kwargs = dict(model=opt / "base", candidate=tmp_path / "fp16", progress=False)
     r16 = verify(profile="fp16", **kwargs)
     assert r16.passed, r16.to_markdown()
@@ -288,8 +359,13 @@ def test_int8_quantization_judged_by_agreement(opt, tmp_path):
 def test_classifier_adapter_with_its_own_label_count(tmp_path):
     """Base config has 2 labels; the adapter saved a fresh 3-label head (modules_to_save)."""
     tiny_bert_cls(num_labels=2).save_pretrained(tmp_path / "base")
-    merged = make_adapter(lambda: tiny_bert_cls(num_labels=3), tmp_path / "adapter", targets=["query", "value"],
-                          seed=4, modules_to_save=["classifier"])
+    merged = make_adapter(
+        lambda: tiny_bert_cls(num_labels=3),
+        tmp_path / "adapter",
+        targets=["query", "value"],
+        seed=4,
+        modules_to_save=["classifier"],
+    )
     merged.save_pretrained(tmp_path / "cand")
     write_manifest(tmp_path / "cand", task="text-classification", fmt="safetensors", source=tmp_path / "adapter")
     r = verify(model=tmp_path / "base", candidate=tmp_path / "cand", progress=False)

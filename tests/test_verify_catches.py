@@ -33,9 +33,23 @@ def good(tmp_path_factory):
 
 
 def _verify(root, candidate, tmp_path, *extra: str) -> tuple[int, dict, ET.Element]:
-    rc = cli_main(["verify", "--model", str(root / "base"), "--candidate", str(candidate), "--quiet",
-                   "--report-dir", str(tmp_path), "--junit", str(tmp_path / "junit.xml"),
-                   "--markdown", str(tmp_path / "summary.md"), *extra])
+    rc = cli_main(
+        [
+            "verify",
+            "--model",
+            str(root / "base"),
+            "--candidate",
+            str(candidate),
+            "--quiet",
+            "--report-dir",
+            str(tmp_path),
+            "--junit",
+            str(tmp_path / "junit.xml"),
+            "--markdown",
+            str(tmp_path / "summary.md"),
+            *extra,
+        ]
+    )
     report = json.loads((tmp_path / "parity.json").read_text())
     return rc, report, ET.parse(tmp_path / "junit.xml").getroot()
 
@@ -128,9 +142,16 @@ def test_graph_with_a_shape_frozen_by_tracing(good, tmp_path):
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(model).eval(), (ids, torch.ones_like(ids)), cand / "model.onnx", dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}}, opset_version=17)
+        torch.onnx.export(
+            Logits(model).eval(),
+            (ids, torch.ones_like(ids)),
+            cand / "model.onnx",
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
+            opset_version=17,
+        )
     model.config.save_pretrained(cand)
     write_manifest(cand, task="text-generation", source=good / "adapter")
 
@@ -164,7 +185,9 @@ def test_adapter_file_swapped_for_another_adapters(tmp_path):
     manifest = json.loads((out / "shira_export.json").read_text())
     shutil.copy(out / manifest["adapters"]["a"]["file"], out / manifest["adapters"]["b"]["file"])
     # a consistent but wrong folder: the manifest's digest updated too (else loading refuses b outright)
-    manifest["adapters"]["b"]["sha256"] = hashlib.sha256((out / manifest["adapters"]["b"]["file"]).read_bytes()).hexdigest()
+    manifest["adapters"]["b"]["sha256"] = hashlib.sha256(
+        (out / manifest["adapters"]["b"]["file"]).read_bytes()
+    ).hexdigest()
     (out / "shira_export.json").write_text(json.dumps(manifest, indent=2))
     rc, report, _ = _verify(tmp_path, out, reports)
     assert rc == 1
@@ -189,7 +212,7 @@ def test_position_embeddings_corrupted_past_40_fail_by_default(good, tmp_path):
     model = onnx.load(cand / "model.onnx")
     init = _weight_initializer(good, model, "model.decoder.embed_positions.weight", transposed=False)
     table = numpy_helper.to_array(init).copy()
-    table[40 + 2:] = np.random.default_rng(0).standard_normal(table[42:].shape).astype(np.float32)  # OPT offset 2
+    table[40 + 2 :] = np.random.default_rng(0).standard_normal(table[42:].shape).astype(np.float32)  # OPT offset 2
     init.CopyFrom(numpy_helper.from_array(table, init.name))
     onnx.save(model, cand / "model.onnx")
     rc, report, _ = _verify(good, cand, tmp_path)

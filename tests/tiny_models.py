@@ -20,15 +20,31 @@ VOCAB = 128
 
 def tiny_opt(seed: int = 0, vocab_size: int = VOCAB, **extra) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    cfg = OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=vocab_size,
-                    max_position_embeddings=128, word_embed_proj_dim=32, **extra)
+    cfg = OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        **extra,
+    )
     return OPTForCausalLM(cfg).eval()
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = VOCAB, **extra) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128, **extra)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        **extra,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -40,15 +56,29 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = VOCAB, **extra) -> GPT2LMHeadMode
 
 def tiny_bert(seed: int = 0, vocab_size: int = VOCAB, **extra) -> BertModel:
     torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=vocab_size, max_position_embeddings=128, **extra)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+        **extra,
+    )
     return BertModel(cfg).eval()
 
 
 def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                     vocab_size=VOCAB, max_position_embeddings=128, num_labels=num_labels)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 

@@ -25,9 +25,13 @@ def save_word_tokenizer(folder: Path, vocab_size: int = VOCAB_WORDS) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
 
 
-def make_adapter(model_fn, folder: Path, *, targets: list[str], seed: int, scale: float = 1.0, **cfg) -> torch.nn.Module:
+def make_adapter(
+    model_fn, folder: Path, *, targets: list[str], seed: int, scale: float = 1.0, **cfg
+) -> torch.nn.Module:
     """Save a random SHiRA adapter for `model_fn()` into `folder`; return the merged model."""
-    shira = get_shira_model(model_fn(), ShiraConfig(r=4, target_modules=targets, init_weights=False, random_seed=seed, **cfg))
+    shira = get_shira_model(
+        model_fn(), ShiraConfig(r=4, target_modules=targets, init_weights=False, random_seed=seed, **cfg)
+    )
     if scale != 1.0:
         with torch.no_grad():
             for p in shira.parameters():
@@ -37,8 +41,15 @@ def make_adapter(model_fn, folder: Path, *, targets: list[str], seed: int, scale
     return shira.merge_and_unload().eval()
 
 
-def write_manifest(folder: Path, *, task: str, fmt: str = "onnx", name: Optional[str] = "default",
-                   source: Optional[Path] = None, dtype: str = "fp32") -> None:
+def write_manifest(
+    folder: Path,
+    *,
+    task: str,
+    fmt: str = "onnx",
+    name: Optional[str] = "default",
+    source: Optional[Path] = None,
+    dtype: str = "fp32",
+) -> None:
     adapter = None if name is None else {"name": name, "source": str(source) if source else None}
     manifest = {"schema": 1, "kind": "merged", "format": fmt, "task": task, "dtype": dtype, "adapter": adapter}
     (folder / "shira_export.json").write_text(json.dumps(manifest, indent=2))

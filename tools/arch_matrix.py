@@ -32,8 +32,12 @@ def _figures(report) -> dict:
             worst = max(worst, float(record.value))
         if record.metric in ("greedy_prefix", "greedy_prefix_mean") and record.value is not None:
             greedy = float(record.value) if greedy is None else min(greedy, float(record.value))
-    return {"passed": report.passed, "max_abs": worst, "greedy_prefix": greedy,
-            "failures": [f.summary for f in report.failures[:3]]}
+    return {
+        "passed": report.passed,
+        "max_abs": worst,
+        "greedy_prefix": greedy,
+        "failures": [f.summary for f in report.failures[:3]],
+    }
 
 
 def _sparse_adapter(arch: str, adapter: Path, root: Path) -> Path:
@@ -44,8 +48,9 @@ def _sparse_adapter(arch: str, adapter: Path, root: Path) -> Path:
     if ARCHS[arch].peft_task != "SEQ_CLS":
         return adapter
     path = root / f"{arch}-adapter-encoder"
-    get_shira_model(build(arch), ShiraConfig(r=2, target_modules=ARCHS[arch].targets, init_weights=False,
-                                       random_seed=4)).save_pretrained(path)
+    get_shira_model(
+        build(arch), ShiraConfig(r=2, target_modules=ARCHS[arch].targets, init_weights=False, random_seed=4)
+    ).save_pretrained(path)
     return path
 
 
@@ -59,8 +64,10 @@ def run_one(arch: str, exporter: str, root: Path) -> dict:
     base = root / arch
     model.save_pretrained(base)
     adapter = root / f"{arch}-adapter"
-    shira = get_shira_model(model, ShiraConfig(r=2, target_modules=spec.targets, init_weights=False, random_seed=3,
-                                               task_type=spec.peft_task))
+    shira = get_shira_model(
+        model,
+        ShiraConfig(r=2, target_modules=spec.targets, init_weights=False, random_seed=3, task_type=spec.peft_task),
+    )
     shira.save_pretrained(adapter)
     row: dict = {"arch": arch, "model_type": model.config.model_type}
     for kind in ("merged", "sparse"):
@@ -70,15 +77,23 @@ def run_one(arch: str, exporter: str, root: Path) -> dict:
                 result = export_merged(base, adapter, root / f"{arch}-merged", exporter=exporter)
                 chosen = result.exporter.value
             else:
-                result = export_sparse(base, {"a": _sparse_adapter(arch, adapter, root)},
-                                       root / f"{arch}-sparse", exporter=exporter, task=spec.task)
+                result = export_sparse(
+                    base,
+                    {"a": _sparse_adapter(arch, adapter, root)},
+                    root / f"{arch}-sparse",
+                    exporter=exporter,
+                    task=spec.task,
+                )
                 chosen = json.loads((root / f"{arch}-sparse" / "shira_export.json").read_text())["exporter"]
             row[kind] = dict(_figures(result.report), exporter=chosen)
         except ParityFailure as exc:
             row[kind] = dict(_figures(exc.report), exporter=exporter)
         except Exception as exc:  # a row of the table, not a crash of the tool
-            row[kind] = {"passed": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}",
-                         "traceback": traceback.format_exc(limit=3)}
+            row[kind] = {
+                "passed": False,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}",
+                "traceback": traceback.format_exc(limit=3),
+            }
         row[kind]["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -107,17 +122,29 @@ def main() -> int:
                     cells.append(f"ERROR {c['error'][:70]}")
                 else:
                     greedy = "-" if c["greedy_prefix"] is None else f"{c['greedy_prefix']:.2f}"
-                    cells.append(f"{'PASS' if c['passed'] else 'FAIL'} {c['max_abs']:.1e} greedy {greedy} "
-                                 f"({c['exporter']}, {c['seconds']}s)")
+                    cells.append(
+                        f"{'PASS' if c['passed'] else 'FAIL'} {c['max_abs']:.1e} greedy {greedy} "
+                        f"({c['exporter']}, {c['seconds']}s)"
+                    )
             print(f"{arch:>16} | {cells[0]:<44} | {cells[1]}", flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     out = Path(__file__).parent / "results" / f"arch_matrix-transformers{transformers.__version__}.json"
-    out.write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                               "python": platform.python_version(), "cpu": cpu,
-                               "cpu_features": [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni",
-                                                                          "avx_vnni")],
-                               "exporter": args.exporter, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "transformers": transformers.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "cpu": cpu,
+                "cpu_features": [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni")],
+                "exporter": args.exporter,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"-> {out}")
     return 0 if all(r[k].get("passed") for r in rows for k in ("merged", "sparse")) else 1
 

@@ -78,12 +78,21 @@ def main() -> int:
     exporters = ["torch", "optimum"] if optimum_available() else ["torch"]
     root = Path(tempfile.mkdtemp(prefix="bench_exporters."))
     torch.manual_seed(0)
-    config = OPTConfig(hidden_size=768, num_hidden_layers=args.layers, num_attention_heads=12, ffn_dim=3072,
-                       vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)
+    config = OPTConfig(
+        hidden_size=768,
+        num_hidden_layers=args.layers,
+        num_attention_heads=12,
+        ffn_dim=3072,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=768,
+    )
     model = OPTForCausalLM(config).eval()
     model.save_pretrained(root / "base")
-    get_shira_model(model, ShiraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
-                                       init_weights=False, random_seed=1)).save_pretrained(root / "adapter")
+    get_shira_model(
+        model,
+        ShiraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_weights=False, random_seed=1),
+    ).save_pretrained(root / "adapter")
     export_s: dict[str, list[float]] = {e: [] for e in exporters}
     for _ in range(2):  # the second round shows the torch route's traced-program cache
         for e in exporters:
@@ -98,29 +107,51 @@ def main() -> int:
             timing[e]["decode"].append(_time(s, _feeds(s, 1, 1, 128), 20))
     rows = []
     for e in exporters:
-        rows.append({"exporter": e, "export_first_s": export_s[e][0], "export_again_s": export_s[e][1],
-                     "prefill_ms": 1e3 * statistics.median(timing[e]["prefill"]),
-                     "decode_ms": 1e3 * statistics.median(timing[e]["decode"])})
+        rows.append(
+            {
+                "exporter": e,
+                "export_first_s": export_s[e][0],
+                "export_again_s": export_s[e][1],
+                "prefill_ms": 1e3 * statistics.median(timing[e]["prefill"]),
+                "decode_ms": 1e3 * statistics.median(timing[e]["decode"]),
+            }
+        )
     import onnxruntime
     import transformers
 
-    print(f"\nOPT shape ({args.layers} layers, 768 hidden), merged SHiRA r=8 q/k/v/out; transformers "
-          f"{transformers.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} ORT threads, "
-          f"CPU {_cpu()['model']} {_cpu()['features']}\n")
+    print(
+        f"\nOPT shape ({args.layers} layers, 768 hidden), merged SHiRA r=8 q/k/v/out; transformers "
+        f"{transformers.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} ORT threads, "
+        f"CPU {_cpu()['model']} {_cpu()['features']}\n"
+    )
     print("| exporter | export s (first) | export s (same arch again) | prefill 1x128 ms | decode 1 over 128 ms |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['exporter']} | {r['export_first_s']:.1f} | {r['export_again_s']:.1f} | {r['prefill_ms']:.1f} | "
-              f"{r['decode_ms']:.2f} |")
+        print(
+            f"| {r['exporter']} | {r['export_first_s']:.1f} | {r['export_again_s']:.1f} | {r['prefill_ms']:.1f} | "
+            f"{r['decode_ms']:.2f} |"
+        )
     ratios = {}
     if len(rows) == 2:
         t, o = rows
         ratios = {key: t[key] / o[key] for key in ("export_first_s", "prefill_ms", "decode_ms")}
         print("\ntorch / optimum: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpu": _cpu(), "transformers": transformers.__version__, "layers": args.layers,
-                                   "threads": args.threads, "rounds": args.rounds, "rows": rows, "ratios": ratios},
-                                  indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "cpu": _cpu(),
+                "transformers": transformers.__version__,
+                "layers": args.layers,
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "rows": rows,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
     return 0
 

@@ -45,9 +45,17 @@ def build_base(work: Path) -> Path:
     path = work / "llama125m"
     if not (path / "config.json").exists():
         torch.manual_seed(0)
-        cfg = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                          num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=1024,
-                          bos_token_id=1, eos_token_id=2)
+        cfg = LlamaConfig(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         LlamaForCausalLM(cfg).eval().save_pretrained(path)
         vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
@@ -64,7 +72,9 @@ def build_adapter(work: Path, base: Path, r: int = 8) -> Path:
 
     path = work / f"r{r}"
     if not (path / "adapter_config.json").exists():
-        cfg = ShiraConfig(r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_weights=False, random_seed=1)
+        cfg = ShiraConfig(
+            r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_weights=False, random_seed=1
+        )
         get_shira_model(LlamaForCausalLM.from_pretrained(base), cfg).save_pretrained(path)
         ckpt = read_adapter_dir(path)
         for delta in ckpt.deltas.values():
@@ -116,7 +126,7 @@ def time_genai(folder: Path, adapter, prompt: np.ndarray, tokens: int):
             gen.generate_next_token()
             n += 1
         t2 = time.perf_counter()
-        return t1 - t0, n / (t2 - t1), np.asarray(gen.get_sequence(0))[prompt.shape[1]:]
+        return t1 - t0, n / (t2 - t1), np.asarray(gen.get_sequence(0))[prompt.shape[1] :]
 
     one()  # warm-up
     return one
@@ -139,8 +149,11 @@ def main(argv=None) -> None:
 
     base = build_base(work)
     adapter = build_adapter(work, base)
-    folders = {"builder merged": (work / "builder_merged", None), "builder + delta": (work / "builder_sparse", "a"),
-               "builder base": (work / "builder_sparse", None)}
+    folders = {
+        "builder merged": (work / "builder_merged", None),
+        "builder + delta": (work / "builder_sparse", "a"),
+        "builder base": (work / "builder_sparse", None),
+    }
     t = time.perf_counter()
     if not (work / "builder_merged" / "genai_config.json").exists():
         export_merged_genai(base, adapter, work / "builder_merged", adapter_name="a", overwrite=True)
@@ -150,8 +163,10 @@ def main(argv=None) -> None:
     try:
         export_ours(work, args.exporter)
     except Exception as exc:  # no such exporter in this environment: say how to make the folder
-        print(f"ours sparse ({args.exporter}): not exported here ({type(exc).__name__}: {exc}); for the optimum route run\n"
-              f"  /work/venv-tf4/bin/python tools/bench_runtime.py --genai-export-ours --exporter optimum --work {work}")
+        print(
+            f"ours sparse ({args.exporter}): not exported here ({type(exc).__name__}: {exc}); for the optimum route run\n"
+            f"  /work/venv-tf4/bin/python tools/bench_runtime.py --genai-export-ours --exporter optimum --work {work}"
+        )
     for folder in sorted(work.glob("ours_sparse_*")):
         if (folder / "genai_config.json").exists():
             folders[f"ours {folder.name.rsplit('_', 1)[1]}"] = (folder, "a")
@@ -166,26 +181,52 @@ def main(argv=None) -> None:
             samples[k]["prefill"].append(prefill)
             samples[k]["tps"].append(tps)
             tokens[k] = toks
-    med = {k: {"prefill_ms": statistics.median(v["prefill"]) * 1000, "decode_tok_s": statistics.median(v["tps"])}
-           for k, v in samples.items()}
+    med = {
+        k: {"prefill_ms": statistics.median(v["prefill"]) * 1000, "decode_tok_s": statistics.median(v["tps"])}
+        for k, v in samples.items()
+    }
     ref = med["builder merged"]
     flags = set()
     if Path("/proc/cpuinfo").exists():
-        flags = set(next((ln.split(":")[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                          if ln.startswith("flags")), []))
-    cpu = {"machine": platform.processor() or platform.machine(), "cores": threads,
-           "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags, "avx2": "avx2" in flags}
+        flags = set(
+            next(
+                (
+                    ln.split(":")[1].split()
+                    for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("flags")
+                ),
+                [],
+            )
+        )
+    cpu = {
+        "machine": platform.processor() or platform.machine(),
+        "cores": threads,
+        "avx512f": "avx512f" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx2": "avx2" in flags,
+    }
     same = {k: bool(np.array_equal(tokens[k], tokens["builder merged"])) for k in tokens}
-    print(f"\nLlama ~125M (12 layers), r=8 q/k/v/o, fp32, onnxruntime-genai CPU ({cpu}), "
-          f"medians of {args.rounds} rounds, prompt 128, {args.tokens} new tokens")
-    print(f"{'variant':<16} {'prefill ms':>10} {'x merged':>8} {'decode tok/s':>12} {'merged/x':>8}  same tokens as merged")
+    print(
+        f"\nLlama ~125M (12 layers), r=8 q/k/v/o, fp32, onnxruntime-genai CPU ({cpu}), "
+        f"medians of {args.rounds} rounds, prompt 128, {args.tokens} new tokens"
+    )
+    print(
+        f"{'variant':<16} {'prefill ms':>10} {'x merged':>8} {'decode tok/s':>12} {'merged/x':>8}  same tokens as merged"
+    )
     for k, m in med.items():
-        print(f"{k:<16} {m['prefill_ms']:>10.1f} {m['prefill_ms'] / ref['prefill_ms']:>8.2f} {m['decode_tok_s']:>12.1f} "
-              f"{ref['decode_tok_s'] / m['decode_tok_s']:>8.2f}  {same[k]}")
+        print(
+            f"{k:<16} {m['prefill_ms']:>10.1f} {m['prefill_ms'] / ref['prefill_ms']:>8.2f} {m['decode_tok_s']:>12.1f} "
+            f"{ref['decode_tok_s'] / m['decode_tok_s']:>8.2f}  {same[k]}"
+        )
     dest = Path(__file__).resolve().parent / "results" / "bench_genai.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"cpu": cpu, "rounds": args.rounds, "tokens": args.tokens, "median": med,
-                                "same_tokens_as_merged": same}, indent=2) + "\n")
+    dest.write_text(
+        json.dumps(
+            {"cpu": cpu, "rounds": args.rounds, "tokens": args.tokens, "median": med, "same_tokens_as_merged": same},
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {dest}")
 
 

@@ -36,15 +36,18 @@ def _no_merged(self, name, base, values, scale, dtype):
 
 
 def _no_support(self, name, indices):
-    return ls.Support(SparsePlan.build(indices, self.shape),
-                      storage_index(indices, self.shape, transposed=self.transposed))
+    return ls.Support(
+        SparsePlan.build(indices, self.shape), storage_index(indices, self.shape, transposed=self.transposed)
+    )
 
 
 DROPS: dict[str, list[tuple[type, str, Callable]]] = {
     "int32_positions": [(ls.Support, "flat32", lambda self: self.flat.to(torch.int32))],
     "merged_entries": [(ls.LayerState, "merged_entries", _no_merged)],
-    "base_entries": [(ls.LayerState, "base_entries", lambda self, n, i, w: gather_flat(w, self.support(n, i).flat)),
-                     (ls.LayerState, "cached_base_entries", lambda self, n, i, w: None)],
+    "base_entries": [
+        (ls.LayerState, "base_entries", lambda self, n, i, w: gather_flat(w, self.support(n, i).flat)),
+        (ls.LayerState, "cached_base_entries", lambda self, n, i, w: None),
+    ],
     "support": [(ls.LayerState, "support", _no_support)],
 }
 _ORIGINAL = {(cls, attr): getattr(cls, attr) for patches in DROPS.values() for cls, attr, _ in patches}
@@ -69,11 +72,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     variants = ["none"] + (args.only if args.only is not None else list(DROPS))
     if args.what == "train":
-        step = bench_train.Trainer(bench_train.wrap("shira_export", bench_train.build_base(args.layers), 32),
-                                   4, args.seq).step
+        step = bench_train.Trainer(
+            bench_train.wrap("shira_export", bench_train.build_base(args.layers), 32), 4, args.seq
+        ).step
     else:
-        model = bench_switch.wrap("shira_export", bench_switch.build(args.what),
-                                  bench_switch.SHAPES[args.what]["targets"], 32)
+        model = bench_switch.wrap(
+            "shira_export", bench_switch.build(args.what), bench_switch.SHAPES[args.what]["targets"], 32
+        )
         names = iter(["b", "a"] * 10**6)
 
         def step() -> tuple[float, float]:
@@ -87,19 +92,22 @@ def main() -> int:
         drop(v)
         step(), step()
     for i in range(args.rounds):
-        for v in variants[i % len(variants):] + variants[: i % len(variants)]:
+        for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
             drop(v)
             for _ in range(2):
                 w, c = step()
                 wall[v].append(w)
                 cpu[v].append(c)
     drop("none")
-    result = {v: {"wall_ms": 1e3 * statistics.median(wall[v]), "cpu_ms": 1e3 * statistics.median(cpu[v])}
-              for v in variants}
+    result = {
+        v: {"wall_ms": 1e3 * statistics.median(wall[v]), "cpu_ms": 1e3 * statistics.median(cpu[v])} for v in variants
+    }
     print(json.dumps({"what": args.what, "threads": args.threads, "rounds": args.rounds, "dropped": result}))
     for v in variants:
-        print(f"  dropped {v:<16} {result[v]['cpu_ms']:9.2f} ms CPU  {result[v]['wall_ms']:9.2f} ms wall "
-              f"({result[v]['cpu_ms'] / result['none']['cpu_ms']:.2f}x)")
+        print(
+            f"  dropped {v:<16} {result[v]['cpu_ms']:9.2f} ms CPU  {result[v]['wall_ms']:9.2f} ms wall "
+            f"({result[v]['cpu_ms'] / result['none']['cpu_ms']:.2f}x)"
+        )
     return 0
 
 

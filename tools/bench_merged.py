@@ -26,8 +26,15 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_merged.json"
 # facebook/opt-125m's sizes
-OPT_125M = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, vocab_size=50272,
-                max_position_embeddings=2048, word_embed_proj_dim=768)
+OPT_125M = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    ffn_dim=3072,
+    vocab_size=50272,
+    max_position_embeddings=2048,
+    word_embed_proj_dim=768,
+)
 
 
 def _size_mb(folder: Path, pattern: str = "*") -> float:
@@ -42,7 +49,9 @@ def _prepare(root: Path) -> tuple[Path, Path, int]:
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(**OPT_125M)).eval()
     model.save_pretrained(root / "base")
-    shira = get_shira_model(model, ShiraConfig(r=32, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=1))
+    shira = get_shira_model(
+        model, ShiraConfig(r=32, target_modules=["q_proj", "v_proj"], init_weights=False, random_seed=1)
+    )
     shira.save_pretrained(root / "adapter")
     nnz = sum(layer.nnz("default") for _, layer in shira.shira_layers())
     return root / "base", root / "adapter", nnz
@@ -88,20 +97,38 @@ def main() -> int:
     peer: list[float] = []
     for _ in range(args.rounds):  # interleaved
         for exporter in exporters:
-            ours[exporter].append(_ours(base, adapter, root / f"onnx-{exporter}", format="onnx", verify=False,
-                                        exporter=exporter))
+            ours[exporter].append(
+                _ours(base, adapter, root / f"onnx-{exporter}", format="onnx", verify=False, exporter=exporter)
+            )
         if optimum_available():
             peer.append(_peer(base, root / "peer"))
-    rows = [{"what": f"merged onnx fp32, exporter {e} (no verify)", "seconds": statistics.median(runs), "runs": runs,
-             "size_mb": _size_mb(root / f"onnx-{e}", "*.onnx*")} for e, runs in ours.items()]
+    rows = [
+        {
+            "what": f"merged onnx fp32, exporter {e} (no verify)",
+            "seconds": statistics.median(runs),
+            "runs": runs,
+            "size_mb": _size_mb(root / f"onnx-{e}", "*.onnx*"),
+        }
+        for e, runs in ours.items()
+    ]
     if peer:
-        rows.append({"what": "peer: optimum main_export of the base", "seconds": statistics.median(peer), "runs": peer,
-                     "size_mb": _size_mb(root / "peer", "*.onnx*")})
+        rows.append(
+            {
+                "what": "peer: optimum main_export of the base",
+                "seconds": statistics.median(peer),
+                "runs": peer,
+                "size_mb": _size_mb(root / "peer", "*.onnx*"),
+            }
+        )
     for label, kwargs, pattern in [
         ("merged onnx fp32 + verify", dict(format="onnx"), "*.onnx*"),
         ("merged onnx fp16 (no verify)", dict(format="onnx", dtype="fp16", verify=False), "*.onnx*"),
         ("merged safetensors fp32 (no verify)", dict(format="safetensors", verify=False), "*.safetensors"),
-        ("merged safetensors fp16 (no verify)", dict(format="safetensors", dtype="fp16", verify=False), "*.safetensors"),
+        (
+            "merged safetensors fp16 (no verify)",
+            dict(format="safetensors", dtype="fp16", verify=False),
+            "*.safetensors",
+        ),
     ]:
         out = root / label.replace(" ", "_").replace("+", "v").replace("(", "").replace(")", "")
         seconds = _ours(base, adapter, out, **kwargs)
@@ -117,11 +144,17 @@ def main() -> int:
 
     ratios = {}
     if peer:
-        ratios = {f"{e} / optimum main_export of the base": statistics.median(ours[e]) / statistics.median(peer)
-                  for e in exporters}
-        ratios["torch exporter / optimum exporter"] = statistics.median(ours["torch"]) / statistics.median(ours["optimum"])
-    print(f"\nOPT-125m-shaped (random weights), SHiRA r=32 on q_proj/v_proj ({nnz:,} nonzeros), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n")
+        ratios = {
+            f"{e} / optimum main_export of the base": statistics.median(ours[e]) / statistics.median(peer)
+            for e in exporters
+        }
+        ratios["torch exporter / optimum exporter"] = statistics.median(ours["torch"]) / statistics.median(
+            ours["optimum"]
+        )
+    print(
+        f"\nOPT-125m-shaped (random weights), SHiRA r=32 on q_proj/v_proj ({nnz:,} nonzeros), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds\n"
+    )
     print(f"| {'export':<44} | {'seconds':>8} | {'verify s':>8} | {'size MB':>8} | {'max_abs':>9} |")
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 11}|")
     for r in rows:
@@ -132,12 +165,27 @@ def main() -> int:
     for label, ratio in ratios.items():
         print(f"merged onnx export, {label}: {ratio:.2f}x")
     if not ratios:
-        print("optimum-onnx is not installed: no peer row (run in a transformers 4.x environment with "
-              "shira-export[optimum] for the ratios)")
+        print(
+            "optimum-onnx is not installed: no peer row (run in a transformers 4.x environment with "
+            "shira-export[optimum] for the ratios)"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": "opt-125m-shaped", "config": OPT_125M, "shira_r": 32, "nnz": nnz,
-                                   "rounds": args.rounds, "rows": rows, "ratios": ratios,
-                                   "transformers": __import__("transformers").__version__}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "model": "opt-125m-shaped",
+                "config": OPT_125M,
+                "shira_r": 32,
+                "nnz": nnz,
+                "rounds": args.rounds,
+                "rows": rows,
+                "ratios": ratios,
+                "transformers": __import__("transformers").__version__,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS}")
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)

@@ -120,9 +120,12 @@ def machine() -> dict:
         m = re.search(r"^flags\s*:\s*(.*)$", cpuinfo.read_text(), re.M)
         flags = set(m.group(1).split()) if m else set()
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else None
-    return {"cpu": model.group(1) if model else "?", "cores": os.cpu_count(),
-            "flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")},
-            "load_start": list(os.getloadavg())}
+    return {
+        "cpu": model.group(1) if model else "?",
+        "cores": os.cpu_count(),
+        "flags": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")},
+        "load_start": list(os.getloadavg()),
+    }
 
 
 def rss() -> int:
@@ -148,8 +151,11 @@ def feeds(n_layers: int, ids, past=None, past_len: int = 0):
     import onnxruntime as ort
 
     batch, total = ids.shape[0], past_len + ids.shape[1]
-    f = {"input_ids": ids, "attention_mask": np.ones((batch, total), np.int64),
-         "position_ids": np.broadcast_to(np.arange(past_len, total, dtype=np.int64), (batch, ids.shape[1])).copy()}
+    f = {
+        "input_ids": ids,
+        "attention_mask": np.ones((batch, total), np.int64),
+        "position_ids": np.broadcast_to(np.arange(past_len, total, dtype=np.int64), (batch, ids.shape[1])).copy(),
+    }
     for i in range(n_layers):
         for kv in ("key", "value"):
             name = f"past_key_values.{i}.{kv}"
@@ -158,7 +164,7 @@ def feeds(n_layers: int, ids, past=None, past_len: int = 0):
 
 
 def as_past(outs: list[str], values: list) -> dict:
-    return {"past_key_values." + n[len("present."):]: v for n, v in zip(outs, values) if n.startswith("present.")}
+    return {"past_key_values." + n[len("present.") :]: v for n, v in zip(outs, values) if n.startswith("present.")}
 
 
 def timed(fn, f) -> float:
@@ -233,16 +239,22 @@ def bench_mixed(r, work, lean, args, outs) -> dict:
     rng = np.random.default_rng(1)
     prompts = rng.integers(0, VOCAB, (8, 128), dtype=np.int64)
     # each stream's own 128-token cache, then the batch's cache is the 8 stacked
-    alone = [as_past(outs, lean.run_ort_values(feeds(args.layers, prompts[i:i + 1]), adapter=n, output_names=outs))
-             for i, n in enumerate(names)]
+    alone = [
+        as_past(outs, lean.run_ort_values(feeds(args.layers, prompts[i : i + 1]), adapter=n, output_names=outs))
+        for i, n in enumerate(names)
+    ]
     stacked = {k: np.concatenate([c[k].numpy() for c in alone]) for k in alone[0]}
     step = rng.integers(0, VOCAB, (8, 1), dtype=np.int64)
     batch_feeds = feeds(args.layers, step, stacked, 128)
     mixed = lean.run_ort_values(batch_feeds, adapter=names, output_names=outs[:1])[0].numpy()
-    singles = [lean.run_ort_values(feeds(args.layers, step[i:i + 1], alone[i], 128), adapter=n,
-                                   output_names=outs[:1])[0].numpy() for i, n in enumerate(names)]
+    singles = [
+        lean.run_ort_values(feeds(args.layers, step[i : i + 1], alone[i], 128), adapter=n, output_names=outs[:1])[
+            0
+        ].numpy()
+        for i, n in enumerate(names)
+    ]
     err = float(np.abs(mixed - np.concatenate(singles)).max())
-    single_feeds = [feeds(args.layers, step[i:i + 1], alone[i], 128) for i in range(8)]  # built once, as batch_feeds
+    single_feeds = [feeds(args.layers, step[i : i + 1], alone[i], 128) for i in range(8)]  # built once, as batch_feeds
     t_mixed, t_sep = [], []
     for _ in range(4 * args.rounds):
         t_mixed.append(timed(lambda f: lean.run_ort_values(f, adapter=names, output_names=outs), batch_feeds))
@@ -251,9 +263,14 @@ def bench_mixed(r, work, lean, args, outs) -> dict:
             lean.run_ort_values(single_feeds[i], adapter=n, output_names=outs)
         t_sep.append(time.perf_counter() - t)
     mixed_tps, sep_tps = 8 / statistics.median(t_mixed), 8 / statistics.median(t_sep)
-    return {"mixed_tokens_per_s": mixed_tps, "separate_tokens_per_s": sep_tps, "ratio": mixed_tps / sep_tps,
-            "mixed_ms": statistics.median(t_mixed) * 1000, "separate_ms": statistics.median(t_sep) * 1000,
-            "max_abs_mixed_vs_alone": err}
+    return {
+        "mixed_tokens_per_s": mixed_tps,
+        "separate_tokens_per_s": sep_tps,
+        "ratio": mixed_tps / sep_tps,
+        "mixed_ms": statistics.median(t_mixed) * 1000,
+        "separate_ms": statistics.median(t_sep) * 1000,
+        "max_abs_mixed_vs_alone": err,
+    }
 
 
 def bench_memory(folder, work, like_session, name: str, n_layers: int, count: int = 64) -> dict:
@@ -277,8 +294,12 @@ def bench_memory(folder, work, like_session, name: str, n_layers: int, count: in
             s.unload_adapter(f"m{i}")
         end = rss()
         per = (loaded - start) / count
-        result[mode] = {"rss_mb_per_adapter": per / 2**20, "x_file": per / size, "reported_mb": reported / 2**20,
-                        "after_unload_mb": (end - start) / 2**20}
+        result[mode] = {
+            "rss_mb_per_adapter": per / 2**20,
+            "x_file": per / size,
+            "reported_mb": reported / 2**20,
+            "after_unload_mb": (end - start) / 2**20,
+        }
         del s
     return result
 
@@ -304,9 +325,15 @@ def main() -> None:
         t = time.perf_counter()
         export_sparse(model_dir, adapters, folder, verify=False, overwrite=True)
         print(f"export: {time.perf_counter() - t:.1f} s")
-    results: dict = {"rounds": args.rounds, "layers": args.layers, "machine": machine(),
-                     "ort": ort.__version__, "ort_intra_op_threads": "default (0: one per physical core)",
-                     "ranks": {}, "mixed": {}}
+    results: dict = {
+        "rounds": args.rounds,
+        "layers": args.layers,
+        "machine": machine(),
+        "ort": ort.__version__,
+        "ort_intra_op_threads": "default (0: one per physical core)",
+        "ranks": {},
+        "mixed": {},
+    }
     lean = ShiraSession(folder, session_options=session_options())
     dense = ShiraSession(folder, mode=Mode.DENSE, session_options=session_options())
     outs = [o.name for o in lean.session.get_outputs()]
@@ -314,8 +341,11 @@ def main() -> None:
         results["ranks"][r] = bench_modes(r, folder, work, lean, dense, args, outs)
     del dense
     for r in args.ranks:
-        results["mixed"][r] = (bench_mixed(r, work, lean, args, outs) if lean.per_row
-                               else {"skipped": "graph takes one adapter per call ([nnz] inputs)"})
+        results["mixed"][r] = (
+            bench_mixed(r, work, lean, args, outs)
+            if lean.per_row
+            else {"skipped": "graph takes one adapter per call ([nnz] inputs)"}
+        )
     results["memory"] = bench_memory(folder, work, lean, f"r{args.ranks[0]}a", args.layers)
     results["machine"]["load_end"] = list(os.getloadavg())
     report(results)
@@ -328,36 +358,52 @@ def main() -> None:
 def report(results: dict) -> None:
     m = results["machine"]
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in m["flags"].items())
-    print(f"\n{m['cpu']}, {m['cores']} cores ({flags}); onnxruntime {results['ort']}, intra-op threads "
-          f"{results['ort_intra_op_threads']}; load {m['load_start'][0]:.1f} -> {m['load_end'][0]:.1f}")
-    print(f"OPT-125m shape ({results['layers']} layers), q/k/v/out, fp32, medians of {results['rounds']} interleaved rounds")
+    print(
+        f"\n{m['cpu']}, {m['cores']} cores ({flags}); onnxruntime {results['ort']}, intra-op threads "
+        f"{results['ort_intra_op_threads']}; load {m['load_start'][0]:.1f} -> {m['load_end'][0]:.1f}"
+    )
+    print(
+        f"OPT-125m shape ({results['layers']} layers), q/k/v/out, fp32, medians of {results['rounds']} interleaved rounds"
+    )
     print("| r | mode | prefill 1x128 ms | x merged | decode ms (128 cache) | x merged | memory per adapter |")
     print("|---|---|---|---|---|---|---|")
     for r, row in results["ranks"].items():
         med, ratio = row["median_ms"], row["ratio_to_merged"]
-        mem = {"merged": "a model per adapter", "lean": f"{row['lean_adapter_mb']:.1f} MB (file {row['file_bytes'] / 2**20:.1f} MB)",
-               "portable": f"file mapped, {row['file_bytes'] / 2**20:.1f} MB", "dense": f"{row['dense_adapter_mb']:.0f} MB"}
+        mem = {
+            "merged": "a model per adapter",
+            "lean": f"{row['lean_adapter_mb']:.1f} MB (file {row['file_bytes'] / 2**20:.1f} MB)",
+            "portable": f"file mapped, {row['file_bytes'] / 2**20:.1f} MB",
+            "dense": f"{row['dense_adapter_mb']:.0f} MB",
+        }
         for k in ("merged", "lean", "portable", "dense"):
             rp = 1.0 if k == "merged" else ratio[f"{k}_prefill"]
             rd = 1.0 if k == "merged" else ratio[f"{k}_decode"]
-            print(f"| {r} | {k} | {med[f'{k}_prefill']:.1f} | {rp:.3f} | {med[f'{k}_decode']:.2f} | {rd:.3f} | {mem[k]} |")
+            print(
+                f"| {r} | {k} | {med[f'{k}_prefill']:.1f} | {rp:.3f} | {med[f'{k}_decode']:.2f} | {rd:.3f} | {mem[k]} |"
+            )
         s = row["switch"]
-        print(f"    r={r}: {row['bytes_per_nnz']:.2f} B/nnz; switch {s['lean_prepare_us']:.1f} us (lean), "
-              f"{s['dense_prepare_us']:.1f} us (dense) vs a new merged session {s['new_session_on_merged_ms']:.0f} ms; "
-              f"max |diff| vs merged {row['max_abs_vs_merged']}")
+        print(
+            f"    r={r}: {row['bytes_per_nnz']:.2f} B/nnz; switch {s['lean_prepare_us']:.1f} us (lean), "
+            f"{s['dense_prepare_us']:.1f} us (dense) vs a new merged session {s['new_session_on_merged_ms']:.0f} ms; "
+            f"max |diff| vs merged {row['max_abs_vs_merged']}"
+        )
     for r, mx in results["mixed"].items():
         if "skipped" in mx:
             print(f"mixed r={r}: skipped ({mx['skipped']})")
             continue
-        print(f"mixed r={r}, 8 decode streams over 8 adapters (128-token caches): one batch {mx['mixed_tokens_per_s']:.0f} "
-              f"tokens/s ({mx['mixed_ms']:.1f} ms/step) vs 8 separate calls {mx['separate_tokens_per_s']:.0f} tokens/s "
-              f"({mx['separate_ms']:.1f} ms): {mx['ratio']:.2f}x; max |diff| batch vs alone {mx['max_abs_mixed_vs_alone']:.1e}")
+        print(
+            f"mixed r={r}, 8 decode streams over 8 adapters (128-token caches): one batch {mx['mixed_tokens_per_s']:.0f} "
+            f"tokens/s ({mx['mixed_ms']:.1f} ms/step) vs 8 separate calls {mx['separate_tokens_per_s']:.0f} tokens/s "
+            f"({mx['separate_ms']:.1f} ms): {mx['ratio']:.2f}x; max |diff| batch vs alone {mx['max_abs_mixed_vs_alone']:.1e}"
+        )
     mem = results["memory"]
     for mode in ("lean", "portable"):
         x = mem[mode]
-        print(f"memory, {mem['adapters']} adapters loaded ({mode}): {x['rss_mb_per_adapter']:.2f} MB RSS per adapter = "
-              f"{x['x_file']:.2f}x its file ({mem['file_mb']:.2f} MB; adapter_nbytes says {x['reported_mb']:.2f} MB); "
-              f"{x['after_unload_mb']:+.1f} MB after unloading all")
+        print(
+            f"memory, {mem['adapters']} adapters loaded ({mode}): {x['rss_mb_per_adapter']:.2f} MB RSS per adapter = "
+            f"{x['x_file']:.2f}x its file ({mem['file_mb']:.2f} MB; adapter_nbytes says {x['reported_mb']:.2f} MB); "
+            f"{x['after_unload_mb']:+.1f} MB after unloading all"
+        )
 
 
 if __name__ == "__main__":

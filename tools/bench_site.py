@@ -50,8 +50,12 @@ def _n(op: str, ins: list[str], out: str, **attrs) -> onnx.NodeProto:
 
 
 def _rowcol(p: str, idx: str, in_f: int) -> Nodes:
-    return [_c(p + "in", np.int32(in_f)), _n("Div", [idx, p + "in"], p + "row"),
-            _n("Mul", [p + "row", p + "in"], p + "rs"), _n("Sub", [idx, p + "rs"], p + "col")]
+    return [
+        _c(p + "in", np.int32(in_f)),
+        _n("Div", [idx, p + "in"], p + "row"),
+        _n("Mul", [p + "row", p + "in"], p + "rs"),
+        _n("Sub", [idx, p + "rs"], p + "col"),
+    ]
 
 
 def f_bare(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
@@ -62,12 +66,16 @@ def _act(p, x, y0, y, vals, out_f) -> Nodes:
     """y = y0 + delta(x) on [B, S, *] with [R, nnz] row/col/values (R = 1 or B)."""
     return [
         _c(p + "ax1", np.array([1], np.int64)),
-        _n("Unsqueeze", [p + "col", p + "ax1"], p + "col3"), _n("Unsqueeze", [p + "row", p + "ax1"], p + "row3"),
+        _n("Unsqueeze", [p + "col", p + "ax1"], p + "col3"),
+        _n("Unsqueeze", [p + "row", p + "ax1"], p + "row3"),
         _n("Unsqueeze", [vals, p + "ax1"], p + "val3"),
-        _n("Shape", [x], p + "bs", start=0, end=2), _c(p + "one", np.array([1], np.int64)),
+        _n("Shape", [x], p + "bs", start=0, end=2),
+        _c(p + "one", np.array([1], np.int64)),
         _n("Concat", [p + "bs", p + "one"], p + "bs1", axis=0),
-        _n("Expand", [p + "col3", p + "bs1"], p + "cols"), _n("Expand", [p + "row3", p + "bs1"], p + "rows"),
-        _n("GatherElements", [x, p + "cols"], p + "g", axis=2), _n("Mul", [p + "g", p + "val3"], p + "u"),
+        _n("Expand", [p + "col3", p + "bs1"], p + "cols"),
+        _n("Expand", [p + "row3", p + "bs1"], p + "rows"),
+        _n("GatherElements", [x, p + "cols"], p + "g", axis=2),
+        _n("Mul", [p + "g", p + "val3"], p + "u"),
         _n("ScatterElements", [y0, p + "rows", p + "u"], y, axis=2, reduction="add"),
     ]
 
@@ -78,13 +86,22 @@ def f_act(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
 
 def _if(p: str, cond: str, y: str, then: Nodes, then_out: str, other: Nodes, other_out: str) -> onnx.NodeProto:
     info = lambda n: helper.make_tensor_value_info(n, F, None)  # noqa: E731
-    return helper.make_node("If", [cond], [y], name=p + "If",
-                            then_branch=helper.make_graph(then, p + "t", [], [info(then_out)]),
-                            else_branch=helper.make_graph(other, p + "e", [], [info(other_out)]))
+    return helper.make_node(
+        "If",
+        [cond],
+        [y],
+        name=p + "If",
+        then_branch=helper.make_graph(then, p + "t", [], [info(then_out)]),
+        else_branch=helper.make_graph(other, p + "e", [], [info(other_out)]),
+    )
 
 
 def _nnz_pos(p, vals) -> Nodes:
-    return [_n("Size", [vals], p + "nnz"), _c(p + "zero", np.int64(0)), _n("Greater", [p + "nnz", p + "zero"], p + "any")]
+    return [
+        _n("Size", [vals], p + "nnz"),
+        _c(p + "zero", np.int64(0)),
+        _n("Greater", [p + "nnz", p + "zero"], p + "any"),
+    ]
 
 
 def f_act_if(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
@@ -93,10 +110,15 @@ def f_act_if(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
 
 
 def _ws_nd(p, x, w, y, vals) -> Nodes:
-    return [_c(p + "ax2", np.array([2], np.int64)),
-            _n("Unsqueeze", [p + "col", p + "ax2"], p + "c3"), _n("Unsqueeze", [p + "row", p + "ax2"], p + "r3"),
-            _n("Concat", [p + "c3", p + "r3"], p + "pairs32", axis=2), _n("Cast", [p + "pairs32"], p + "pairs", to=I64),
-            _n("ScatterND", [w, p + "pairs", vals], p + "w_eff", reduction="add"), _n("MatMul", [x, p + "w_eff"], y)]
+    return [
+        _c(p + "ax2", np.array([2], np.int64)),
+        _n("Unsqueeze", [p + "col", p + "ax2"], p + "c3"),
+        _n("Unsqueeze", [p + "row", p + "ax2"], p + "r3"),
+        _n("Concat", [p + "c3", p + "r3"], p + "pairs32", axis=2),
+        _n("Cast", [p + "pairs32"], p + "pairs", to=I64),
+        _n("ScatterND", [w, p + "pairs", vals], p + "w_eff", reduction="add"),
+        _n("MatMul", [x, p + "w_eff"], y),
+    ]
 
 
 def f_ws_nd(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
@@ -105,41 +127,76 @@ def f_ws_nd(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
 
 def f_ws_se(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
     return _rowcol(p, idx, in_f) + [
-        _c(p + "out", np.int32(out_f)), _n("Mul", [p + "col", p + "out"], p + "t0"), _n("Add", [p + "t0", p + "row"], p + "t"),
-        _c(p + "flat", np.array([1, -1], np.int64)), _n("Reshape", [w, p + "flat"], p + "wf"),
+        _c(p + "out", np.int32(out_f)),
+        _n("Mul", [p + "col", p + "out"], p + "t0"),
+        _n("Add", [p + "t0", p + "row"], p + "t"),
+        _c(p + "flat", np.array([1, -1], np.int64)),
+        _n("Reshape", [w, p + "flat"], p + "wf"),
         _n("ScatterElements", [p + "wf", p + "t", vals], p + "wf2", axis=1, reduction="add"),
-        _c(p + "wshape", np.array([in_f, out_f], np.int64)), _n("Reshape", [p + "wf2", p + "wshape"], p + "w_eff"),
-        _n("MatMul", [x, p + "w_eff"], y)]
+        _c(p + "wshape", np.array([in_f, out_f], np.int64)),
+        _n("Reshape", [p + "wf2", p + "wshape"], p + "w_eff"),
+        _n("MatMul", [x, p + "w_eff"], y),
+    ]
 
 
 def f_v1(p, x, w, y, idx, vals, in_f, out_f) -> Nodes:
     """The pre-#18 graph (1-D adapter arrays: its inputs get a Reshape to [nnz] first)."""
     info = lambda n: helper.make_tensor_value_info(n, F, None)  # noqa: E731
-    flat = [_c(p + "m1", np.array([-1], np.int64)), _n("Reshape", [idx, p + "m1"], p + "i1"),
-            _n("Reshape", [vals, p + "m1"], p + "v1")]
+    flat = [
+        _c(p + "m1", np.array([-1], np.int64)),
+        _n("Reshape", [idx, p + "m1"], p + "i1"),
+        _n("Reshape", [vals, p + "m1"], p + "v1"),
+    ]
     i1, v1 = p + "i1", p + "v1"
-    long_nodes = [_c(p + "a1", np.array([1], np.int64)), _n("Unsqueeze", [p + "col", p + "a1"], p + "a2"),
-                  _n("Unsqueeze", [p + "row", p + "a1"], p + "b2"), _n("Concat", [p + "a2", p + "b2"], p + "pr", axis=1),
-                  _n("Cast", [p + "pr"], p + "pairs", to=I64),
-                  _n("ScatterND", [w, p + "pairs", v1], p + "w_eff", reduction="add"), _n("MatMul", [x, p + "w_eff"], p + "yl")]
-    short_nodes = [_n("MatMul", [x, w], p + "y0"), _c(p + "x2s", np.array([-1, in_f], np.int64)),
-                   _n("Reshape", [x, p + "x2s"], p + "x2"), _n("Shape", [p + "x2"], p + "n", start=0, end=1),
-                   _c(p + "o1", np.array([1], np.int64)), _n("Concat", [p + "n", p + "o1"], p + "n1", axis=0),
-                   _n("Expand", [p + "col", p + "n1"], p + "cols"), _n("GatherElements", [p + "x2", p + "cols"], p + "g", axis=1),
-                   _n("Mul", [p + "g", v1], p + "u"), _n("Expand", [p + "row", p + "n1"], p + "rows"),
-                   _c(p + "y2s", np.array([-1, out_f], np.int64)), _n("Reshape", [p + "y0", p + "y2s"], p + "y2"),
-                   _n("ScatterElements", [p + "y2", p + "rows", p + "u"], p + "ys", axis=1, reduction="add"),
-                   _n("Shape", [p + "y0"], p + "ysh"), _n("Reshape", [p + "ys", p + "ysh"], p + "yshort")]
+    long_nodes = [
+        _c(p + "a1", np.array([1], np.int64)),
+        _n("Unsqueeze", [p + "col", p + "a1"], p + "a2"),
+        _n("Unsqueeze", [p + "row", p + "a1"], p + "b2"),
+        _n("Concat", [p + "a2", p + "b2"], p + "pr", axis=1),
+        _n("Cast", [p + "pr"], p + "pairs", to=I64),
+        _n("ScatterND", [w, p + "pairs", v1], p + "w_eff", reduction="add"),
+        _n("MatMul", [x, p + "w_eff"], p + "yl"),
+    ]
+    short_nodes = [
+        _n("MatMul", [x, w], p + "y0"),
+        _c(p + "x2s", np.array([-1, in_f], np.int64)),
+        _n("Reshape", [x, p + "x2s"], p + "x2"),
+        _n("Shape", [p + "x2"], p + "n", start=0, end=1),
+        _c(p + "o1", np.array([1], np.int64)),
+        _n("Concat", [p + "n", p + "o1"], p + "n1", axis=0),
+        _n("Expand", [p + "col", p + "n1"], p + "cols"),
+        _n("GatherElements", [p + "x2", p + "cols"], p + "g", axis=1),
+        _n("Mul", [p + "g", v1], p + "u"),
+        _n("Expand", [p + "row", p + "n1"], p + "rows"),
+        _c(p + "y2s", np.array([-1, out_f], np.int64)),
+        _n("Reshape", [p + "y0", p + "y2s"], p + "y2"),
+        _n("ScatterElements", [p + "y2", p + "rows", p + "u"], p + "ys", axis=1, reduction="add"),
+        _n("Shape", [p + "y0"], p + "ysh"),
+        _n("Reshape", [p + "ys", p + "ysh"], p + "yshort"),
+    ]
     delta = _rowcol(p, i1, in_f) + [
-        _n("Size", [x], p + "xs"), _c(p + "lim", np.int64(2 * in_f)), _n("Greater", [p + "xs", p + "lim"], p + "long"),
-        helper.make_node("If", [p + "long"], [p + "yd"], name=p + "If_long",
-                         then_branch=helper.make_graph(long_nodes, p + "lg", [], [info(p + "yl")]),
-                         else_branch=helper.make_graph(short_nodes, p + "sg", [], [info(p + "yshort")]))]
+        _n("Size", [x], p + "xs"),
+        _c(p + "lim", np.int64(2 * in_f)),
+        _n("Greater", [p + "xs", p + "lim"], p + "long"),
+        helper.make_node(
+            "If",
+            [p + "long"],
+            [p + "yd"],
+            name=p + "If_long",
+            then_branch=helper.make_graph(long_nodes, p + "lg", [], [info(p + "yl")]),
+            else_branch=helper.make_graph(short_nodes, p + "sg", [], [info(p + "yshort")]),
+        ),
+    ]
     return flat + _nnz_pos(p, v1) + [_if(p, p + "any", y, delta, p + "yd", [_n("MatMul", [x, w], p + "yb")], p + "yb")]
 
 
 FORMULATIONS: dict[str, Callable[..., Nodes]] = {
-    "bare": f_bare, "v1": f_v1, "act": f_act, "act_if": f_act_if, "ws_nd": f_ws_nd, "ws_se": f_ws_se,
+    "bare": f_bare,
+    "v1": f_v1,
+    "act": f_act,
+    "act_if": f_act_if,
+    "ws_nd": f_ws_nd,
+    "ws_se": f_ws_se,
 }
 
 
@@ -156,9 +213,14 @@ def build(name: str, dims: list[tuple[int, int]], seed: int = 0) -> onnx.ModelPr
     x = "x"
     for i, (in_f, out_f) in enumerate(dims):
         w, idx, vals, y = f"w{i}", f"shira.{i}.indices", f"shira.{i}.values", f"y{i}"
-        inits.append(numpy_helper.from_array((rng.standard_normal((in_f, out_f)) / np.sqrt(in_f)).astype(np.float32), w))
+        inits.append(
+            numpy_helper.from_array((rng.standard_normal((in_f, out_f)) / np.sqrt(in_f)).astype(np.float32), w)
+        )
         if name != "bare":
-            inputs += [helper.make_tensor_value_info(idx, I32, [1, f"n{i}"]), helper.make_tensor_value_info(vals, F, [1, f"n{i}"])]
+            inputs += [
+                helper.make_tensor_value_info(idx, I32, [1, f"n{i}"]),
+                helper.make_tensor_value_info(vals, F, [1, f"n{i}"]),
+            ]
             inits += [helper.make_tensor(idx, I32, [1, 0], []), helper.make_tensor(vals, F, [1, 0], [])]
         nodes += FORMULATIONS[name](f"s{i}/", x, w, y, idx, vals, in_f, out_f)
         x = y
@@ -253,8 +315,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", default="", help="comma-separated formulations (bare always runs)")
     ap.add_argument("--profile", default="", help="print per-op-type time of this formulation (one r, rows)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                    help="cpu: process CPU time per call (robust on a shared, loaded machine); wall: elapsed")
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: process CPU time per call (robust on a shared, loaded machine); wall: elapsed",
+    )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_site.json")
     args = ap.parse_args(argv)
     global THREADS
@@ -263,12 +329,22 @@ def main(argv=None) -> dict:
     names = ["bare"] + [n for n in (args.only.split(",") if args.only else [*FORMULATIONS, "new"]) if n and n != "bare"]
     kinds = ["square", "mlp"] if args.shape == "all" else [args.shape]
     load = os.getloadavg()
-    results = {"uptime_load": load, "cpu_flags": cpu_flags(), "layers": args.layers, "rounds": args.rounds,
-               "threads": args.threads, "clock": args.clock, "rows": {}}
-    print(f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; CPU flags {' '.join(cpu_flags())}; ORT {args.threads} "
-          f"thread(s), no spinning; {args.clock} time per call")
+    results = {
+        "uptime_load": load,
+        "cpu_flags": cpu_flags(),
+        "layers": args.layers,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "clock": args.clock,
+        "rows": {},
+    }
+    print(
+        f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; CPU flags {' '.join(cpu_flags())}; ORT {args.threads} "
+        f"thread(s), no spinning; {args.clock} time per call"
+    )
     for kind in kinds:
         dims = shapes(kind, args.layers)
+
         def make(n: str) -> onnx.ModelProto:
             if n == "new":
                 return build_new(dims)
@@ -287,11 +363,21 @@ def main(argv=None) -> dict:
                 err = {}
                 for n in names:
                     got = sessions[n].run(None, feeds[n])[0]
-                    if n.startswith("int4"):  # int4 weights change every layer's input: exactness is tests/test_graph_delta.py's
+                    if n.startswith(
+                        "int4"
+                    ):  # int4 weights change every layer's input: exactness is tests/test_graph_delta.py's
                         err[n] = float("nan")
                         continue
-                    err[n] = float(np.abs(got - (reference(dims, x, {k: v[:, :0] for k, v in ad.items()}, models["bare"])
-                                                 if n == "bare" else want)).max())
+                    err[n] = float(
+                        np.abs(
+                            got
+                            - (
+                                reference(dims, x, {k: v[:, :0] for k, v in ad.items()}, models["bare"])
+                                if n == "bare"
+                                else want
+                            )
+                        ).max()
+                    )
                 iters = max(3, int(600 / (rows + 5)))
                 times: dict[str, list[float]] = {n: [] for n in names}
                 for _ in range(args.rounds):
@@ -304,9 +390,12 @@ def main(argv=None) -> dict:
                 med = {n: statistics.median(v) for n, v in times.items()}
                 key = f"{kind} r={r} rows={rows}"
                 ref_of = lambda n: "int4" if n.startswith("int4") and "int4" in med else "bare"  # noqa: E731
-                results["rows"][key] = {"us_per_call": med, "ratio": {n: med[n] / med[ref_of(n)] for n in names},
-                                        "extra_us_per_site": {n: (med[n] - med["bare"]) / len(dims) for n in names},
-                                        "max_abs_err": err}
+                results["rows"][key] = {
+                    "us_per_call": med,
+                    "ratio": {n: med[n] / med[ref_of(n)] for n in names},
+                    "extra_us_per_site": {n: (med[n] - med["bare"]) / len(dims) for n in names},
+                    "max_abs_err": err,
+                }
                 cells = "  ".join(f"{n} {med[n] / med[ref_of(n)]:.3f}" for n in names if n not in ("bare", "int4"))
                 print(f"{key:<24} bare {med['bare']:8.0f} us | {cells}", flush=True)
                 bad = [n for n in names if err[n] > 1e-3]  # NaN (int4) compares False
@@ -337,8 +426,10 @@ def _profile(name: str, dims, r: int, rows_list) -> None:
                 op = e["args"].get("op_name", "?")
                 by_op[op] = by_op.get(op, 0.0) + e["dur"] / calls
         total = sum(by_op.values())
-        print(f"profile {name} r={r} rows={rows}: {total:.0f} us of kernels per call; " +
-              ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])))
+        print(
+            f"profile {name} r={r} rows={rows}: {total:.0f} us of kernels per call; "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
+        )
 
 
 if __name__ == "__main__":

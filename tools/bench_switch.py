@@ -30,7 +30,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_switch.json"
 VARIANTS = ("shira_export", "peft_lora", "peft_shira")
 SHAPES = {
     "opt": {"targets": ["q_proj", "v_proj"], "label": "OPT-125m-shaped, q/v x 12 layers (24 x 768x768)"},
-    "llama": {"targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "label": "LLaMA-7B-shaped slice, q/k/v/o x 2 layers (8 x 4096x4096)"},
+    "llama": {
+        "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "label": "LLaMA-7B-shaped slice, q/k/v/o x 2 layers (8 x 4096x4096)",
+    },
 }
 CACHE_LINE = 64
 
@@ -43,8 +46,14 @@ def build(shape: str):
     if shape == "opt":
         cfg, cls = OPTConfig(), OPTForCausalLM  # opt-125m's shape
     else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=1024)
+        cfg = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=1024,
+        )
         cls = LlamaForCausalLM
     with torch.device("meta"):
         model = cls(cfg)
@@ -106,8 +115,12 @@ def traffic_bytes(model) -> dict:
         elem = layer.base_layer.weight.element_size()
         lines += int(torch.unique(torch.cat(flats) * elem // CACHE_LINE).numel())
     line_bytes = 2 * CACHE_LINE * lines  # each touched line is read and written back
-    return {"index_bytes": index_bytes, "value_bytes": value_bytes, "weight_line_bytes": line_bytes,
-            "total_bytes": index_bytes + value_bytes + line_bytes}
+    return {
+        "index_bytes": index_bytes,
+        "value_bytes": value_bytes,
+        "weight_line_bytes": line_bytes,
+        "total_bytes": index_bytes + value_bytes + line_bytes,
+    }
 
 
 def copy_bandwidth_gbs(nbytes: int = 256 << 20) -> float:
@@ -140,8 +153,9 @@ def run_shape(shape: str, switches: int, r: int) -> dict:
     for v in VARIANTS:
         base = build(shape)
         if v == "shira_export":
-            base_weights = {p: m.weight.detach().clone() for p, m in base.named_modules()
-                            if p.split(".")[-1] in targets}
+            base_weights = {
+                p: m.weight.detach().clone() for p, m in base.named_modules() if p.split(".")[-1] in targets
+            }
         models[v] = wrap(v, base, targets, r)
     state = {v: "a" for v in VARIANTS}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -149,7 +163,7 @@ def run_shape(shape: str, switches: int, r: int) -> dict:
         for name in ("b", "a"):
             switch(v, models[v], name)
     for i in range(switches):
-        for v in VARIANTS[i % 3:] + VARIANTS[: i % 3]:
+        for v in VARIANTS[i % 3 :] + VARIANTS[: i % 3]:
             state[v] = "b" if state[v] == "a" else "a"
             t0 = time.perf_counter()
             switch(v, models[v], state[v])
@@ -181,14 +195,28 @@ def main() -> int:
         os.environ["SHIRA_EXPORT_NATIVE"] = "0"  # read when the kernels are first needed; children inherit it
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        ),
+        platform.processor(),
+    )
     from shira_export import _native
 
-    result: dict = {"machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                                "torch": torch.__version__, "copy_bandwidth_gbs": copy_bandwidth_gbs(),
-                                "native_kernels": _native.status()},
-                    "setup": {"r": args.r, "switches": args.switches}, "shapes": {}}
+    result: dict = {
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "copy_bandwidth_gbs": copy_bandwidth_gbs(),
+            "native_kernels": _native.status(),
+        },
+        "setup": {"r": args.r, "switches": args.switches},
+        "shapes": {},
+    }
     for shape in args.shapes:
         print(f"{SHAPES[shape]['label']} ...", file=sys.stderr)
         result["shapes"][shape] = res = run_shape(shape, args.switches, args.r)
@@ -196,11 +224,15 @@ def main() -> int:
         print(f"\n{res['label']}")
         for v in VARIANTS:
             print(f"  {v:<14}{res['switch_ms'][v]['median']:>10.2f} ms")
-        print(f"  speedup vs PEFT LoRA {res['speedup_vs_peft_lora']:.1f}x, vs PEFT SHiRA {res['speedup_vs_peft_shira']:.1f}x; "
-              f"max |W - (W0 + S)| after {args.switches} switches: {res['max_abs_error_after_switches']:.1e}")
-        print(f"  traffic {t['total_bytes'] / 1e6:.1f} MB (indices {t['index_bytes'] / 1e6:.1f}, values "
-              f"{t['value_bytes'] / 1e6:.1f}, weight lines {t['weight_line_bytes'] / 1e6:.1f}) -> "
-              f"{res['implied_gbs']:.1f} GB/s implied; large copy {result['machine']['copy_bandwidth_gbs']:.1f} GB/s")
+        print(
+            f"  speedup vs PEFT LoRA {res['speedup_vs_peft_lora']:.1f}x, vs PEFT SHiRA {res['speedup_vs_peft_shira']:.1f}x; "
+            f"max |W - (W0 + S)| after {args.switches} switches: {res['max_abs_error_after_switches']:.1e}"
+        )
+        print(
+            f"  traffic {t['total_bytes'] / 1e6:.1f} MB (indices {t['index_bytes'] / 1e6:.1f}, values "
+            f"{t['value_bytes'] / 1e6:.1f}, weight lines {t['weight_line_bytes'] / 1e6:.1f}) -> "
+            f"{res['implied_gbs']:.1f} GB/s implied; large copy {result['machine']['copy_bandwidth_gbs']:.1f} GB/s"
+        )
     from shira_export._io import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

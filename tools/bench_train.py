@@ -110,8 +110,13 @@ def memory_probe(args) -> dict:
 def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
     """One layer's forward + backward of the adapter's delta, per formulation."""
     from shira_export import _native
-    from shira_export.tuner.sparse_ops import (SparsePlan, merged_weight_linear, scatter_flat_, sparse_linear_delta,
-                                               storage_index)
+    from shira_export.tuner.sparse_ops import (
+        SparsePlan,
+        merged_weight_linear,
+        scatter_flat_,
+        sparse_linear_delta,
+        storage_index,
+    )
 
     rows = []
     for out_f, in_f in ((768, 768), (3072, 768)):
@@ -159,14 +164,20 @@ def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
         def base_only():
             return (x @ weight.t()).sum().backward()
 
-        fns = {"base (no adapter)": base_only, "shira_export train": training_path,
-               "shira_export torch ops": training_path_torch_ops, "shira_export CSR": csr,
-               "gather/index_add": gather_index_add, "peft_shira clone+coo": peft_shira, "lora": lora}
+        fns = {
+            "base (no adapter)": base_only,
+            "shira_export train": training_path,
+            "shira_export torch ops": training_path_torch_ops,
+            "shira_export CSR": csr,
+            "gather/index_add": gather_index_add,
+            "peft_shira clone+coo": peft_shira,
+            "lora": lora,
+        }
         times = {k: [] for k in fns}
         for k, f in fns.items():
             f()  # warm-up
         for i in range(rounds):
-            names = list(fns)[i % len(fns):] + list(fns)[: i % len(fns)]
+            names = list(fns)[i % len(fns) :] + list(fns)[: i % len(fns)]
             for k in names:
                 t0 = time.perf_counter()
                 fns[k]()
@@ -177,12 +188,24 @@ def op_benchmark(rounds: int, tokens: int, r: int) -> list[dict]:
 
 
 def machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        ),
+        platform.processor(),
+    )
     from shira_export import _native
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "native_kernels": _native.status()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "native_kernels": _native.status(),
+    }
 
 
 def main() -> int:
@@ -197,8 +220,11 @@ def main() -> int:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-native", action="store_true", help="torch ops only (SHIRA_EXPORT_NATIVE=0), for comparison")
-    p.add_argument("--with-base", action="store_true",
-                   help="also time the frozen base model (no adapter): what each adapter adds to a step")
+    p.add_argument(
+        "--with-base",
+        action="store_true",
+        help="also time the frozen base model (no adapter): what each adapter adds to a step",
+    )
     p.add_argument("--memory-probe", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.no_native:
@@ -209,7 +235,10 @@ def main() -> int:
         print(json.dumps(memory_probe(args)))
         return 0
 
-    result: dict = {"machine": machine(), "setup": {k: getattr(args, k) for k in ("r", "batch", "seq", "layers", "rounds")}}
+    result: dict = {
+        "machine": machine(),
+        "setup": {k: getattr(args, k) for k in ("r", "batch", "seq", "layers", "rounds")},
+    }
     base = build_base(args.layers)
     timed = VARIANTS + (("frozen_base",) if args.with_base else ())
     trainers = {v: Trainer(wrap(v, copy.deepcopy(base), args.r), args.batch, args.seq) for v in timed}
@@ -219,7 +248,7 @@ def main() -> int:
     for v in timed:
         trainers[v].step()  # warm-up (optimizer state, first-call allocations)
     for i in range(args.rounds):
-        for v in timed[i % len(timed):] + timed[: i % len(timed)]:
+        for v in timed[i % len(timed) :] + timed[: i % len(timed)]:
             wall, cpu_s = trainers[v].step()
             times[v].append(wall)
             cpu[v].append(cpu_s)
@@ -234,8 +263,11 @@ def main() -> int:
     if not args.no_memory:
         for v in VARIANTS:
             cmd = [sys.executable, __file__, "--memory-probe", v] + [
-                f"--{k}={getattr(args, k)}" for k in ("r", "batch", "seq", "layers", "threads")]
-            memory[v] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                f"--{k}={getattr(args, k)}" for k in ("r", "batch", "seq", "layers", "threads")
+            ]
+            memory[v] = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            )
         result["memory"] = memory
     if args.ops:
         result["ops"] = op_benchmark(max(args.rounds, 5), args.batch * args.seq, args.r)
@@ -248,13 +280,16 @@ def main() -> int:
     }
     for peer in ("peft_shira", "peft_lora"):  # within a round the three steps run back to back: drift cancels
         ratios[f"median of per-round ratios vs {peer}"] = statistics.median(
-            ours / theirs for ours, theirs in zip(times["shira_export"], times[peer]))
+            ours / theirs for ours, theirs in zip(times["shira_export"], times[peer])
+        )
     if args.with_base:  # paired within rounds: what each variant adds to the frozen base's step
-        result["added_over_base_s"] = {v: statistics.median(a - b for a, b in zip(times[v], times["frozen_base"]))
-                                       for v in VARIANTS}
+        result["added_over_base_s"] = {
+            v: statistics.median(a - b for a, b in zip(times[v], times["frozen_base"])) for v in VARIANTS
+        }
     if memory:
         ratios["peak memory vs peft_shira (target <= 0.9)"] = (
-            memory["shira_export"]["peak_delta_mib"] / memory["peft_shira"]["peak_delta_mib"])
+            memory["shira_export"]["peak_delta_mib"] / memory["peft_shira"]["peak_delta_mib"]
+        )
     result["ratios"] = ratios
 
     print(f"native kernels: {result['machine']['native_kernels']}")

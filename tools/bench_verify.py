@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         api._SMALL_MODEL = default_small
 
     rows = []
-    print(f"{'artifact':22} {'single-thread s':>16} {'default-threads s':>18} {'ratio':>7}   (torch threads {torch.get_num_threads()})")
+    print(
+        f"{'artifact':22} {'single-thread s':>16} {'default-threads s':>18} {'ratio':>7}   (torch threads {torch.get_num_threads()})"
+    )
     for name, *_ in plan:
         one = statistics.median(times[(name, "single-thread")])
         peer = statistics.median(times[(name, "default-threads")])
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22} {one:16.3f} {peer:18.3f} {peer / one:7.1f}x")
     out = Path(__file__).resolve().parent / "results" / "bench_verify.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rounds": args.rounds, "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"rounds": args.rounds, "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n"
+    )
     print(f"wrote {out}")
     return 0
 

@@ -43,16 +43,29 @@ def build(work: Path) -> list[tuple[str, Path, Path, str]]:
     from shira_export.pipeline import export_sparse
 
     work.mkdir(parents=True, exist_ok=True)
-    opt_cfg = OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=128,
-                        max_position_embeddings=128, word_embed_proj_dim=32)
+    opt_cfg = OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=64,
+        vocab_size=128,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    )
     torch.manual_seed(0)
     OPTForCausalLM(opt_cfg).save_pretrained(work / "opt")
     _tokenizer(work / "opt", 128)
     for name, seed in (("a", 1), ("b", 2)):
         torch.manual_seed(0)
         _adapter(OPTForCausalLM(opt_cfg), work / f"opt-adapter-{name}", ["q_proj", "v_proj"], seed)
-    bert_cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                          vocab_size=128, max_position_embeddings=128)
+    bert_cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     BertModel(bert_cfg).save_pretrained(work / "bert")
     torch.manual_seed(0)
@@ -62,7 +75,9 @@ def build(work: Path) -> list[tuple[str, Path, Path, str]]:
     prompts = str(work / "prompts.txt")
     export_merged(work / "opt", work / "opt-adapter-a", work / "merged-onnx", verify=False)
     export_merged(work / "opt", work / "opt-adapter-a", work / "merged-safetensors", format="safetensors", verify=False)
-    export_sparse(work / "opt", {"a": work / "opt-adapter-a", "b": work / "opt-adapter-b"}, work / "sparse", verify=False)
+    export_sparse(
+        work / "opt", {"a": work / "opt-adapter-a", "b": work / "opt-adapter-b"}, work / "sparse", verify=False
+    )
     export_merged(work / "bert", work / "bert-adapter", work / "bert-merged-onnx", verify=False)
     return [
         ("merged-onnx", work / "opt", work / "merged-onnx", prompts),

@@ -12,9 +12,11 @@ FORMATS = ("onnx", "safetensors")
 TASKS = task_choices()
 DTYPES = ("fp32", "fp16")
 EXPORTERS = tuple(e.value for e in Exporter)
-EXPORTER_HELP = ("ONNX exporter: torch (torch.onnx dynamo, any transformers), optimum (optimum-onnx, "
-                 "transformers 4.x), genai (onnxruntime-genai's model builder: Llama, Mistral, Qwen, Phi-3, "
-                 "Gemma; causal LMs), auto (optimum when installed and it supports the model, else torch)")
+EXPORTER_HELP = (
+    "ONNX exporter: torch (torch.onnx dynamo, any transformers), optimum (optimum-onnx, "
+    "transformers 4.x), genai (onnxruntime-genai's model builder: Llama, Mistral, Qwen, Phi-3, "
+    "Gemma; causal LMs), auto (optimum when installed and it supports the model, else torch)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 18, or optimum's for the model)")
     p.add_argument("--exporter", default="auto", choices=EXPORTERS, help=EXPORTER_HELP)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
-    add_output_options(p, quantize_help="quantize the weights with ONNX Runtime (int8: dynamic; int4: MatMulNBits); ONNX only")
+    add_output_options(
+        p, quantize_help="quantize the weights with ONNX Runtime (int8: dynamic; int4: MatMulNBits); ONNX only"
+    )
     p.set_defaults(func=_run)
 
 
@@ -59,8 +63,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     size = sum((result.output_dir / f).stat().st_size for f in result.files)
     exporter = f", exporter {result.exporter.value}" if result.exporter is not None else ""
-    print(f"wrote {result.output_dir} ({result.format.value}, {result.task.value}, {result.dtype.value}{exporter}, "
-          f"{len(result.files)} files, {size / 1e6:.1f} MB)")
+    print(
+        f"wrote {result.output_dir} ({result.format.value}, {result.task.value}, {result.dtype.value}{exporter}, "
+        f"{len(result.files)} files, {size / 1e6:.1f} MB)"
+    )
     for f in result.files:
         print(f"  {f}")
     if result.report is not None:

@@ -20,10 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=("lean", "portable", "dense"), default=None,
-                   help="lean (default): the adapter's arrays fed per call, memory about its file; "
-                        "portable: .onnx_adapter via RunOptions as plain onnxruntime runs it; "
-                        "dense: merged copies of the targeted weights per adapter (fp32 graphs)")
+    p.add_argument(
+        "--mode",
+        choices=("lean", "portable", "dense"),
+        default=None,
+        help="lean (default): the adapter's arrays fed per call, memory about its file; "
+        "portable: .onnx_adapter via RunOptions as plain onnxruntime runs it; "
+        "dense: merged copies of the targeted weights per adapter (fp32 graphs)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -37,7 +41,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ShiraInputError(f"--max-new-tokens: expected an integer >= 1, found {args.max_new_tokens}")
     if not args.temperature > 0 or not 0 < args.top_p <= 1:
-        raise ShiraInputError(f"--temperature must be > 0 and --top-p in (0, 1], found {args.temperature}, {args.top_p}")
+        raise ShiraInputError(
+            f"--temperature must be > 0 and --top-p in (0, 1], found {args.temperature}, {args.top_p}"
+        )
     import torch
 
     from shira_export.runtime import ShiraORTModelForCausalLM
@@ -51,17 +57,32 @@ def _run(args: argparse.Namespace) -> int:
         raise ShiraInputError(f"--prompt {args.prompt!r}: the tokenizer gives no tokens for it")
     positions = _positions(model.config)
     if positions is not None and length + args.max_new_tokens > positions:
-        raise ShiraInputError(f"--max-new-tokens {args.max_new_tokens}: the prompt has {length} tokens and the model "
-                              f"{positions} positions; at most {max(positions - length, 0)} new tokens fit")
-    out = model.generate(enc["input_ids"], enc["attention_mask"], adapter=args.adapter,
-                         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                         top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed))
+        raise ShiraInputError(
+            f"--max-new-tokens {args.max_new_tokens}: the prompt has {length} tokens and the model "
+            f"{positions} positions; at most {max(positions - length, 0)} new tokens fit"
+        )
+    out = model.generate(
+        enc["input_ids"],
+        enc["attention_mask"],
+        adapter=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                    "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 def _tokenizer(folder):
@@ -75,8 +96,10 @@ def _tokenizer(folder):
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:  # transformers' errors for incomplete tokenizer files
-        raise ShiraInputError(f"{folder}: the tokenizer files do not load ({hint}): {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+        raise ShiraInputError(
+            f"{folder}: the tokenizer files do not load ({hint}): {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        ) from None
 
 
 def _positions(config) -> "int | None":

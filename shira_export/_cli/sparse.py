@@ -38,22 +38,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Unless --no-verify, each adapter is checked against PyTorch (OUT_DIR/parity.json; exit 1 on failure).",
     )
     p.add_argument("--model", required=True, metavar="BASE_DIR", help="local Hugging Face model folder")
-    p.add_argument("--adapter", required=True, action="append", metavar="[NAME=]DIR",
-                   help="SHiRA adapter folder (PEFT layout); repeat for more; NAME defaults to the folder name")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="SHiRA adapter folder (PEFT layout); repeat for more; NAME defaults to the folder name",
+    )
     p.add_argument("--output", required=True, metavar="OUT_DIR", help="folder to create")
     p.add_argument("--task", default="auto", choices=TASKS)
     p.add_argument("--opset", type=int, metavar="N", help="ONNX opset, >= 16 (default 18)")
     p.add_argument("--exporter", default="auto", choices=EXPORTERS, help=EXPORTER_HELP)
-    add_output_options(p, quantize_help="quantize the constant base weights (int8: dynamic; int4: MatMulNBits); deltas stay fp32")
+    add_output_options(
+        p, quantize_help="quantize the constant base weights (int8: dynamic; int4: MatMulNBits); deltas stay fp32"
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from shira_export.pipeline import export_sparse
 
-    result = export_sparse(args.model, parse_named(args.adapter), args.output, task=args.task, opset=args.opset,
-                           overwrite=args.overwrite, verify=args.verify,
-                           quantize=args.quantize, block_size=args.block_size, exporter=args.exporter)
+    result = export_sparse(
+        args.model,
+        parse_named(args.adapter),
+        args.output,
+        task=args.task,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        quantize=args.quantize,
+        block_size=args.block_size,
+        exporter=args.exporter,
+    )
     print(f"wrote {result.output_dir}: {result.model_path.name} with {len(result.targets)} sparse-delta sites")
     for name, path in result.adapter_paths.items():
         print(f"  {name}: {path.relative_to(result.output_dir)} ({path.stat().st_size / 1e3:.1f} kB)")

@@ -19,17 +19,32 @@ def register(subparsers) -> None:
         "on seeded inputs at untraced shapes. Exit 0 pass, 1 parity failure, 2 usage or input error.",
     )
     p.add_argument("--model", required=True, metavar="BASE_DIR", help="base Hugging Face model folder")
-    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                   help="adapter folder (repeatable; default: the sources named in the candidate's manifest)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="adapter folder (repeatable; default: the sources named in the candidate's manifest)",
+    )
     p.add_argument("--candidate", required=True, metavar="OUT_DIR", help="export folder with shira_export.json")
-    p.add_argument("--profile", default=None, choices=PROFILES, help="pass rule (default: the manifest's quantization, else dtype)")
+    p.add_argument(
+        "--profile", default=None, choices=PROFILES, help="pass rule (default: the manifest's quantization, else dtype)"
+    )
     p.add_argument("--inputs", metavar="FILE", help="extra prompts: .txt (one per line) or .jsonl ({'text': ...})")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
-                   help="override a threshold or setting, e.g. atol=1e-3, min_greedy=none, greedy_tokens=16")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="overrides",
+        help="override a threshold or setting, e.g. atol=1e-3, min_greedy=none, greedy_tokens=16",
+    )
     p.add_argument("--report-dir", metavar="DIR", help="where parity.json goes (default: the candidate folder)")
     p.add_argument("--junit", metavar="FILE.xml", help="write a JUnit XML report")
     p.add_argument("--markdown", metavar="FILE.md", help="write a Markdown summary")
-    p.add_argument("--plot", action="store_true", help="also write PNG histograms into the report dir (needs matplotlib)")
+    p.add_argument(
+        "--plot", action="store_true", help="also write PNG histograms into the report dir (needs matplotlib)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 

@@ -73,6 +73,7 @@ def _cpu_signature() -> str:
 # it, or a folder above) runs code as us. The key of its name is computable by anyone, so
 # a shared temp folder must never serve a file we did not build.
 
+
 def _folders() -> list[Path]:
     """Where to look for / build the library, best first: the user cache, then a per-user
     folder in the temp dir (only if it is private and ours)."""
@@ -80,8 +81,9 @@ def _folders() -> list[Path]:
 
 
 def _library_name(cc: str) -> str:
-    key = hashlib.sha256(_SOURCE.read_bytes() + cc.encode() + repr((_FLAGS, _VARIANTS)).encode()
-                         + _cpu_signature().encode()).hexdigest()
+    key = hashlib.sha256(
+        _SOURCE.read_bytes() + cc.encode() + repr((_FLAGS, _VARIANTS)).encode() + _cpu_signature().encode()
+    ).hexdigest()
     return f"kernels-{key[:16]}.so"
 
 
@@ -184,18 +186,26 @@ def _fits(*tensors: torch.Tensor) -> bool:
 # or length reaches C unchecked. Programming errors: TypeError (type, dtype), ValueError
 # (device, layout, shape), RuntimeError (the kernels are not loaded).
 
+
 def _loaded_lib(fn: str) -> ctypes.CDLL:
     lib = _lib()
     if lib is None:
-        raise RuntimeError(f"_native.{fn}: the native kernels are not loaded ({_state['why']}); check available() first")
+        raise RuntimeError(
+            f"_native.{fn}: the native kernels are not loaded ({_state['why']}); check available() first"
+        )
     return lib
 
 
 def _check(fn: str, dtype: torch.dtype, dim: Optional[int], **tensors: object) -> None:
     """Each of `tensors` is a contiguous CPU torch.Tensor of `dtype` with `dim` dims (None: any)."""
     for name, t in tensors.items():
-        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_cpu and t.is_contiguous()
-                and (dim is None or t.dim() == dim)):
+        if not (
+            isinstance(t, torch.Tensor)
+            and t.dtype == dtype
+            and t.is_cpu
+            and t.is_contiguous()
+            and (dim is None or t.dim() == dim)
+        ):
             _refuse(fn, name, t, dtype, dim)
 
 
@@ -205,8 +215,10 @@ def _refuse(fn: str, name: str, t: object, dtype: torch.dtype, dim: Optional[int
     if t.dtype != dtype:
         raise TypeError(f"_native.{fn}: {name} must be {dtype}, got {t.dtype}")
     if not t.is_cpu or not t.is_contiguous():
-        raise ValueError(f"_native.{fn}: {name} must be a contiguous CPU tensor, got one on {t.device}"
-                         f"{'' if t.is_contiguous() else ', not contiguous'}")
+        raise ValueError(
+            f"_native.{fn}: {name} must be a contiguous CPU tensor, got one on {t.device}"
+            f"{'' if t.is_contiguous() else ', not contiguous'}"
+        )
     raise ValueError(f"_native.{fn}: {name} must have {dim} dimension(s), got shape {tuple(t.shape)}")
 
 
@@ -225,8 +237,9 @@ def available(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.float32 and _fits(tensor) and _lib() is not None
 
 
-def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tensor, bcol: torch.Tensor,
-          dest: torch.Tensor) -> torch.Tensor:
+def sddmm(
+    a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tensor, bcol: torch.Tensor, dest: torch.Tensor
+) -> torch.Tensor:
     """out[dest[k]] = sum_t a[t, row(k)] * b[t, col(k)]: a [T, n_a], b [T, n_b] fp32
     contiguous; the pattern over (a column, b column) pairs grouped by blocks of
     SDDMM_BLOCK_COLS b columns (sparse_ops.SparsePlan.sddmm_pattern builds it): `crow`
@@ -243,19 +256,36 @@ def sddmm(a: torch.Tensor, b: torch.Tensor, crow: torch.Tensor, bptr: torch.Tens
     n_a, n_b = a.shape[1], b.shape[1]
     blocks = (-(-n_b // SDDMM_BLOCK_COLS), n_a + 1)
     if crow.numel() != n_a + 1 or tuple(bptr.shape) != blocks:
-        raise ValueError(f"_native.sddmm: the pattern is for another shape: crow has {crow.numel()} entries and "
-                         f"bptr shape {tuple(bptr.shape)}, expected {n_a + 1} and {blocks} for a [T, {n_a}], b [T, {n_b}]")
+        raise ValueError(
+            f"_native.sddmm: the pattern is for another shape: crow has {crow.numel()} entries and "
+            f"bptr shape {tuple(bptr.shape)}, expected {n_a + 1} and {blocks} for a [T, {n_a}], b [T, {n_b}]"
+        )
     _check_len("sddmm", "dest", dest.numel(), "bcol", bcol.numel())
     if int(crow[-1]) != bcol.numel():  # the kernel sizes its accumulator from crow[-1]
         raise ValueError(f"_native.sddmm: crow ends at {int(crow[-1])}, the pattern has {bcol.numel()} nonzeros")
     out = torch.empty(bcol.numel(), dtype=torch.float32)
-    rc = lib.shira_sddmm_f32(a.data_ptr(), n_a, b.data_ptr(), n_b, a.shape[0], crow.data_ptr(), bptr.data_ptr(),
-                             bcol.data_ptr(), dest.data_ptr(), SDDMM_BLOCK_COLS, out.data_ptr(), torch.get_num_threads())
+    rc = lib.shira_sddmm_f32(
+        a.data_ptr(),
+        n_a,
+        b.data_ptr(),
+        n_b,
+        a.shape[0],
+        crow.data_ptr(),
+        bptr.data_ptr(),
+        bcol.data_ptr(),
+        dest.data_ptr(),
+        SDDMM_BLOCK_COLS,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     if rc == -3:
         raise ValueError("_native.sddmm: the pattern points outside its nonzeros (bptr or dest out of range)")
     if rc != 0:
-        raise MemoryError(f"shira_sddmm_f32 failed ({rc}): out of memory for its scratch buffers") if rc == -1 else \
-            RuntimeError(f"shira_sddmm_f32 refused the call ({rc})")
+        raise (
+            MemoryError(f"shira_sddmm_f32 failed ({rc}): out of memory for its scratch buffers")
+            if rc == -1
+            else RuntimeError(f"shira_sddmm_f32 refused the call ({rc})")
+        )
     return out
 
 
@@ -267,14 +297,22 @@ def scatter_(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> 
     _check("scatter_", torch.int64, 1, flat=flat)
     _check("scatter_", torch.float32, 1, values=values)
     _check_len("scatter_", "flat", flat.numel(), "values", values.numel())
-    rc = lib.shira_scatter_f32(weight.data_ptr(), weight.numel(), flat.data_ptr(), values.data_ptr(), flat.numel(),
-                               torch.get_num_threads())
+    rc = lib.shira_scatter_f32(
+        weight.data_ptr(), weight.numel(), flat.data_ptr(), values.data_ptr(), flat.numel(), torch.get_num_threads()
+    )
     if rc != 0:  # the kernel wrote the others
         raise ValueError(f"_native.scatter_: positions outside the weight's {weight.numel()} elements were not written")
 
 
-def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tensor, new_flat: torch.Tensor,
-            new_values: torch.Tensor, *, block: int = 8192) -> None:
+def switch_(
+    weight: torch.Tensor,
+    old_flat: torch.Tensor,
+    old_values: torch.Tensor,
+    new_flat: torch.Tensor,
+    new_values: torch.Tensor,
+    *,
+    block: int = 8192,
+) -> None:
     """w[old_flat] = old_values, then w[new_flat] = new_values, in one pass over the
     weight's storage (int32 position lists, ascending; weights under 2^31 elements).
     A position out of range raises ValueError and is never written (nor, in unsorted
@@ -289,8 +327,17 @@ def switch_(weight: torch.Tensor, old_flat: torch.Tensor, old_values: torch.Tens
         raise ValueError(f"_native.switch_: int32 positions cover weights under 2^31 elements, got {weight.numel()}")
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"_native.switch_: block must be a positive int, got {block!r}")
-    rc = lib.shira_switch_f32(weight.data_ptr(), weight.numel(), old_flat.data_ptr(), old_values.data_ptr(),
-                              old_flat.numel(), new_flat.data_ptr(), new_values.data_ptr(), new_flat.numel(), block,
-                              torch.get_num_threads())
+    rc = lib.shira_switch_f32(
+        weight.data_ptr(),
+        weight.numel(),
+        old_flat.data_ptr(),
+        old_values.data_ptr(),
+        old_flat.numel(),
+        new_flat.data_ptr(),
+        new_values.data_ptr(),
+        new_flat.numel(),
+        block,
+        torch.get_num_threads(),
+    )
     if rc != 0:
         raise ValueError(f"_native.switch_: positions outside the weight's {weight.numel()} elements, or not ascending")

@@ -20,5 +20,16 @@ from shira_export.export.adapter_file import (
     write_adapter_file,
 )
 
-__all__ = ["ADAPTER_SCHEMA", "RESERVED_NAMES", "SUFFIX", "AdapterArrays", "adapter_arrays", "check_adapter_name",
-           "install_adapter_file", "max_file_bytes", "read_adapter_file", "short_fingerprint", "write_adapter_file"]
+__all__ = [
+    "ADAPTER_SCHEMA",
+    "RESERVED_NAMES",
+    "SUFFIX",
+    "AdapterArrays",
+    "adapter_arrays",
+    "check_adapter_name",
+    "install_adapter_file",
+    "max_file_bytes",
+    "read_adapter_file",
+    "short_fingerprint",
+    "write_adapter_file",
+]

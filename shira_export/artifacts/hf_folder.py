@@ -22,14 +22,32 @@ from shira_export.errors import ShiraInputError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["check_config_dict", "check_folder", "read_config_json", "load_config", "load_model", "load_base_model",
-           "find_tokenizer", "TOKENIZER_MARKERS", "SAFE_LOAD_KWARGS"]
+__all__ = [
+    "check_config_dict",
+    "check_folder",
+    "read_config_json",
+    "load_config",
+    "load_model",
+    "load_base_model",
+    "find_tokenizer",
+    "TOKENIZER_MARKERS",
+    "SAFE_LOAD_KWARGS",
+]
 
 PathLike = Union[str, os.PathLike]
 SAFE_LOAD_KWARGS = {"trust_remote_code": False, "use_safetensors": True, "local_files_only": True}
 # attention back-ends built into transformers; any other value names a kernel to fetch
-_BUILTIN_ATTENTION = {None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
-                      "paged_attention", "sdpa_paged", "eager_paged"}
+_BUILTIN_ATTENTION = {
+    None,
+    "eager",
+    "sdpa",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flex_attention",
+    "paged_attention",
+    "sdpa_paged",
+    "eager_paged",
+}
 _ATTENTION_FIELDS = ("_attn_implementation_internal", "_attn_implementation", "attn_implementation")
 _CODE_FIELDS = ("auto_map", "trust_remote_code", "custom_pipelines")
 _MAX_DEPTH = 32
@@ -51,13 +69,17 @@ def check_config_dict(raw: Any, where: str, *, depth: int = 0) -> None:
         return
     for key in _CODE_FIELDS:
         if key in raw and raw[key] not in (None, False, {}, []):
-            raise ShiraInputError(f"{where}: field {key!r} selects code to run ({raw[key]!r}); this package loads "
-                                  f"no code from model folders (remove the field)")
+            raise ShiraInputError(
+                f"{where}: field {key!r} selects code to run ({raw[key]!r}); this package loads "
+                f"no code from model folders (remove the field)"
+            )
     for key in _ATTENTION_FIELDS:
         if key in raw and raw[key] not in _BUILTIN_ATTENTION:
-            raise ShiraInputError(f"{where}: field {key!r} = {raw[key]!r} is not a built-in attention "
-                                  f"implementation (expected one of {sorted(x for x in _BUILTIN_ATTENTION if x)}); "
-                                  f"a hub kernel would be fetched and run")
+            raise ShiraInputError(
+                f"{where}: field {key!r} = {raw[key]!r} is not a built-in attention "
+                f"implementation (expected one of {sorted(x for x in _BUILTIN_ATTENTION if x)}); "
+                f"a hub kernel would be fetched and run"
+            )
     for value in raw.values():
         if isinstance(value, (dict, list)):
             check_config_dict(value, where, depth=depth + 1)
@@ -78,8 +100,9 @@ def read_config_json(folder: PathLike, *, what: str = "base model folder") -> di
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ShiraInputError(f"{path}: not a readable JSON model config ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from None
+        raise ShiraInputError(
+            f"{path}: not a readable JSON model config ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
     if not isinstance(raw, dict):
         raise ShiraInputError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     check_config_dict(raw, str(path))
@@ -102,9 +125,11 @@ def _check_weights(folder: Path) -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     found = f"found only {pickles}" if pickles else "found no weight files"
-    raise ShiraInputError(f"{folder}: expected weights as safetensors (model.safetensors), {found}; pickle files are "
-                          f"never loaded (they can run code). Convert once in a trusted environment: "
-                          f"AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
+    raise ShiraInputError(
+        f"{folder}: expected weights as safetensors (model.safetensors), {found}; pickle files are "
+        f"never loaded (they can run code). Convert once in a trusted environment: "
+        f"AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+    )
 
 
 def _takes_dtype() -> bool:

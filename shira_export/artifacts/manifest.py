@@ -33,9 +33,22 @@ from shira_export.errors import ShiraInputError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "MODEL_NAME", "ADAPTER_DIR", "Kind", "AdapterEntry", "MergedManifest",
-           "SparseManifest", "Manifest", "read_manifest", "read_sparse_manifest", "load_manifest_json",
-           "adapter_entry", "weights_fingerprint"]
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "MODEL_NAME",
+    "ADAPTER_DIR",
+    "Kind",
+    "AdapterEntry",
+    "MergedManifest",
+    "SparseManifest",
+    "Manifest",
+    "read_manifest",
+    "read_sparse_manifest",
+    "load_manifest_json",
+    "adapter_entry",
+    "weights_fingerprint",
+]
 
 MANIFEST_NAME = "shira_export.json"
 SCHEMA_VERSION = 1
@@ -98,19 +111,49 @@ class MergedManifest:
         return (AdapterEntry(self.adapter["name"], self.adapter.get("source")),)
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "kind": self.kind.value, "format": self.format, "task": self.task,
-                "dtype": self.dtype, "exporter": self.exporter, "package_version": self.package_version,
-                "base_model": self.base_model, "base_fingerprint": self.base_fingerprint, "adapter": self.adapter,
-                **self.extra}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": self.kind.value,
+            "format": self.format,
+            "task": self.task,
+            "dtype": self.dtype,
+            "exporter": self.exporter,
+            "package_version": self.package_version,
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "adapter": self.adapter,
+            **self.extra,
+        }
 
     def write(self, folder: Optional[PathLike] = None, *, atomic: bool = True) -> Path:
         return _write(Path(folder or self.folder), self.to_json(), atomic)
 
 
-_SPARSE_KEYS = {"schema", "kind", "format", "task", "package_version", "base_fingerprint", "model", "token_threshold",
-                "adapters", "targets", "unused_targets"}
-_MERGED_KEYS = {"schema", "kind", "format", "task", "dtype", "exporter", "package_version", "base_model",
-                "base_fingerprint", "adapter"}
+_SPARSE_KEYS = {
+    "schema",
+    "kind",
+    "format",
+    "task",
+    "package_version",
+    "base_fingerprint",
+    "model",
+    "token_threshold",
+    "adapters",
+    "targets",
+    "unused_targets",
+}
+_MERGED_KEYS = {
+    "schema",
+    "kind",
+    "format",
+    "task",
+    "dtype",
+    "exporter",
+    "package_version",
+    "base_model",
+    "base_fingerprint",
+    "adapter",
+}
 
 
 @dataclass
@@ -152,15 +195,25 @@ class SparseManifest:
 
     def adapter_path(self, name: str) -> Path:
         """The adapter's file; a path that leaves the folder is refused (ShiraInputError)."""
-        return confined(self.folder, self.adapters[name]["file"],
-                        what=f"{self.folder / MANIFEST_NAME}: adapters.{name}.file")
+        return confined(
+            self.folder, self.adapters[name]["file"], what=f"{self.folder / MANIFEST_NAME}: adapters.{name}.file"
+        )
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA_VERSION, "kind": self.kind.value, "format": self.format, "task": self.task,
-                "package_version": self.package_version, "base_fingerprint": self.base_fingerprint,
-                "model": MODEL_NAME, "token_threshold": self.token_threshold, "adapters": self.adapters,
-                "targets": [dict(t.to_json(), digest=t.digest) for t in self.targets],
-                "unused_targets": self.unused_targets, **self.extra}
+        return {
+            "schema": SCHEMA_VERSION,
+            "kind": self.kind.value,
+            "format": self.format,
+            "task": self.task,
+            "package_version": self.package_version,
+            "base_fingerprint": self.base_fingerprint,
+            "model": MODEL_NAME,
+            "token_threshold": self.token_threshold,
+            "adapters": self.adapters,
+            "targets": [dict(t.to_json(), digest=t.digest) for t in self.targets],
+            "unused_targets": self.unused_targets,
+            **self.extra,
+        }
 
     def write(self, folder: Optional[PathLike] = None, *, atomic: bool = True) -> Path:
         return _write(Path(folder or self.folder), self.to_json(), atomic)
@@ -226,19 +279,36 @@ def _check_adapters(path: Path, folder: Path, adapters: object) -> dict[str, dic
 
 def _parse_sparse(path: Path, folder: Path, raw: dict) -> SparseManifest:
     if raw.get("schema") != SCHEMA_VERSION or raw.get("kind") != Kind.SPARSE.value:
-        raise ShiraInputError(f"{path}: expected schema {SCHEMA_VERSION} and kind 'sparse', found schema "
-                              f"{raw.get('schema')!r}, kind {raw.get('kind')!r}")
+        raise ShiraInputError(
+            f"{path}: expected schema {SCHEMA_VERSION} and kind 'sparse', found schema "
+            f"{raw.get('schema')!r}, kind {raw.get('kind')!r}"
+        )
     try:
         targets = [
-            TargetSite(t["module"], t["node"], t["initializer"], int(t["out_features"]), int(t["in_features"]),
-                       t["weight_layout"] == "out_in", t["digest"])
+            TargetSite(
+                t["module"],
+                t["node"],
+                t["initializer"],
+                int(t["out_features"]),
+                int(t["in_features"]),
+                t["weight_layout"] == "out_in",
+                t["digest"],
+            )
             for t in raw["targets"]
         ]
         adapters = _check_adapters(path, folder, raw.get("adapters", {}))
-        return SparseManifest(folder, str(raw["task"]), str(raw["base_fingerprint"]), targets,
-                              adapters, int(raw.get("token_threshold", DEFAULT_TOKEN_THRESHOLD)),
-                              str(raw.get("package_version", "")), list(raw.get("unused_targets", [])),
-                              {k: v for k, v in raw.items() if k not in _SPARSE_KEYS}, raw=raw)
+        return SparseManifest(
+            folder,
+            str(raw["task"]),
+            str(raw["base_fingerprint"]),
+            targets,
+            adapters,
+            int(raw.get("token_threshold", DEFAULT_TOKEN_THRESHOLD)),
+            str(raw.get("package_version", "")),
+            list(raw.get("unused_targets", [])),
+            {k: v for k, v in raw.items() if k not in _SPARSE_KEYS},
+            raw=raw,
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ShiraInputError(f"{path}: malformed sparse manifest ({type(exc).__name__}: {exc})") from None
 
@@ -249,13 +319,25 @@ def _parse_merged(path: Path, folder: Path, raw: dict) -> MergedManifest:
         raise ShiraInputError(f"{path}: key 'format' expected 'onnx' or 'safetensors', found {fmt!r}")
     adapter = raw.get("adapter")
     if adapter is not None and not (isinstance(adapter, dict) and isinstance(adapter.get("name"), str)):
-        raise ShiraInputError(f"{path}: key 'adapter' expected {{'name': str, 'source': str}} or null, found {adapter!r}")
+        raise ShiraInputError(
+            f"{path}: key 'adapter' expected {{'name': str, 'source': str}} or null, found {adapter!r}"
+        )
     for key in ("dtype", "exporter", "package_version", "base_model", "base_fingerprint"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise ShiraInputError(f"{path}: key {key!r} expected a string, found {raw[key]!r}")
-    return MergedManifest(folder, raw["task"], fmt, raw.get("dtype") or "fp32", raw.get("exporter"),
-                          raw.get("package_version") or "", raw.get("base_model"), raw.get("base_fingerprint"),
-                          adapter, {k: v for k, v in raw.items() if k not in _MERGED_KEYS}, raw=raw)
+    return MergedManifest(
+        folder,
+        raw["task"],
+        fmt,
+        raw.get("dtype") or "fp32",
+        raw.get("exporter"),
+        raw.get("package_version") or "",
+        raw.get("base_model"),
+        raw.get("base_fingerprint"),
+        adapter,
+        {k: v for k, v in raw.items() if k not in _MERGED_KEYS},
+        raw=raw,
+    )
 
 
 def read_sparse_manifest(folder: PathLike) -> SparseManifest:
@@ -281,8 +363,9 @@ def read_manifest(folder: PathLike) -> Manifest:
     try:
         kind = Kind(need("kind", str))
     except ValueError:
-        raise ShiraInputError(f"{path}: key 'kind' expected one of {[k.value for k in Kind]}, "
-                              f"found {raw['kind']!r}") from None
+        raise ShiraInputError(
+            f"{path}: key 'kind' expected one of {[k.value for k in Kind]}, found {raw['kind']!r}"
+        ) from None
     spec_for(need("task", str), where=f"{path}: key 'task'")
     if raw.get("quantization") not in (None, *QUANTIZATIONS):
         raise ShiraInputError(f"{path}: key 'quantization' expected 'int8' or 'int4', found {raw['quantization']!r}")
@@ -292,5 +375,7 @@ def read_manifest(folder: PathLike) -> Manifest:
     manifest = _parse_sparse(path, folder, raw)
     for name in manifest.adapters:
         if not manifest.adapter_path(name).is_file():
-            raise ShiraInputError(f"{path}: adapters.{name}.file {manifest.adapters[name]['file']!r} not found in {folder}")
+            raise ShiraInputError(
+                f"{path}: adapters.{name}.file {manifest.adapters[name]['file']!r} not found in {folder}"
+            )
     return manifest

@@ -29,5 +29,14 @@ from shira_export.export.graph_delta import (
     weight_name,
 )
 
-__all__ = ["PREFIX", "DEFAULT_TOKEN_THRESHOLD", "TargetSite", "indices_name", "values_name", "weight_name",
-           "graph_fingerprint", "site_base_node", "to_dense_variant"]
+__all__ = [
+    "PREFIX",
+    "DEFAULT_TOKEN_THRESHOLD",
+    "TargetSite",
+    "indices_name",
+    "values_name",
+    "weight_name",
+    "graph_fingerprint",
+    "site_base_node",
+    "to_dense_variant",
+]

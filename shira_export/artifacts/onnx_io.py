@@ -28,14 +28,25 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return tensor_bytes(model) > EXTERNAL_DATA_BYTES
 
 
-def save_onnx(model: onnx.ModelProto, path: Union[str, os.PathLike], *, location: Optional[str] = None,
-              external: Optional[bool] = None) -> Path:
+def save_onnx(
+    model: onnx.ModelProto,
+    path: Union[str, os.PathLike],
+    *,
+    location: Optional[str] = None,
+    external: Optional[bool] = None,
+) -> Path:
     """Write `model` at `path`. Its tensors go to `location` (default `<name>_data`) beside
     it when `external` says so, or (None) when they pass EXTERNAL_DATA_BYTES. A stale data
     file of that name is removed first: onnx appends to an existing one."""
     path = Path(path)
     location = location or path.name + "_data"
     (path.parent / location).unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=needs_external_data(model) if external is None else external,
-                    all_tensors_to_one_file=True, location=location, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=needs_external_data(model) if external is None else external,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,
+    )
     return path

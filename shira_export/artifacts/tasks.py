@@ -19,8 +19,20 @@ from shira_export.errors import ShiraInputError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Task", "Family", "Compare", "TaskSpec", "TASKS", "spec_for", "task_for_peft", "task_from_architecture",
-           "task_choices", "peft_task_types", "is_label_head", "graph_feeds"]
+__all__ = [
+    "Task",
+    "Family",
+    "Compare",
+    "TaskSpec",
+    "TASKS",
+    "spec_for",
+    "task_for_peft",
+    "task_from_architecture",
+    "task_choices",
+    "peft_task_types",
+    "is_label_head",
+    "graph_feeds",
+]
 
 
 class Task(str, Enum):
@@ -80,24 +92,56 @@ _ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # token_typ
 # Order: the CLI lists tasks so; "LMHeadModel" must be matched before the bare "Model".
 TASKS: Mapping[Task, TaskSpec] = {
     Task.TEXT_GENERATION_WITH_PAST: TaskSpec(
-        Task.TEXT_GENERATION_WITH_PAST, Family.CAUSAL_LM, "AutoModelForCausalLM", "ORTModelForCausalLM",
-        {"logits": Compare.TOP1}, _CAUSAL_INPUTS, peft_task_type="CAUSAL_LM", with_past=True,
-        arch_suffixes=("ForCausalLM", "LMHeadModel")),
+        Task.TEXT_GENERATION_WITH_PAST,
+        Family.CAUSAL_LM,
+        "AutoModelForCausalLM",
+        "ORTModelForCausalLM",
+        {"logits": Compare.TOP1},
+        _CAUSAL_INPUTS,
+        peft_task_type="CAUSAL_LM",
+        with_past=True,
+        arch_suffixes=("ForCausalLM", "LMHeadModel"),
+    ),
     Task.TEXT_GENERATION: TaskSpec(
-        Task.TEXT_GENERATION, Family.CAUSAL_LM, "AutoModelForCausalLM", "ORTModelForCausalLM",
-        {"logits": Compare.TOP1}, _CAUSAL_INPUTS, peft_task_type="CAUSAL_LM", sparse=False),
+        Task.TEXT_GENERATION,
+        Family.CAUSAL_LM,
+        "AutoModelForCausalLM",
+        "ORTModelForCausalLM",
+        {"logits": Compare.TOP1},
+        _CAUSAL_INPUTS,
+        peft_task_type="CAUSAL_LM",
+        sparse=False,
+    ),
     Task.FEATURE_EXTRACTION: TaskSpec(
-        Task.FEATURE_EXTRACTION, Family.FEATURE_EXTRACTION, "AutoModel", "ORTModelForFeatureExtraction",
-        {"last_hidden_state": Compare.NONE}, _ENCODER_INPUTS, peft_task_type="FEATURE_EXTRACTION", pooled=True,
-        arch_suffixes=("Model",)),
+        Task.FEATURE_EXTRACTION,
+        Family.FEATURE_EXTRACTION,
+        "AutoModel",
+        "ORTModelForFeatureExtraction",
+        {"last_hidden_state": Compare.NONE},
+        _ENCODER_INPUTS,
+        peft_task_type="FEATURE_EXTRACTION",
+        pooled=True,
+        arch_suffixes=("Model",),
+    ),
     Task.TEXT_CLASSIFICATION: TaskSpec(
-        Task.TEXT_CLASSIFICATION, Family.SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification",
-        "ORTModelForSequenceClassification", {"logits": Compare.LABEL}, _ENCODER_INPUTS, peft_task_type="SEQ_CLS",
-        arch_suffixes=("ForSequenceClassification",), head_names=("classifier", "score")),
+        Task.TEXT_CLASSIFICATION,
+        Family.SEQUENCE_CLASSIFICATION,
+        "AutoModelForSequenceClassification",
+        "ORTModelForSequenceClassification",
+        {"logits": Compare.LABEL},
+        _ENCODER_INPUTS,
+        peft_task_type="SEQ_CLS",
+        arch_suffixes=("ForSequenceClassification",),
+        head_names=("classifier", "score"),
+    ),
 }
 # names older manifests (and optimum's older task names) carry
-_ALIASES = {"causal-lm": Task.TEXT_GENERATION, "causal-lm-with-past": Task.TEXT_GENERATION_WITH_PAST,
-            "default": Task.FEATURE_EXTRACTION, "sequence-classification": Task.TEXT_CLASSIFICATION}
+_ALIASES = {
+    "causal-lm": Task.TEXT_GENERATION,
+    "causal-lm-with-past": Task.TEXT_GENERATION_WITH_PAST,
+    "default": Task.FEATURE_EXTRACTION,
+    "sequence-classification": Task.TEXT_CLASSIFICATION,
+}
 
 
 def spec_for(task: object, *, where: str = "task") -> TaskSpec:
@@ -139,8 +183,12 @@ def is_label_head(path: str, task: Task = Task.TEXT_CLASSIFICATION) -> bool:
     return parts[-1] in heads or (len(parts) > 1 and parts[-1] == "out_proj" and parts[-2] in heads)
 
 
-def graph_feeds(spec: TaskSpec, input_ids: "np.ndarray", attention_mask: "np.ndarray",
-                names: "list[str] | tuple[str, ...] | set[str]") -> dict[str, "np.ndarray"]:
+def graph_feeds(
+    spec: TaskSpec,
+    input_ids: "np.ndarray",
+    attention_mask: "np.ndarray",
+    names: "list[str] | tuple[str, ...] | set[str]",
+) -> dict[str, "np.ndarray"]:
     """Feeds for a graph of `spec` that takes `names`: the ids and mask, plus each optional
     input the graph has (token_type_ids zeros, position_ids counted from the mask)."""
     import numpy as np

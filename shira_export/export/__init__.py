@@ -16,13 +16,31 @@ if TYPE_CHECKING:
     from shira_export.export.tasks import Dtype, Task
 
 _NAMES = {
-    "Dtype": "tasks", "Task": "tasks",
-    "MergedExport": "merged", "plan_merged": "merged", "write_merged": "merged",
-    "QuantizeReport": "quantize", "quantize_onnx_model": "quantize",
-    "SparseExportResult": "sparse", "add_adapter_file": "sparse", "plan_sparse": "sparse", "write_sparse": "sparse",
+    "Dtype": "tasks",
+    "Task": "tasks",
+    "MergedExport": "merged",
+    "plan_merged": "merged",
+    "write_merged": "merged",
+    "QuantizeReport": "quantize",
+    "quantize_onnx_model": "quantize",
+    "SparseExportResult": "sparse",
+    "add_adapter_file": "sparse",
+    "plan_sparse": "sparse",
+    "write_sparse": "sparse",
 }
-__all__ = ["Dtype", "MergedExport", "QuantizeReport", "SparseExportResult", "Task", "add_adapter_file", "plan_merged",
-           "plan_sparse", "quantize_onnx_model", "write_merged", "write_sparse"]
+__all__ = [
+    "Dtype",
+    "MergedExport",
+    "QuantizeReport",
+    "SparseExportResult",
+    "Task",
+    "add_adapter_file",
+    "plan_merged",
+    "plan_sparse",
+    "quantize_onnx_model",
+    "write_merged",
+    "write_sparse",
+]
 
 
 # The public entry points moved to the pipeline (export no longer verifies itself); the old
@@ -36,7 +54,10 @@ def __getattr__(name: str) -> Any:
     if name in _MOVED:
         import warnings
 
-        warnings.warn(f"shira_export.export.{name} moved: use shira_export.{name} (shira_export.pipeline)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"shira_export.export.{name} moved: use shira_export.{name} (shira_export.pipeline)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(import_module("shira_export.pipeline"), name)
     raise AttributeError(f"module 'shira_export.export' has no attribute {name!r}")

@@ -26,7 +26,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from shira_export._io import (
-    atomic_path, confined, describe_path, folder_lock, run_owned_name, sha256_file, stale_siblings,
+    atomic_path,
+    confined,
+    describe_path,
+    folder_lock,
+    run_owned_name,
+    sha256_file,
+    stale_siblings,
 )
 from shira_export.errors import ShiraInputError
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
@@ -101,8 +107,8 @@ def batch_parameters(rows: Sequence[Optional[AdapterArrays]], modules: Sequence[
         vals = np.zeros((len(rows), width), np.float32)
         for b, part in enumerate(parts):
             if part is not None:
-                idx[b, :part[0].size] = part[0]
-                vals[b, :part[1].size] = part[1]
+                idx[b, : part[0].size] = part[0]
+                vals[b, : part[1].size] = part[1]
         params[indices_name(module)] = idx
         params[values_name(module)] = vals
     return params
@@ -118,13 +124,16 @@ def check_adapter_name(name: str) -> str:
             f"the output folder)"
         )
     if name.lower() in RESERVED_NAMES:
-        raise ShiraInputError(f"adapter name {name!r}: reserved (reports call the model without an adapter "
-                              f"{name.lower()!r}); choose another name")
+        raise ShiraInputError(
+            f"adapter name {name!r}: reserved (reports call the model without an adapter "
+            f"{name.lower()!r}); choose another name"
+        )
     return name
 
 
-def adapter_arrays(deltas: Mapping[str, Any], sites: Sequence[TargetSite], *, source: str,
-                   fingerprint: str, unused: Sequence[str] = ()) -> AdapterArrays:
+def adapter_arrays(
+    deltas: Mapping[str, Any], sites: Sequence[TargetSite], *, source: str, fingerprint: str, unused: Sequence[str] = ()
+) -> AdapterArrays:
     """Convert checkpoint deltas (SparseDelta: int [2, nnz] (out, in), values [nnz]) to flat
     arrays; every module must be a site of the graph (or in `unused`: modules the graph's
     outputs do not depend on) and every index in range."""
@@ -135,15 +144,24 @@ def adapter_arrays(deltas: Mapping[str, Any], sites: Sequence[TargetSite], *, so
     for module, delta in sorted(deltas.items()):
         site = by_module.get(module)
         if site is None:
-            problems.append(f"module {module!r} has no sparse-delta site in this graph (sites: {len(by_module)}; "
-                            f"re-export with this adapter to add it)")
+            problems.append(
+                f"module {module!r} has no sparse-delta site in this graph (sites: {len(by_module)}; "
+                f"re-export with this adapter to add it)"
+            )
             continue
         pairs = np.asarray(delta.indices, dtype=np.int64)
-        vals = np.ascontiguousarray(np.asarray(delta.values.detach().cpu() if hasattr(delta.values, "detach")
-                                               else delta.values, dtype=np.float32))
-        if pairs.size and (pairs.min() < 0 or pairs[0].max() >= site.out_features or pairs[1].max() >= site.in_features):
-            problems.append(f"module {module!r}: indices reach ({int(pairs[0].max())}, {int(pairs[1].max())}) "
-                            f"but the layer is (out={site.out_features}, in={site.in_features})")
+        vals = np.ascontiguousarray(
+            np.asarray(
+                delta.values.detach().cpu() if hasattr(delta.values, "detach") else delta.values, dtype=np.float32
+            )
+        )
+        if pairs.size and (
+            pairs.min() < 0 or pairs[0].max() >= site.out_features or pairs[1].max() >= site.in_features
+        ):
+            problems.append(
+                f"module {module!r}: indices reach ({int(pairs[0].max())}, {int(pairs[1].max())}) "
+                f"but the layer is (out={site.out_features}, in={site.in_features})"
+            )
             continue
         if site.out_features * site.in_features >= 2**31:
             problems.append(f"module {module!r}: {site.out_features}x{site.in_features} is too large for int32 indices")
@@ -180,8 +198,9 @@ def write_adapter_file(path: Union[str, os.PathLike], arrays: AdapterArrays) -> 
     return path
 
 
-def install_adapter_file(folder: Union[str, os.PathLike], name: str, arrays: AdapterArrays, *, source: str,
-                         overwrite: bool = False) -> Path:
+def install_adapter_file(
+    folder: Union[str, os.PathLike], name: str, arrays: AdapterArrays, *, source: str, overwrite: bool = False
+) -> Path:
     """Write `folder/adapters/<name>.onnx_adapter` and record it (with its sha256) in the
     folder's manifest, under the folder's lock, so concurrent writers are serialized and
     none loses another's entry. On any error (a full disk included) the folder is left as
@@ -192,18 +211,23 @@ def install_adapter_file(folder: Union[str, os.PathLike], name: str, arrays: Ada
     with folder_lock(folder):
         manifest = read_sparse_manifest(folder)  # again, under the lock: another writer may have added one
         if arrays.model_version != short_fingerprint(manifest.base_fingerprint):
-            raise ShiraInputError(f"{manifest.folder}: the graph changed while the adapter was converted "
-                                  f"(fingerprint); run again")
+            raise ShiraInputError(
+                f"{manifest.folder}: the graph changed while the adapter was converted (fingerprint); run again"
+            )
         rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
         adapters = manifest.folder / ADAPTER_DIR
         if adapters.is_symlink() or (adapters.exists() and not adapters.is_dir()):
-            raise ShiraInputError(f"{adapters}: is a symlink or not a folder; refusing to write adapters through it "
-                                  f"(it could point outside {manifest.folder})")
+            raise ShiraInputError(
+                f"{adapters}: is a symlink or not a folder; refusing to write adapters through it "
+                f"(it could point outside {manifest.folder})"
+            )
         target = confined(manifest.folder, rel, what=f"adapter {name!r}")
         if target.is_symlink():
             raise ShiraInputError(f"{target}: is a symlink; refusing to write through it")
         if name in manifest.adapters and not overwrite:
-            raise ShiraInputError(f"{target}: adapter {name!r} exists (pass overwrite=True / --overwrite to replace it)")
+            raise ShiraInputError(
+                f"{target}: adapter {name!r} exists (pass overwrite=True / --overwrite to replace it)"
+            )
         adapters.mkdir(exist_ok=True)
         for stale, kind in stale_siblings(target):  # a run killed before its manifest write
             if kind == "old":  # the file the manifest still describes: put it back
@@ -238,8 +262,14 @@ def _read_params(path: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v.numpy()) for k, v in fmt.get_parameters().items()}
 
 
-def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite], *,
-                      fingerprint: str, sha256: Optional[str] = None, nnz: Optional[int] = None) -> AdapterArrays:
+def read_adapter_file(
+    path: Union[str, os.PathLike],
+    sites: Sequence[TargetSite],
+    *,
+    fingerprint: str,
+    sha256: Optional[str] = None,
+    nnz: Optional[int] = None,
+) -> AdapterArrays:
     """Read and validate a .onnx_adapter against a graph's sites and fingerprint. With
     `sha256` (the manifest's record) a file that changed since it was written is refused;
     a file larger than a valid one of `nnz` nonzeros (default: every site full) is refused
@@ -249,35 +279,45 @@ def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite]
     path = Path(path)
     if not path.is_file():
         raise ShiraInputError(f"{path}: adapter file {describe_path(path, want='file')}")
-    bound = max_file_bytes(nnz if nnz is not None else sum(s.out_features * s.in_features for s in sites),
-                           2 * len(sites))
+    bound = max_file_bytes(
+        nnz if nnz is not None else sum(s.out_features * s.in_features for s in sites), 2 * len(sites)
+    )
     size = path.stat().st_size
     if size > bound:
-        raise ShiraInputError(f"{path}: {size} bytes, more than a valid adapter file of "
-                              f"{'its ' + str(nnz) if nnz is not None else 'at most this graph'}'s nonzeros can "
-                              f"take ({bound} bytes); refused without reading it")
+        raise ShiraInputError(
+            f"{path}: {size} bytes, more than a valid adapter file of "
+            f"{'its ' + str(nnz) if nnz is not None else 'at most this graph'}'s nonzeros can "
+            f"take ({bound} bytes); refused without reading it"
+        )
     if sha256 is not None:
         found = sha256_file(path)
         if found != sha256:
-            raise ShiraInputError(f"{path}: sha256 {found} differs from the manifest's {sha256} (the file changed "
-                                  f"or is damaged since it was written); re-create it with `shira-export adapter "
-                                  f"--overwrite`")
+            raise ShiraInputError(
+                f"{path}: sha256 {found} differs from the manifest's {sha256} (the file changed "
+                f"or is damaged since it was written); re-create it with `shira-export adapter "
+                f"--overwrite`"
+            )
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         params = {k: np.array(v.numpy()) for k, v in fmt.get_parameters().items()}
         version, model_version = fmt.get_adapter_version(), fmt.get_model_version()
     except Exception as exc:  # onnxruntime raises a bare RuntimeError on a bad flatbuffer
-        raise ShiraInputError(f"{path}: not a readable .onnx_adapter file ({exc}); re-create it with "
-                              f"`shira-export adapter`") from None
+        raise ShiraInputError(
+            f"{path}: not a readable .onnx_adapter file ({exc}); re-create it with `shira-export adapter`"
+        ) from None
     expected = short_fingerprint(fingerprint)
     if model_version != expected:
-        raise ShiraInputError(f"{path}: made for another graph (model_version {model_version}, this graph's "
-                              f"fingerprint gives {expected}); convert the adapter for this graph with `shira-export adapter`")
+        raise ShiraInputError(
+            f"{path}: made for another graph (model_version {model_version}, this graph's "
+            f"fingerprint gives {expected}); convert the adapter for this graph with `shira-export adapter`"
+        )
     if version != ADAPTER_SCHEMA:
         older = " (1-D arrays from a release before the mixed-batch graph)" if version == 1 else ""
-        raise ShiraInputError(f"{path}: adapter schema {version}{older}, expected {ADAPTER_SCHEMA}; re-export it "
-                              f"(`shira-export sparse` again, or `shira-export adapter --graph <folder> --adapter "
-                              f"<adapter dir> --overwrite` with a graph of this release)")
+        raise ShiraInputError(
+            f"{path}: adapter schema {version}{older}, expected {ADAPTER_SCHEMA}; re-export it "
+            f"(`shira-export sparse` again, or `shira-export adapter --graph <folder> --adapter "
+            f"<adapter dir> --overwrite` with a graph of this release)"
+        )
     by_module = {s.module: s for s in sites}
     deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     problems: list[str] = []
@@ -288,13 +328,22 @@ def read_adapter_file(path: Union[str, os.PathLike], sites: Sequence[TargetSite]
         idx, vals = params.pop(iname, None), params.pop(vname, None)
         if idx is None or vals is None:
             problems.append(f"{iname if idx is None else vname}: missing (its pair is present)")
-        elif idx.dtype != np.int32 or vals.dtype != np.float32 or idx.ndim != 2 or idx.shape[0] != 1 \
-                or idx.shape != vals.shape:
-            problems.append(f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
-                            f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}")
+        elif (
+            idx.dtype != np.int32
+            or vals.dtype != np.float32
+            or idx.ndim != 2
+            or idx.shape[0] != 1
+            or idx.shape != vals.shape
+        ):
+            problems.append(
+                f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
+                f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}"
+            )
         elif idx.size and (idx.min() < 0 or int(idx.max()) >= site.out_features * site.in_features):
-            problems.append(f"{iname}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range "
-                            f"[0, {site.out_features * site.in_features})")
+            problems.append(
+                f"{iname}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range "
+                f"[0, {site.out_features * site.in_features})"
+            )
         elif not np.isfinite(vals).all():
             problems.append(f"{vname}: NaN/Inf values")
         else:

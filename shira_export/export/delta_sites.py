@@ -67,8 +67,9 @@ def _views(p: str, x: str, idx: str, in_f: int) -> list[onnx.NodeProto]:
     ]
 
 
-def _activation_branch(p: str, vals: str, out_f: int, y0: str,
-                       base: Optional[onnx.NodeProto]) -> tuple[list[onnx.NodeProto], str]:
+def _activation_branch(
+    p: str, vals: str, out_f: int, y0: str, base: Optional[onnx.NodeProto]
+) -> tuple[list[onnx.NodeProto], str]:
     """y[r, n, row] += x[r, n, col] * value: nnz entries per row of x, no copy of W."""
     nodes = [copy_node(base, p + BASE_NODE, {}, y0)] if base is not None else []
     nodes += [
@@ -93,22 +94,38 @@ def _activation_branch(p: str, vals: str, out_f: int, y0: str,
     return nodes, p + "y_short"
 
 
-def _weight_branch_rows(p: str, x: str, idx: str, vals: str, in_f: int, out_f: int, *, base: Optional[onnx.NodeProto],
-                   y_base: Optional[str], transposed: bool, value_type: int) -> tuple[list[onnx.NodeProto], str]:
+def _weight_branch_rows(
+    p: str,
+    x: str,
+    idx: str,
+    vals: str,
+    in_f: int,
+    out_f: int,
+    *,
+    base: Optional[onnx.NodeProto],
+    y_base: Optional[str],
+    transposed: bool,
+    value_type: int,
+) -> tuple[list[onnx.NodeProto], str]:
     """fp32 (`base`): MatMul(x3, W + delta) with W + delta built per adapter row ([R, in, out]).
     Quantized (`y_base`): y_base + MatMul(x3, delta), W being packed."""
     # ScatterND on the flat [R * in * out] copy: per entry about 4x cheaper than ScatterElements
     # on [R, in*out] in onnxruntime 1.32 (tools/bench_site.py, docs/sparse_format.md)
-    nodes = [const(p + "one_one", np.array([1, 1], np.int64)),
-             _op("Concat", [p + "R", p + "one_one"], p + "R11", axis=0)]  # [R, 1, 1]
+    nodes = [
+        const(p + "one_one", np.array([1, 1], np.int64)),
+        _op("Concat", [p + "R", p + "one_one"], p + "R11", axis=0),
+    ]  # [R, 1, 1]
     flat_idx = idx if transposed else p + "t"  # the graph holds W [out, in]: the flat index is its own
     if not transposed:  # W^T [in, out]: position (col, row) is col * out + row
-        nodes += [const(p + "out_f", np.array(out_f, np.int32)),
-                  _op("Mul", [p + "col", p + "out_f"], p + "col_start"),
-                  _op("Add", [p + "col_start", p + "row"], flat_idx)]
+        nodes += [
+            const(p + "out_f", np.array(out_f, np.int32)),
+            _op("Mul", [p + "col", p + "out_f"], p + "col_start"),
+            _op("Add", [p + "col_start", p + "row"], flat_idx),
+        ]
     nodes += [
         _op("Squeeze", [p + "R"], p + "R_s"),
-        const(p + "zero64", np.array(0, np.int64)), const(p + "one64", np.array(1, np.int64)),
+        const(p + "zero64", np.array(0, np.int64)),
+        const(p + "one64", np.array(1, np.int64)),
         _op("Range", [p + "zero64", p + "R_s", p + "one64"], p + "r_ids"),
         const(p + "wsize", np.array(in_f * out_f, np.int64)),
         _op("Mul", [p + "r_ids", p + "wsize"], p + "r_off"),
@@ -122,9 +139,16 @@ def _weight_branch_rows(p: str, x: str, idx: str, vals: str, in_f: int, out_f: i
     if base is not None:  # R copies of W; [R, 1, 1] is not a constant, so W is never folded into a second copy
         nodes.append(_op("Expand", [base.input[1], p + "R11"], p + "w_r"))
     else:
-        nodes += [_op("Mul", [p + "R", p + "wsize"], p + "z_shape"),
-                  helper.make_node("ConstantOfShape", [p + "z_shape"], [p + "w_r"], name=p + "w_r",
-                                   value=helper.make_tensor("zero", value_type, [1], [0]))]
+        nodes += [
+            _op("Mul", [p + "R", p + "wsize"], p + "z_shape"),
+            helper.make_node(
+                "ConstantOfShape",
+                [p + "z_shape"],
+                [p + "w_r"],
+                name=p + "w_r",
+                value=helper.make_tensor("zero", value_type, [1], [0]),
+            ),
+        ]
     shape = [-1, out_f, in_f] if transposed else [-1, in_f, out_f]
     nodes += [
         const(p + "flat", np.array([-1], np.int64)),
@@ -153,49 +177,101 @@ def _weight_branch_rows(p: str, x: str, idx: str, vals: str, in_f: int, out_f: i
     return nodes, p + "y_long"
 
 
-def _weight_branch_one(p: str, x: str, vals: str, in_f: int, out_f: int, *, base: Optional[onnx.NodeProto],
-                       y_base: Optional[str], transposed: bool, value_type: int) -> tuple[list[onnx.NodeProto], str]:
+def _weight_branch_one(
+    p: str,
+    x: str,
+    vals: str,
+    in_f: int,
+    out_f: int,
+    *,
+    base: Optional[onnx.NodeProto],
+    y_base: Optional[str],
+    transposed: bool,
+    value_type: int,
+) -> tuple[list[onnx.NodeProto], str]:
     """R = 1 (one adapter: files, LoraAdapter, genai): ScatterND into one copy of the 2-D W
     (fp32) or zeros (quantized), then the base op itself: no batched MatMul, no reshapes."""
     q = p + "one/"
     a, b = (p + "row", p + "col") if transposed else (p + "col", p + "row")  # W [out, in] or W^T [in, out]
     nodes = [
         const(q + "ax2", np.array([2], np.int64)),
-        _op("Unsqueeze", [a, q + "ax2"], q + "a3"), _op("Unsqueeze", [b, q + "ax2"], q + "b3"),
+        _op("Unsqueeze", [a, q + "ax2"], q + "a3"),
+        _op("Unsqueeze", [b, q + "ax2"], q + "b3"),
         _op("Concat", [q + "a3", q + "b3"], q + "pairs32", axis=2),
         _op("Cast", [q + "pairs32"], q + "pairs", to=TensorProto.INT64),  # [1, nnz, 2]
     ]
     if base is not None:
-        nodes += [_op("ScatterND", [base.input[1], q + "pairs", vals], q + "w_eff", reduction="add"),
-                  copy_node(base, q + "op", {1: q + "w_eff"}, q + "y")]
+        nodes += [
+            _op("ScatterND", [base.input[1], q + "pairs", vals], q + "w_eff", reduction="add"),
+            copy_node(base, q + "op", {1: q + "w_eff"}, q + "y"),
+        ]
         return nodes, q + "y"
     assert y_base is not None
     shape = [out_f, in_f] if transposed else [in_f, out_f]
-    nodes += [const(q + "z_shape", np.array(shape, np.int64)),
-              helper.make_node("ConstantOfShape", [q + "z_shape"], [q + "z"], name=q + "z",
-                               value=helper.make_tensor("zero", value_type, [1], [0])),
-              _op("ScatterND", [q + "z", q + "pairs", vals], q + "d_w", reduction="add"),
-              _op("MatMul", [x, q + "d_w"], q + "d"), _op("Add", [y_base, q + "d"], q + "y")]
+    nodes += [
+        const(q + "z_shape", np.array(shape, np.int64)),
+        helper.make_node(
+            "ConstantOfShape",
+            [q + "z_shape"],
+            [q + "z"],
+            name=q + "z",
+            value=helper.make_tensor("zero", value_type, [1], [0]),
+        ),
+        _op("ScatterND", [q + "z", q + "pairs", vals], q + "d_w", reduction="add"),
+        _op("MatMul", [x, q + "d_w"], q + "d"),
+        _op("Add", [y_base, q + "d"], q + "y"),
+    ]
     return nodes, q + "y"
 
 
-def _weight_branch(p: str, x: str, idx: str, vals: str, in_f: int, out_f: int, *, base: Optional[onnx.NodeProto],
-                   y_base: Optional[str], transposed: bool, value_type: int) -> tuple[list[onnx.NodeProto], str]:
+def _weight_branch(
+    p: str,
+    x: str,
+    idx: str,
+    vals: str,
+    in_f: int,
+    out_f: int,
+    *,
+    base: Optional[onnx.NodeProto],
+    y_base: Optional[str],
+    transposed: bool,
+    value_type: int,
+) -> tuple[list[onnx.NodeProto], str]:
     """If(R == 1, one copy of W and the base op, R copies and a batched MatMul): the If
     costs nothing next to a long input's MatMul."""
     kw = dict(base=base, y_base=y_base, transposed=transposed, value_type=value_type)
     one, one_out = _weight_branch_one(p, x, vals, in_f, out_f, **kw)  # type: ignore[arg-type]
     rows, rows_out = _weight_branch_rows(p, x, idx, vals, in_f, out_f, **kw)  # type: ignore[arg-type]
     info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
-    return [const(p + "R_one", np.array([1], np.int64)), _op("Equal", [p + "R", p + "R_one"], p + "is_one"),
-            helper.make_node("If", [p + "is_one"], [p + "y_weight"], name=p + "If_rows",
-                             then_branch=helper.make_graph(one, p + "one_g", [], [info(one_out)]),
-                             else_branch=helper.make_graph(rows, p + "rows_g", [], [info(rows_out)]))], p + "y_weight"
+    return [
+        const(p + "R_one", np.array([1], np.int64)),
+        _op("Equal", [p + "R", p + "R_one"], p + "is_one"),
+        helper.make_node(
+            "If",
+            [p + "is_one"],
+            [p + "y_weight"],
+            name=p + "If_rows",
+            then_branch=helper.make_graph(one, p + "one_g", [], [info(one_out)]),
+            else_branch=helper.make_graph(rows, p + "rows_g", [], [info(rows_out)]),
+        ),
+    ], p + "y_weight"
 
 
-def site_nodes(p: str, x: str, y: str, idx: str, vals: str, in_f: int, out_f: int, *, threshold: int,
-               value_type: int = TensorProto.FLOAT, base: Optional[onnx.NodeProto] = None,
-               y_base: Optional[str] = None, transposed: bool = False) -> list[onnx.NodeProto]:
+def site_nodes(
+    p: str,
+    x: str,
+    y: str,
+    idx: str,
+    vals: str,
+    in_f: int,
+    out_f: int,
+    *,
+    threshold: int,
+    value_type: int = TensorProto.FLOAT,
+    base: Optional[onnx.NodeProto] = None,
+    y_base: Optional[str] = None,
+    transposed: bool = False,
+) -> list[onnx.NodeProto]:
     """Nodes computing `y` for one site, all named under prefix `p`. Either `base` (the
     fp32/fp16 MatMul or Gemm they replace, its weight a constant) or `y_base` (the output
     of a quantized base op left in the graph: the delta is added on the activations)."""
@@ -209,8 +285,9 @@ def site_nodes(p: str, x: str, y: str, idx: str, vals: str, in_f: int, out_f: in
     y0 = p + "y0" if base is not None else y_base
     assert y0 is not None
     short_nodes, short_out = _activation_branch(p, vals, out_f, y0, base)
-    long_nodes, long_out = _weight_branch(p, x, idx, vals, in_f, out_f, base=base, y_base=y_base,
-                                          transposed=transposed, value_type=value_type)
+    long_nodes, long_out = _weight_branch(
+        p, x, idx, vals, in_f, out_f, base=base, y_base=y_base, transposed=transposed, value_type=value_type
+    )
     info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
     return nodes + [
         _op("Shape", [p + "x3"], p + "n", start=1, end=2),  # rows of x per adapter row
@@ -220,7 +297,12 @@ def site_nodes(p: str, x: str, y: str, idx: str, vals: str, in_f: int, out_f: in
         const(p + "zero", np.array(0, np.int64)),
         _op("Greater", [p + "nnz", p + "zero"], p + "any"),
         _op("And", [p + "long", p + "any"], p + "use_weight"),
-        helper.make_node("If", [p + "use_weight"], [y], name=p + "If",
-                         then_branch=helper.make_graph(long_nodes, p + "weight_g", [], [info(long_out)]),
-                         else_branch=helper.make_graph(short_nodes, p + "act_g", [], [info(short_out)])),
+        helper.make_node(
+            "If",
+            [p + "use_weight"],
+            [y],
+            name=p + "If",
+            then_branch=helper.make_graph(long_nodes, p + "weight_g", [], [info(long_out)]),
+            else_branch=helper.make_graph(short_nodes, p + "act_g", [], [info(short_out)]),
+        ),
     ]

@@ -39,15 +39,26 @@ from shira_export.export import graph_delta
 from shira_export.export.adapter_file import SUFFIX, adapter_arrays, check_adapter_name, write_adapter_file
 from shira_export.export.genai_config import GENAI_CONFIG_NAME
 from shira_export.artifacts.manifest import (
-    ADAPTER_DIR, MODEL_NAME, MergedManifest, SparseManifest, adapter_entry, weights_fingerprint,
+    ADAPTER_DIR,
+    MODEL_NAME,
+    MergedManifest,
+    SparseManifest,
+    adapter_entry,
+    weights_fingerprint,
 )
 from shira_export.artifacts.onnx_io import save_onnx
 
 if TYPE_CHECKING:
     from shira_export.export.sparse import SparseExportResult
 
-__all__ = ["PRECISIONS", "build_genai_model", "export_sparse_genai", "write_sparse_genai", "export_merged_genai",
-           "write_merged_genai"]
+__all__ = [
+    "PRECISIONS",
+    "build_genai_model",
+    "export_sparse_genai",
+    "write_sparse_genai",
+    "export_merged_genai",
+    "write_merged_genai",
+]
 
 PathLike = Union[str, os.PathLike]
 PRECISIONS = ("fp32", "int8", "int4")
@@ -57,29 +68,43 @@ _DATA = MODEL_NAME + ".data"  # the builder's external-data file
 
 def _check_precision(precision: str) -> str:
     if precision == "fp16":
-        raise ShiraInputError("precision 'fp16': the genai builder's fp16 CPU graph fails at decode in onnxruntime "
-                              "1.32 (buffer re-use error); use fp32, int8 or int4 here, or the torch/optimum exporter for fp16")
+        raise ShiraInputError(
+            "precision 'fp16': the genai builder's fp16 CPU graph fails at decode in onnxruntime "
+            "1.32 (buffer re-use error); use fp32, int8 or int4 here, or the torch/optimum exporter for fp16"
+        )
     if precision not in PRECISIONS:
         raise ShiraInputError(f"precision {precision!r}: expected one of {list(PRECISIONS)} (CPU builds)")
     return precision
 
 
-def build_genai_model(model_dir: PathLike, output_dir: PathLike, *, precision: str = "fp32",
-                      extra_options: Optional[Mapping[str, object]] = None, quiet: bool = True) -> Path:
+def build_genai_model(
+    model_dir: PathLike,
+    output_dir: PathLike,
+    *,
+    precision: str = "fp32",
+    extra_options: Optional[Mapping[str, object]] = None,
+    quiet: bool = True,
+) -> Path:
     """Run `onnxruntime_genai.models.builder` on the HF folder `model_dir` (needs its
     tokenizer) into `output_dir` for the CPU; returns output_dir."""
     try:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
     except ImportError as exc:
-        raise ShiraInputError(f"the genai exporter needs onnxruntime-genai (pip install onnxruntime-genai): {exc}") from None
+        raise ShiraInputError(
+            f"the genai exporter needs onnxruntime-genai (pip install onnxruntime-genai): {exc}"
+        ) from None
     from shira_export.artifacts.hf_folder import check_folder
 
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     _check_precision(precision)
     check_folder(model_dir)  # the builder loads the folder itself: no code fields, no pickles
-    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        raise ShiraInputError(f"{model_dir}: no tokenizer files (the genai builder loads the tokenizer; save it into the "
-                              f"model folder with tokenizer.save_pretrained)")
+    if not any(
+        (model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    ):
+        raise ShiraInputError(
+            f"{model_dir}: no tokenizer files (the genai builder loads the tokenizer; save it into the "
+            f"model folder with tokenizer.save_pretrained)"
+        )
     options = [f"{k}={v}" for k, v in (extra_options or {}).items()]
     with tempfile.TemporaryDirectory(prefix="shira_genai_cache_") as cache:
         sink = io.StringIO()
@@ -91,7 +116,9 @@ def build_genai_model(model_dir: PathLike, output_dir: PathLike, *, precision: s
                 kwargs = parse_extra_options(None, str(model_dir), str(output_dir), precision, "cpu", cache, options)
                 create_model(None, str(model_dir), str(output_dir), precision, "cpu", cache, **kwargs)
             except NotImplementedError as exc:
-                raise ShiraInputError(f"{model_dir}: the genai model builder does not support this architecture ({exc})") from None
+                raise ShiraInputError(
+                    f"{model_dir}: the genai model builder does not support this architecture ({exc})"
+                ) from None
     _quiet_sessions(output_dir)
     return output_dir
 
@@ -121,7 +148,9 @@ def _named(adapter_dirs) -> dict[str, Path]:
 def _linear_weights(model) -> dict[str, np.ndarray]:
     from torch import nn
 
-    return {name: m.weight.detach().float().cpu().numpy() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {
+        name: m.weight.detach().float().cpu().numpy() for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
 
 
 def export_sparse_genai(
@@ -141,8 +170,14 @@ def export_sparse_genai(
 
     output_dir = Path(output_dir)
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        manifest = write_sparse_genai(model_dir, adapter_dirs, tmp, precision=precision,
-                                      token_threshold=token_threshold, builder_options=builder_options)
+        manifest = write_sparse_genai(
+            model_dir,
+            adapter_dirs,
+            tmp,
+            precision=precision,
+            token_threshold=token_threshold,
+            builder_options=builder_options,
+        )
     return sparse_result(output_dir, manifest, sorted({t.module for t in manifest.targets}))
 
 
@@ -172,8 +207,10 @@ def write_sparse_genai(
     checkpoints = {name: read_adapter_dir(path, name=name) for name, path in named.items()}
     for name, ckpt in checkpoints.items():
         if ckpt.modules_to_save:
-            raise ShiraInputError(f"{named[name]}: adapter has modules_to_save {sorted(ckpt.modules_to_save)}, which a "
-                                  f"sparse export cannot switch per call; use a merged export for this adapter")
+            raise ShiraInputError(
+                f"{named[name]}: adapter has modules_to_save {sorted(ckpt.modules_to_save)}, which a "
+                f"sparse export cannot switch per call; use a merged export for this adapter"
+            )
     model = load_model(model_dir, AutoModelForCausalLM, dtype=torch.float32)
     for ckpt in checkpoints.values():
         ckpt.validate_against(model)
@@ -193,12 +230,17 @@ def write_sparse_genai(
     # the builder's layout: tensors in model.onnx.data (onnx appends to it: save_onnx drops the builder's first)
     save_onnx(graph, folder / MODEL_NAME, location=_DATA, external=True)
     del graph
-    extra: dict = {"exporter": "genai", "precision": precision, "genai_config": GENAI_CONFIG_NAME,
-                   "builder_options": dict(builder_options or {})}
+    extra: dict = {
+        "exporter": "genai",
+        "precision": precision,
+        "genai_config": GENAI_CONFIG_NAME,
+        "builder_options": dict(builder_options or {}),
+    }
     if precision in ("int8", "int4"):
         extra["quantization"] = precision  # ShiraSession and verify run quantized bases portable
-    manifest = SparseManifest(folder, TASK, fingerprint, sites, token_threshold=token_threshold,
-                              package_version=__version__, extra=extra)
+    manifest = SparseManifest(
+        folder, TASK, fingerprint, sites, token_threshold=token_threshold, package_version=__version__, extra=extra
+    )
     for name, ckpt in checkpoints.items():
         arrays = adapter_arrays(ckpt.deltas, sites, source=str(named[name]), fingerprint=fingerprint)
         rel = f"{ADAPTER_DIR}/{name}{SUFFIX}"
@@ -221,8 +263,9 @@ def export_merged_genai(
     """`write_merged_genai` into a new folder `output_dir`, published when complete."""
     output_dir = Path(output_dir)
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        write_merged_genai(model_dir, adapter_dir, tmp, adapter_name=adapter_name, precision=precision,
-                           builder_options=builder_options)
+        write_merged_genai(
+            model_dir, adapter_dir, tmp, adapter_name=adapter_name, precision=precision, builder_options=builder_options
+        )
     return output_dir
 
 
@@ -254,7 +297,11 @@ def write_merged_genai(
     with tempfile.TemporaryDirectory(prefix="shira_genai_merged_") as hf:
         merged.save_pretrained(hf)  # type: ignore[operator]
         for item in model_dir.iterdir():  # tokenizer and generation files the builder reads
-            if item.is_file() and item.name not in ("config.json",) and not item.name.endswith((".safetensors", ".bin")):
+            if (
+                item.is_file()
+                and item.name not in ("config.json",)
+                and not item.name.endswith((".safetensors", ".bin"))
+            ):
                 if not (Path(hf) / item.name).exists():
                     shutil.copy2(item, Path(hf) / item.name)
         build_genai_model(hf, folder, precision=precision, extra_options=builder_options)
@@ -262,7 +309,17 @@ def write_merged_genai(
     extra: dict = {"precision": precision, "builder_options": dict(builder_options or {})}
     if precision in ("int8", "int4"):
         extra["quantization"] = precision
-    manifest = MergedManifest(folder, TASK, "onnx", "fp32", "genai", __version__, str(model_dir.resolve()),
-                              fingerprint, {"name": name, "source": str(adapter_dir.resolve())}, extra)
+    manifest = MergedManifest(
+        folder,
+        TASK,
+        "onnx",
+        "fp32",
+        "genai",
+        __version__,
+        str(model_dir.resolve()),
+        fingerprint,
+        {"name": name, "source": str(adapter_dir.resolve())},
+        extra,
+    )
     manifest.write(atomic=False)
     return manifest

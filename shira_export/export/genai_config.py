@@ -34,8 +34,9 @@ _LAYER = re.compile(r"(?<![0-9])([0-9]+)(?![0-9])")
 
 
 def _dims(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def _templates(names: list[str], where: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -46,21 +47,30 @@ def _templates(names: list[str], where: str) -> tuple[dict[str, str], dict[str, 
         if not numbers:
             continue
         last = numbers[-1]  # the layer index; earlier numbers belong to the name itself
-        template = name[:last.start()] + "%d" + name[last.end():]
+        template = name[: last.start()] + "%d" + name[last.end() :]
         groups.setdefault(template, []).append((int(last.group(1)), name))
     out: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     for template, items in groups.items():
         low = template.lower()
-        role = "key" if "key" in low.replace("key_values", "") else "value" if "value" in low.replace("key_values", "") else None
+        role = (
+            "key"
+            if "key" in low.replace("key_values", "")
+            else "value"
+            if "value" in low.replace("key_values", "")
+            else None
+        )
         if role is None:
             continue
         if role in out:
-            raise ShiraInputError(f"{where}: two {role} cache name patterns ({out[role]!r}, {template!r}); "
-                                  f"expected one per role")
+            raise ShiraInputError(
+                f"{where}: two {role} cache name patterns ({out[role]!r}, {template!r}); expected one per role"
+            )
         layers = sorted(i for i, _ in items)
         if layers != list(range(len(layers))):
-            raise ShiraInputError(f"{where}: cache inputs {template!r} cover layers {layers}, expected 0..{len(layers) - 1}")
+            raise ShiraInputError(
+                f"{where}: cache inputs {template!r} cover layers {layers}, expected 0..{len(layers) - 1}"
+            )
         out[role] = template
         members[role] = [n for _, n in sorted(items)]
     return out, members
@@ -86,17 +96,22 @@ def genai_config(folder: PathLike, *, model_file: str = "model.onnx") -> Optiona
     inputs = {i.name: i for i in graph.input if i.name not in overridable}  # shira.* inputs have defaults
     outputs = {o.name: o for o in graph.output}
     where = str(model_path)
-    past, past_members = _templates([n for n in inputs if n not in ("input_ids", "attention_mask", "position_ids")], where)
+    past, past_members = _templates(
+        [n for n in inputs if n not in ("input_ids", "attention_mask", "position_ids")], where
+    )
     present, present_members = _templates(list(outputs), where)
     if set(past) != {"key", "value"}:
         return None  # no KV cache: not something genai's decoder runs
     if set(present) != {"key", "value"}:
-        raise ShiraInputError(f"{where}: cache inputs {past} but no matching present key/value outputs in "
-                              f"{sorted(outputs)}")
+        raise ShiraInputError(
+            f"{where}: cache inputs {past} but no matching present key/value outputs in {sorted(outputs)}"
+        )
     layers = len(past_members["key"])
     if not (len(past_members["value"]) == len(present_members["key"]) == len(present_members["value"]) == layers):
-        raise ShiraInputError(f"{where}: {layers} past keys but {len(past_members['value'])} past values, "
-                              f"{len(present_members['key'])}/{len(present_members['value'])} present keys/values")
+        raise ShiraInputError(
+            f"{where}: {layers} past keys but {len(past_members['value'])} past values, "
+            f"{len(present_members['key'])}/{len(present_members['value'])} present keys/values"
+        )
     if "input_ids" not in inputs:
         raise ShiraInputError(f"{where}: no input_ids input (genai feeds token ids); inputs are {sorted(inputs)}")
     known = {"input_ids", "attention_mask", "position_ids", *past_members["key"], *past_members["value"]}
@@ -118,10 +133,16 @@ def genai_config(folder: PathLike, *, model_file: str = "model.onnx") -> Optiona
     heads = _config_value(config, "num_attention_heads", "n_head")
     if hidden is None or heads is None:
         raise ShiraInputError(f"{config_path}: expected hidden_size and num_attention_heads (or n_embd / n_head)")
-    kv_heads = kv_dims[1] if len(kv_dims) == 4 and isinstance(kv_dims[1], int) else (
-        _config_value(config, "num_key_value_heads") or heads)
-    head_size = kv_dims[3] if len(kv_dims) == 4 and isinstance(kv_dims[3], int) else (
-        _config_value(config, "head_dim") or hidden // heads)
+    kv_heads = (
+        kv_dims[1]
+        if len(kv_dims) == 4 and isinstance(kv_dims[1], int)
+        else (_config_value(config, "num_key_value_heads") or heads)
+    )
+    head_size = (
+        kv_dims[3]
+        if len(kv_dims) == 4 and isinstance(kv_dims[3], int)
+        else (_config_value(config, "head_dim") or hidden // heads)
+    )
     logit_dims = _dims(outputs[logits])
     vocab = logit_dims[-1] if logit_dims and isinstance(logit_dims[-1], int) else _config_value(config, "vocab_size")
     context = _config_value(config, "max_position_embeddings", "n_positions", "max_sequence_length") or 2048
@@ -161,9 +182,16 @@ def genai_config(folder: PathLike, *, model_file: str = "model.onnx") -> Optiona
         if value is not None:
             model[key] = value
     search = {
-        "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "min_length": 0,
-        "max_length": int(context), "past_present_share_buffer": False,
-        "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+        "do_sample": False,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "min_length": 0,
+        "max_length": int(context),
+        "past_present_share_buffer": False,
+        "temperature": 1.0,
+        "top_k": 50,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
     }
     return {"model": model, "search": search}
 

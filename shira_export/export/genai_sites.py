@@ -31,14 +31,24 @@ from shira_export.export import graph_delta, quant_delta
 from shira_export.export.delta_sites import const
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
 
-__all__ = ["Piece", "GROUPS_KEY", "locate_builder_pieces", "insert_builder_deltas", "builder_sites",
-           "builder_dense_variant"]
+__all__ = [
+    "Piece",
+    "GROUPS_KEY",
+    "locate_builder_pieces",
+    "insert_builder_deltas",
+    "builder_sites",
+    "builder_dense_variant",
+]
 
 GROUPS_KEY = "shira.genai_groups"  # metadata_props entry describing the packed sites
 _PARENTS = {"self_attn": "attn", "attn": "attn", "mlp": "mlp"}
-_PACKED = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-           "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
-           "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")), "up_proj": ("gate_up_proj", ("gate_proj", "up_proj"))}
+_PACKED = {
+    "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "k_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "v_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+    "up_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+}
 _SPLIT = {"gate_up_proj": ("gate_proj", "up_proj")}  # a checkpoint-packed module the builder splits in two
 
 
@@ -58,8 +68,11 @@ class Piece:
 
 
 def _float_weights(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in graph.initializer
-            if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(i.dims) == 2}
+    return {
+        i.name: numpy_helper.to_array(i)
+        for i in graph.initializer
+        if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and len(i.dims) == 2
+    }
 
 
 def _node_shape(node: onnx.NodeProto, floats: Mapping[str, np.ndarray]) -> tuple[int, int] | None:
@@ -72,8 +85,9 @@ def _node_shape(node: onnx.NodeProto, floats: Mapping[str, np.ndarray]) -> tuple
     return None
 
 
-def locate_builder_pieces(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
-                          all_weights: Mapping[str, np.ndarray]) -> list[Piece]:
+def locate_builder_pieces(
+    model: onnx.ModelProto, weights: Mapping[str, np.ndarray], all_weights: Mapping[str, np.ndarray]
+) -> list[Piece]:
     """Pieces for every module of `weights` ({module: (out, in) fp32}); `all_weights` holds
     every linear layer of the model (packing offsets depend on untargeted siblings too).
     Float graphs are checked by content (each piece must equal W^T's block exactly, fp16
@@ -137,8 +151,8 @@ def _module_pieces(module, w, all_weights, by_output, floats) -> list[Piece] | s
         if k != in_f or offset + rows > n:
             return f"builder node {node.name} is {k}x{n}; rows {start}..{start + rows} at column {offset} of a {in_f}-input layer do not fit"
         if node.op_type == "MatMul":
-            block = floats[node.input[1]][:, offset:offset + rows]
-            want = w[start:start + rows].T.astype(block.dtype)
+            block = floats[node.input[1]][:, offset : offset + rows]
+            want = w[start : start + rows].T.astype(block.dtype)
             if not np.array_equal(block, want):
                 return f"builder node {node.name}: columns {offset}..{offset + rows} differ from the module's weight"
         pieces.append(Piece(module, node.name, node.output[0], start, rows, offset, n, in_f, node.input[1]))
@@ -154,8 +168,9 @@ def builder_sites(pieces: Sequence[Piece], weights: Mapping[str, np.ndarray]) ->
     sites = []
     for m, p in sorted(first.items()):
         w = np.asarray(weights[m], np.float32)
-        sites.append(TargetSite(m, p.node, p.weight, int(w.shape[0]), int(w.shape[1]), False,
-                                graph_delta._digest(w)))  # as locate_targets digests it: (out, in)
+        sites.append(
+            TargetSite(m, p.node, p.weight, int(w.shape[0]), int(w.shape[1]), False, graph_delta._digest(w))
+        )  # as locate_targets digests it: (out, in)
     return sites
 
 
@@ -170,20 +185,26 @@ def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) 
     that belong to another piece turned into padding (index 0, value 0: a no-op), modules
     fed with different R ([1, 0] defaults next to a mixed batch's [B, nnz]) broadcast to one R."""
     p = f"{graph_delta.PREFIX}/{key}/pk_"  # apart from the site's own names (delta_sites)
-    nodes: list[onnx.NodeProto] = [const(f"{p}zero_i", np.array(0, np.int32)), const(f"{p}zero_f", np.array(0, np.float32))]
+    nodes: list[onnx.NodeProto] = [
+        const(f"{p}zero_i", np.array(0, np.int32)),
+        const(f"{p}zero_f", np.array(0, np.float32)),
+    ]
     idx_parts, val_parts = [], []
     for i, piece in enumerate(pieces):
         idx, vals = indices_name(piece.module), values_name(piece.module)
         in_f = piece.in_features
         shift = (piece.offset - piece.row_start) * in_f  # row r of the module is column offset + r - row_start
         if shift:
-            nodes += [const(f"{p}shift{i}", np.array(shift, np.int32)),
-                      helper.make_node("Add", [idx, f"{p}shift{i}"], [f"{p}flat{i}"], name=f"{p}flat{i}")]
+            nodes += [
+                const(f"{p}shift{i}", np.array(shift, np.int32)),
+                helper.make_node("Add", [idx, f"{p}shift{i}"], [f"{p}flat{i}"], name=f"{p}flat{i}"),
+            ]
         shifted = f"{p}flat{i}" if shift else idx
         if piece.row_start or piece.rows != module_rows[piece.module]:  # part of a split module
             lo, hi = piece.row_start * in_f, (piece.row_start + piece.rows) * in_f
             nodes += [
-                const(f"{p}lo{i}", np.array(lo, np.int32)), const(f"{p}hi{i}", np.array(hi, np.int32)),
+                const(f"{p}lo{i}", np.array(lo, np.int32)),
+                const(f"{p}hi{i}", np.array(hi, np.int32)),
                 helper.make_node("GreaterOrEqual", [idx, f"{p}lo{i}"], [f"{p}ge{i}"], name=f"{p}ge{i}"),
                 helper.make_node("Less", [idx, f"{p}hi{i}"], [f"{p}lt{i}"], name=f"{p}lt{i}"),
                 helper.make_node("And", [f"{p}ge{i}", f"{p}lt{i}"], [f"{p}in{i}"], name=f"{p}in{i}"),
@@ -196,21 +217,33 @@ def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) 
     if len(pieces) > 1:  # one R for all: Concat along nnz needs equal rows
         rows = []
         for i, piece in enumerate(pieces):
-            nodes.append(helper.make_node("Shape", [indices_name(piece.module)], [f"{p}r{i}"], name=f"{p}r{i}", start=0, end=1))
+            nodes.append(
+                helper.make_node("Shape", [indices_name(piece.module)], [f"{p}r{i}"], name=f"{p}r{i}", start=0, end=1)
+            )
             rows.append(f"{p}r{i}")
-        nodes += [helper.make_node("Max", rows, [f"{p}R"], name=f"{p}R"), const(f"{p}one", np.array([1], np.int64)),
-                  helper.make_node("Concat", [f"{p}R", f"{p}one"], [f"{p}R1"], name=f"{p}R1", axis=0)]
+        nodes += [
+            helper.make_node("Max", rows, [f"{p}R"], name=f"{p}R"),
+            const(f"{p}one", np.array([1], np.int64)),
+            helper.make_node("Concat", [f"{p}R", f"{p}one"], [f"{p}R1"], name=f"{p}R1", axis=0),
+        ]
         for parts, tag in ((idx_parts, "ie"), (val_parts, "ve")):
             for i, name in enumerate(list(parts)):
                 nodes.append(helper.make_node("Expand", [name, f"{p}R1"], [f"{p}{tag}{i}"], name=f"{p}{tag}{i}"))
                 parts[i] = f"{p}{tag}{i}"
-    nodes += [helper.make_node("Concat", idx_parts, [indices_name(key)], name=f"{p}indices", axis=1),
-              helper.make_node("Concat", val_parts, [values_name(key)], name=f"{p}values", axis=1)]
+    nodes += [
+        helper.make_node("Concat", idx_parts, [indices_name(key)], name=f"{p}indices", axis=1),
+        helper.make_node("Concat", val_parts, [values_name(key)], name=f"{p}values", axis=1),
+    ]
     return nodes
 
 
-def insert_builder_deltas(model: onnx.ModelProto, pieces: Sequence[Piece], module_rows: Mapping[str, int], *,
-                          threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD) -> None:
+def insert_builder_deltas(
+    model: onnx.ModelProto,
+    pieces: Sequence[Piece],
+    module_rows: Mapping[str, int],
+    *,
+    threshold: int = graph_delta.DEFAULT_TOKEN_THRESHOLD,
+) -> None:
     """Rewrite a builder graph in place: a delta branch on every node with pieces, the
     adapter inputs `shira.<module>.indices/values` with empty defaults, and the packing
     recorded in the model's metadata (GROUPS_KEY)."""
@@ -229,14 +262,20 @@ def insert_builder_deltas(model: onnx.ModelProto, pieces: Sequence[Piece], modul
             new_nodes.append(node)
             continue
         group = sorted(group, key=lambda g: g.offset)
-        single = len(group) == 1 and group[0].offset == 0 and group[0].row_start == 0 \
+        single = (
+            len(group) == 1
+            and group[0].offset == 0
+            and group[0].row_start == 0
             and group[0].rows == module_rows[group[0].module] == group[0].node_out
+        )
         key = group[0].module if single else _group_key(node.output[0])
         site = TargetSite(key, node.name, node.input[1], group[0].node_out, group[0].in_features, False, "")
         if not single:
             if group[0].node_out * group[0].in_features >= 2**31:
-                raise ShiraInputError(f"builder node {node.name}: {group[0].in_features}x{group[0].node_out} is too "
-                                      f"large for int32 indices")
+                raise ShiraInputError(
+                    f"builder node {node.name}: {group[0].in_features}x{group[0].node_out} is too "
+                    f"large for int32 indices"
+                )
             new_nodes += _prelude(key, group, module_rows)
         groups[key] = {"node": node.name, "pieces": [asdict(g) for g in group]}
         if node.op_type == "MatMul":
@@ -254,8 +293,9 @@ def insert_builder_deltas(model: onnx.ModelProto, pieces: Sequence[Piece], modul
     entry.key, entry.value = GROUPS_KEY, json.dumps(groups)
 
 
-def builder_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *,
-                          defaults: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def builder_dense_variant(
+    model: onnx.ModelProto, sites: Sequence[TargetSite], *, defaults: bool = True
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """`graph_delta.to_dense_variant` for builder graphs: each delta node is its base MatMul
     again, reading `Concat` of its column blocks, where a targeted module's block is (a
     slice of) its weight input `shira.<m>.weight` ([in, out_m], the module's own layout),
@@ -283,25 +323,36 @@ def builder_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *
             continue  # the group's index prelude and branch selectors go with the branch
         base = site_base_node(node)
         if base.op_type != "MatMul" or base.input[1] not in inits:
-            raise ShiraInputError(f"node {base.name}: the dense variant needs a float MatMul weight "
-                                  f"(quantized builder graphs run with mode='portable')")
+            raise ShiraInputError(
+                f"node {base.name}: the dense variant needs a float MatMul weight "
+                f"(quantized builder graphs run with mode='portable')"
+            )
         w = numpy_helper.to_array(inits[base.input[1]])
         replaced.add(base.input[1])
         p = f"{PREFIX}/{key}/dense/"
         parts, col = [], 0
         for i, piece in enumerate(sorted(groups[key]["pieces"], key=lambda g: g["offset"])):
             if piece["offset"] > col:  # columns no targeted module owns stay constant
-                extra_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, col:piece["offset"]]), f"{p}cols{col}"))
+                extra_inits.append(
+                    numpy_helper.from_array(np.ascontiguousarray(w[:, col : piece["offset"]]), f"{p}cols{col}")
+                )
                 parts.append(f"{p}cols{col}")
             module, start, rows, offset = piece["module"], piece["row_start"], piece["rows"], piece["offset"]
-            blocks.setdefault(module, {})[start] = w[:, offset:offset + rows]
+            blocks.setdefault(module, {})[start] = w[:, offset : offset + rows]
             if start == 0 and rows == out_features[module]:
                 parts.append(weight_name(module))
             else:
-                new_nodes += [const(f"{p}s{i}", np.array([start], np.int64)), const(f"{p}e{i}", np.array([start + rows], np.int64)),
-                              const(f"{p}a{i}", np.array([1], np.int64)),
-                              helper.make_node("Slice", [weight_name(module), f"{p}s{i}", f"{p}e{i}", f"{p}a{i}"],
-                                               [f"{p}part{i}"], name=f"{p}part{i}")]
+                new_nodes += [
+                    const(f"{p}s{i}", np.array([start], np.int64)),
+                    const(f"{p}e{i}", np.array([start + rows], np.int64)),
+                    const(f"{p}a{i}", np.array([1], np.int64)),
+                    helper.make_node(
+                        "Slice",
+                        [weight_name(module), f"{p}s{i}", f"{p}e{i}", f"{p}a{i}"],
+                        [f"{p}part{i}"],
+                        name=f"{p}part{i}",
+                    ),
+                ]
                 parts.append(f"{p}part{i}")
             col = offset + rows
         if col < w.shape[1]:
@@ -329,8 +380,13 @@ def builder_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *
     del graph.input[:]
     graph.input.extend(inputs)
     for module, array in sorted(arrays.items()):
-        graph.input.append(helper.make_tensor_value_info(weight_name(module), TensorProto.FLOAT if array.dtype == np.float32
-                                                         else TensorProto.FLOAT16, list(array.shape)))
+        graph.input.append(
+            helper.make_tensor_value_info(
+                weight_name(module),
+                TensorProto.FLOAT if array.dtype == np.float32 else TensorProto.FLOAT16,
+                list(array.shape),
+            )
+        )
         if defaults:
             graph.initializer.append(numpy_helper.from_array(array, weight_name(module)))
     return dense, ({} if defaults else arrays)

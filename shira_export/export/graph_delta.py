@@ -79,8 +79,11 @@ class TargetSite:
 
     def to_json(self) -> dict:
         return {
-            "module": self.module, "node": self.node, "initializer": self.initializer,
-            "out_features": self.out_features, "in_features": self.in_features,
+            "module": self.module,
+            "node": self.node,
+            "initializer": self.initializer,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
             "weight_layout": "out_in" if self.transposed else "in_out",
         }
 
@@ -126,7 +129,9 @@ def locate_targets(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) ->
             unused.append(module)
             continue
         if len(found) != 1:
-            what = "no MatMul/Gemm reads it" if not found else f"{len(found)} nodes read it ({[f[1].name for f in found]})"
+            what = (
+                "no MatMul/Gemm reads it" if not found else f"{len(found)} nodes read it ({[f[1].name for f in found]})"
+            )
             problems.append(f"module {module!r} (weight {out_f}x{in_f}): {what}")
             continue
         name, node, transposed = found[0]
@@ -165,9 +170,19 @@ def graph_fingerprint(sites: Sequence[TargetSite]) -> str:
 
 def _delta_nodes(site: TargetSite, base: onnx.NodeProto, threshold: int, value_type: int) -> list[onnx.NodeProto]:
     """One site's nodes (delta_sites.site_nodes), replacing `base`."""
-    return site_nodes(f"{PREFIX}/{site.module}/", base.input[0], base.output[0], indices_name(site.module),
-                      values_name(site.module), site.in_features, site.out_features, threshold=threshold,
-                      value_type=value_type, base=base, transposed=site.transposed)
+    return site_nodes(
+        f"{PREFIX}/{site.module}/",
+        base.input[0],
+        base.output[0],
+        indices_name(site.module),
+        values_name(site.module),
+        site.in_features,
+        site.out_features,
+        threshold=threshold,
+        value_type=value_type,
+        base=base,
+        transposed=site.transposed,
+    )
 
 
 def site_base_node(if_node: onnx.NodeProto) -> onnx.NodeProto:
@@ -178,17 +193,22 @@ def site_base_node(if_node: onnx.NodeProto) -> onnx.NodeProto:
             for node in attr.g.node:
                 if node.name == prefix + "base":
                     return node
-    raise ShiraInputError(f"node {if_node.name!r}: no base op {prefix + 'base'!r} in its branches (expected a graph "
-                          f"written by this release's `shira-export sparse`; re-export)")
+    raise ShiraInputError(
+        f"node {if_node.name!r}: no base op {prefix + 'base'!r} in its branches (expected a graph "
+        f"written by this release's `shira-export sparse`; re-export)"
+    )
 
 
-def insert_sparse_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite], *,
-                         threshold: int = DEFAULT_TOKEN_THRESHOLD) -> None:
+def insert_sparse_deltas(
+    model: onnx.ModelProto, sites: Sequence[TargetSite], *, threshold: int = DEFAULT_TOKEN_THRESHOLD
+) -> None:
     """Rewrite `model` in place: one delta branch per site, adapter inputs with empty defaults."""
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 16:
-        raise ShiraInputError(f"the sparse export needs opset >= 16 (ScatterND reduction='add'); the graph has opset {opset}")
+        raise ShiraInputError(
+            f"the sparse export needs opset >= 16 (ScatterND reduction='add'); the graph has opset {opset}"
+        )
     if model.ir_version < 4:
         model.ir_version = 4  # overridable initializers
     by_node = {s.node: s for s in sites}
@@ -218,8 +238,9 @@ def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str]) -> None:
             graph.initializer.append(helper.make_tensor(name, dtype, [1, 0], []))
 
 
-def to_dense_variant(model: onnx.ModelProto, sites: Sequence[TargetSite], *,
-                     defaults: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def to_dense_variant(
+    model: onnx.ModelProto, sites: Sequence[TargetSite], *, defaults: bool = True
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The runtime's variant of a sparse graph: each site is its base op again, reading the
     weight from an input `shira.<m>.weight`. With `defaults` the base weight stays as its
     initializer (overridable); without, it is returned instead ({module: array}) and the

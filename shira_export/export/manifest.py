@@ -11,5 +11,12 @@ from shira_export.artifacts.manifest import (
     read_sparse_manifest,
 )
 
-__all__ = ["MANIFEST_NAME", "MODEL_NAME", "ADAPTER_DIR", "SparseManifest", "read_sparse_manifest", "adapter_entry",
-           "load_manifest_json"]
+__all__ = [
+    "MANIFEST_NAME",
+    "MODEL_NAME",
+    "ADAPTER_DIR",
+    "SparseManifest",
+    "read_sparse_manifest",
+    "adapter_entry",
+    "load_manifest_json",
+]

@@ -36,8 +36,17 @@ if TYPE_CHECKING:
     from shira_export.tuner.checkpoint import AdapterCheckpoint
     from shira_export.verify import VerifyReport
 
-__all__ = ["Format", "MergedExport", "MergedPlan", "plan_merged", "merged_model", "write_merged", "MANIFEST_NAME",
-           "PARITY_NAME", "resolve_adapter_dir"]
+__all__ = [
+    "Format",
+    "MergedExport",
+    "MergedPlan",
+    "plan_merged",
+    "merged_model",
+    "write_merged",
+    "MANIFEST_NAME",
+    "PARITY_NAME",
+    "resolve_adapter_dir",
+]
 
 PathLike = Union[str, os.PathLike]
 PARITY_NAME = "parity.json"
@@ -117,8 +126,10 @@ def plan_merged(
         from shira_export.export.quantize import check_quantize_options
 
         if fmt is not Format.ONNX or precision is not Dtype.FP32:
-            raise ShiraInputError(f"quantize={quantize!r} needs format='onnx' and dtype='fp32', "
-                                  f"found format={fmt.value!r}, dtype={precision.value!r}")
+            raise ShiraInputError(
+                f"quantize={quantize!r} needs format='onnx' and dtype='fp32', "
+                f"found format={fmt.value!r}, dtype={precision.value!r}"
+            )
         quantize = check_quantize_options(quantize, block_size)[0].value
     check_opset(opset, 14)
 
@@ -128,8 +139,9 @@ def plan_merged(
     ckpt = read_adapter_dir(folder, name=name)
     resolved = resolve_task(config, task, adapter_task_type=ckpt.config.task_type)
     chosen = choose_exporter(exporter, config, resolved.value) if fmt is Format.ONNX else None
-    return MergedPlan(model_dir, folder, name, output_dir, fmt, resolved, precision, chosen, opset, quantize,
-                      block_size, ckpt)
+    return MergedPlan(
+        model_dir, folder, name, output_dir, fmt, resolved, precision, chosen, opset, quantize, block_size, ckpt
+    )
 
 
 def merged_model(plan: MergedPlan) -> tuple["nn.Module", str]:
@@ -150,8 +162,9 @@ def merged_model(plan: MergedPlan) -> tuple["nn.Module", str]:
 
 def write_merged(plan: MergedPlan, model: Any, fingerprint: str, folder: Path) -> MergedManifest:
     """Write the merged model, its tokenizer files and its manifest into `folder`."""
-    _write_model(model, folder, fmt=plan.format, task=plan.task, dtype=plan.dtype, opset=plan.opset,
-                 exporter=plan.exporter)
+    _write_model(
+        model, folder, fmt=plan.format, task=plan.task, dtype=plan.dtype, opset=plan.opset, exporter=plan.exporter
+    )
     copy_tokenizer_files(plan.model_dir, folder)
     manifest = merged_manifest(folder, plan, fingerprint)
     manifest.write(atomic=False)
@@ -162,9 +175,16 @@ def merged_manifest(folder: Path, plan: MergedPlan, fingerprint: str, **extra: A
     from shira_export import __version__
 
     return MergedManifest(
-        folder, plan.task.value, plan.format.value, plan.dtype.value,
-        plan.exporter.value if plan.exporter is not None else None, __version__, str(plan.model_dir.resolve()),
-        fingerprint, {"name": plan.adapter_name, "source": str(plan.adapter_dir.resolve())}, dict(extra),
+        folder,
+        plan.task.value,
+        plan.format.value,
+        plan.dtype.value,
+        plan.exporter.value if plan.exporter is not None else None,
+        __version__,
+        str(plan.model_dir.resolve()),
+        fingerprint,
+        {"name": plan.adapter_name, "source": str(plan.adapter_dir.resolve())},
+        dict(extra),
     )
 
 
@@ -173,15 +193,19 @@ def resolve_adapter_dir(adapter_dir: PathLike, adapter_name: Optional[str] = Non
     at the top of a folder and any other name NAME in the subfolder NAME/."""
     root = Path(adapter_dir)
     if not root.is_dir():
-        raise ShiraInputError(f"{root}: adapter folder {describe_path(root, want='folder')} (expected a folder with "
-                              f"{_ADAPTER_CONFIG})")
+        raise ShiraInputError(
+            f"{root}: adapter folder {describe_path(root, want='folder')} (expected a folder with {_ADAPTER_CONFIG})"
+        )
     if adapter_name and (root / adapter_name / _ADAPTER_CONFIG).is_file():
         return root / adapter_name, adapter_name
     if adapter_name not in (None, "default"):  # PEFT keeps only "default" at the top
         found = (["default"] if (root / _ADAPTER_CONFIG).is_file() else []) + sorted(
-            p.parent.name for p in root.glob(f"*/{_ADAPTER_CONFIG}"))
-        raise ShiraInputError(f"{root}: no adapter named {adapter_name!r} (expected {adapter_name}/{_ADAPTER_CONFIG}); "
-                              f"available: {found} (\"default\" is the one at the top)")
+            p.parent.name for p in root.glob(f"*/{_ADAPTER_CONFIG}")
+        )
+        raise ShiraInputError(
+            f"{root}: no adapter named {adapter_name!r} (expected {adapter_name}/{_ADAPTER_CONFIG}); "
+            f'available: {found} ("default" is the one at the top)'
+        )
     if (root / _ADAPTER_CONFIG).is_file():
         return root, adapter_name or "default"
     found = sorted(p.parent.name for p in root.glob(f"*/{_ADAPTER_CONFIG}"))
@@ -206,8 +230,9 @@ def _num_labels(ckpt: "AdapterCheckpoint") -> Optional[int]:
     return None
 
 
-def _write_model(model: Any, out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int],
-                 exporter: Optional[Exporter]) -> None:
+def _write_model(
+    model: Any, out: Path, *, fmt: Format, task: Task, dtype: Dtype, opset: Optional[int], exporter: Optional[Exporter]
+) -> None:
     # The merge ran in fp32; casting after it rounds W + S once, not W and S apart.
     if task.is_causal_lm:
         model.config.use_cache = task is Task.TEXT_GENERATION_WITH_PAST

@@ -29,7 +29,12 @@ import onnx
 from shira_export.errors import ShiraInputError
 from shira_export.export.delta_sites import site_nodes
 from shira_export.export.graph_delta import (
-    PREFIX, TargetSite, add_adapter_inputs, indices_name, site_base_node, values_name,
+    PREFIX,
+    TargetSite,
+    add_adapter_inputs,
+    indices_name,
+    site_base_node,
+    values_name,
 )
 
 __all__ = ["QPREFIX", "strip_sparse_deltas", "site_io", "attach_quantized_deltas"]
@@ -42,7 +47,9 @@ def site_io(model: onnx.ModelProto, sites: Sequence[TargetSite]) -> dict[str, tu
     nodes = {n.name: n for n in model.graph.node}
     missing = [s.node for s in sites if s.node not in nodes]
     if missing:
-        raise ShiraInputError(f"base graph: target nodes {missing} not found (expected the graph the sites were located in)")
+        raise ShiraInputError(
+            f"base graph: target nodes {missing} not found (expected the graph the sites were located in)"
+        )
     return {s.module: (nodes[s.node].input[0], nodes[s.node].output[0]) for s in sites}
 
 
@@ -68,8 +75,9 @@ def strip_sparse_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite]) -> 
             io[site.module] = (base.input[0], base.output[0])
     missing = sorted(set(s.module for s in sites) - set(io))
     if missing:
-        raise ShiraInputError(f"sparse graph: no delta branch for targets {missing} (expected a graph written by "
-                              f"`shira-export sparse`)")
+        raise ShiraInputError(
+            f"sparse graph: no delta branch for targets {missing} (expected a graph written by `shira-export sparse`)"
+        )
     adapter_inputs = {indices_name(s.module) for s in sites} | {values_name(s.module) for s in sites}
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -86,24 +94,40 @@ def _drop(container, names: set) -> None:
 
 def _delta_nodes(site: TargetSite, x: str, y_base: str, y: str, threshold: int) -> list[onnx.NodeProto]:
     """One site over a quantized base op that reads `x` and now writes `y_base`."""
-    return site_nodes(f"{QPREFIX}/{site.module}/", x, y, indices_name(site.module), values_name(site.module),
-                      site.in_features, site.out_features, threshold=threshold, y_base=y_base)
+    return site_nodes(
+        f"{QPREFIX}/{site.module}/",
+        x,
+        y,
+        indices_name(site.module),
+        values_name(site.module),
+        site.in_features,
+        site.out_features,
+        threshold=threshold,
+        y_base=y_base,
+    )
 
 
-def attach_quantized_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite], io: Mapping[str, tuple[str, str]],
-                            *, threshold: int) -> None:
+def attach_quantized_deltas(
+    model: onnx.ModelProto, sites: Sequence[TargetSite], io: Mapping[str, tuple[str, str]], *, threshold: int
+) -> None:
     """Add an activation-side delta after each site's (quantized) base op, in place.
 
     `io` is {module: (x, y)} from before quantization; the quantizers keep both tensor
     names (the new op reads x and writes y). Adds the adapter inputs with empty defaults."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
-    fp32_nodes = [s.node for s in sites if producers.get(io[s.module][1]) is not None
-                  and producers[io[s.module][1]].op_type in ("MatMul", "Gemm")
-                  and producers[io[s.module][1]].name == s.node]
+    fp32_nodes = [
+        s.node
+        for s in sites
+        if producers.get(io[s.module][1]) is not None
+        and producers[io[s.module][1]].op_type in ("MatMul", "Gemm")
+        and producers[io[s.module][1]].name == s.node
+    ]
     if fp32_nodes:
-        raise ShiraInputError(f"quantized graph: target nodes {fp32_nodes} are still fp32 (expected the quantizer to "
-                              f"have replaced every targeted MatMul)")
+        raise ShiraInputError(
+            f"quantized graph: target nodes {fp32_nodes} are still fp32 (expected the quantizer to "
+            f"have replaced every targeted MatMul)"
+        )
     position = {id(node): i for i, node in enumerate(graph.node)}
     inserted: dict[int, list[onnx.NodeProto]] = {}
     for site in sites:

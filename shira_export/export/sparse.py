@@ -23,13 +23,22 @@ import onnx
 
 from shira_export._io import check_output_location
 from shira_export.artifacts.manifest import (
-    ADAPTER_DIR, MANIFEST_NAME, MODEL_NAME, SparseManifest, adapter_entry, read_sparse_manifest,
+    ADAPTER_DIR,
+    MANIFEST_NAME,
+    MODEL_NAME,
+    SparseManifest,
+    adapter_entry,
+    read_sparse_manifest,
 )
 from shira_export.artifacts.onnx_io import save_onnx, tensor_bytes
 from shira_export.errors import ShiraInputError, check_opset
 from shira_export.export import graph_delta
 from shira_export.export.adapter_file import (
-    SUFFIX, adapter_arrays, check_adapter_name, install_adapter_file, write_adapter_file,
+    SUFFIX,
+    adapter_arrays,
+    check_adapter_name,
+    install_adapter_file,
+    write_adapter_file,
 )
 from shira_export.export.exporters import Exporter
 from shira_export.export.tasks import Task
@@ -38,8 +47,16 @@ if TYPE_CHECKING:
     from shira_export.tuner.checkpoint import AdapterCheckpoint
     from shira_export.verify.report import VerifyReport
 
-__all__ = ["SparseExportResult", "SparsePlan", "plan_sparse", "load_sparse_base", "write_sparse", "sparse_result",
-           "add_adapter_file", "tensor_bytes"]
+__all__ = [
+    "SparseExportResult",
+    "SparsePlan",
+    "plan_sparse",
+    "load_sparse_base",
+    "write_sparse",
+    "sparse_result",
+    "add_adapter_file",
+    "tensor_bytes",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,12 +77,18 @@ class SparseExportResult:
         return self.report is None or self.report.passed
 
 
-def sparse_result(output_dir: Path, manifest: SparseManifest, targets: list[str],
-                  quantization: Optional[dict] = None) -> SparseExportResult:
+def sparse_result(
+    output_dir: Path, manifest: SparseManifest, targets: list[str], quantization: Optional[dict] = None
+) -> SparseExportResult:
     """The result of a sparse export published at `output_dir` (paths there, not in the temp folder)."""
-    return SparseExportResult(output_dir, output_dir / MODEL_NAME, output_dir / MANIFEST_NAME,
-                              {n: output_dir / e["file"] for n, e in manifest.adapters.items()}, targets=targets,
-                              quantization=quantization)
+    return SparseExportResult(
+        output_dir,
+        output_dir / MODEL_NAME,
+        output_dir / MANIFEST_NAME,
+        {n: output_dir / e["file"] for n, e in manifest.adapters.items()},
+        targets=targets,
+        quantization=quantization,
+    )
 
 
 @dataclass(frozen=True)
@@ -158,8 +181,18 @@ def plan_sparse(
     task_types = {c.config.task_type for c in checkpoints.values()} - {None}
     resolved = resolve_task(config, task, adapter_task_type=next(iter(task_types)) if len(task_types) == 1 else None)
     chosen = choose_exporter(exporter, config, resolved.value)
-    return SparsePlan(Path(model_dir), named, checkpoints, Path(output_dir), resolved, chosen, opset, token_threshold,
-                      quantize, block_size)
+    return SparsePlan(
+        Path(model_dir),
+        named,
+        checkpoints,
+        Path(output_dir),
+        resolved,
+        chosen,
+        opset,
+        token_threshold,
+        quantize,
+        block_size,
+    )
 
 
 def load_sparse_base(plan: SparsePlan) -> Any:
@@ -194,9 +227,16 @@ def write_sparse(plan: SparsePlan, model: Any, folder: Path, *, progress: Option
     save_onnx(graph, folder / MODEL_NAME)
     del graph
     step()
-    manifest = SparseManifest(folder, plan.task.value, fingerprint, sites, token_threshold=plan.token_threshold,
-                              package_version=__version__, unused_targets=unused,
-                              extra={"exporter": plan.exporter.value})
+    manifest = SparseManifest(
+        folder,
+        plan.task.value,
+        fingerprint,
+        sites,
+        token_threshold=plan.token_threshold,
+        package_version=__version__,
+        unused_targets=unused,
+        extra={"exporter": plan.exporter.value},
+    )
     for name, ckpt in plan.checkpoints.items():
         source = str(plan.adapters[name])
         arrays = adapter_arrays(ckpt.deltas, sites, source=source, fingerprint=fingerprint, unused=unused)
@@ -208,8 +248,9 @@ def write_sparse(plan: SparsePlan, model: Any, folder: Path, *, progress: Option
     return manifest
 
 
-def add_adapter_file(graph_dir: PathLike, adapter_dir: PathLike, *, name: Optional[str] = None,
-                     overwrite: bool = False) -> Path:
+def add_adapter_file(
+    graph_dir: PathLike, adapter_dir: PathLike, *, name: Optional[str] = None, overwrite: bool = False
+) -> Path:
     """Convert one more adapter for an existing sparse export (no re-export); returns its file.
 
     The adapter must only target modules the graph has sites for. Nothing outside
@@ -221,7 +262,12 @@ def add_adapter_file(graph_dir: PathLike, adapter_dir: PathLike, *, name: Option
     if name in manifest.adapters and not overwrite:  # checked again under the lock
         raise ShiraInputError(f"{target}: adapter {name!r} exists (pass overwrite=True / --overwrite to replace it)")
     ckpt = _read_checkpoint(Path(adapter_dir), name)
-    arrays = adapter_arrays(ckpt.deltas, manifest.targets, source=str(adapter_dir),
-                            fingerprint=manifest.base_fingerprint, unused=manifest.unused_targets)
+    arrays = adapter_arrays(
+        ckpt.deltas,
+        manifest.targets,
+        source=str(adapter_dir),
+        fingerprint=manifest.base_fingerprint,
+        unused=manifest.unused_targets,
+    )
     # under the folder's lock: concurrent runs are serialized; an error leaves the folder as it was
     return install_adapter_file(manifest.folder, name, arrays, source=str(adapter_dir), overwrite=overwrite)

@@ -95,16 +95,22 @@ def _check_task_fits(config: "PretrainedConfig", task: Task, adapter_task_type: 
     adapter trained for one kind of task cannot serve the other."""
     trained_for = task_for_peft(adapter_task_type) if adapter_task_type else None
     if trained_for is not None and trained_for.is_causal_lm != task.is_causal_lm:
-        raise ShiraInputError(f"adapter task_type {adapter_task_type!r} does not fit task {task.value!r} "
-                              f"(expected task {trained_for.value!r})")
+        raise ShiraInputError(
+            f"adapter task_type {adapter_task_type!r} does not fit task {task.value!r} "
+            f"(expected task {trained_for.value!r})"
+        )
     architectures = list(getattr(config, "architectures", None) or [])[:1]
     causal_base = any(task_from_architecture(a) is Task.TEXT_GENERATION_WITH_PAST for a in architectures)
     if task.is_causal_lm and architectures and not causal_base:
-        raise ShiraInputError(f"config.architectures={architectures!r}: task {task.value!r} needs a causal LM base "
-                              f"(*ForCausalLM / *LMHeadModel)")
+        raise ShiraInputError(
+            f"config.architectures={architectures!r}: task {task.value!r} needs a causal LM base "
+            f"(*ForCausalLM / *LMHeadModel)"
+        )
     if task is Task.TEXT_CLASSIFICATION and causal_base:
-        raise ShiraInputError(f"config.architectures={architectures!r}: task 'text-classification' needs an encoder "
-                              f"or a *ForSequenceClassification base, found a causal LM")
+        raise ShiraInputError(
+            f"config.architectures={architectures!r}: task 'text-classification' needs an encoder "
+            f"or a *ForSequenceClassification base, found a causal LM"
+        )
 
 
 def _auto_task(config: "PretrainedConfig", adapter_task_type: Optional[str]) -> Task:

@@ -50,13 +50,16 @@ def check_adapter_list(adapter: Sequence[Any], batch: Optional[int]) -> tuple:
     names = tuple(adapter)
     bad = [(i, a) for i, a in enumerate(names) if a is not None and not isinstance(a, str)]
     if bad:
-        raise ShiraInputError(f"adapter list: row {bad[0][0]} is {bad[0][1]!r}; expected an adapter name (str) "
-                              f"or None (the base model) per row")
+        raise ShiraInputError(
+            f"adapter list: row {bad[0][0]} is {bad[0][1]!r}; expected an adapter name (str) "
+            f"or None (the base model) per row"
+        )
     if not names:
         raise ShiraInputError("adapter list: empty; give one adapter name (or None) per row")
     if batch is not None and len(names) != batch:
-        raise ShiraInputError(f"adapter list: {len(names)} entries for a batch of {batch} rows; give one adapter "
-                              f"name (or None) per row")
+        raise ShiraInputError(
+            f"adapter list: {len(names)} entries for a batch of {batch} rows; give one adapter name (or None) per row"
+        )
     return names
 
 
@@ -88,8 +91,9 @@ def stack_rows(rows: Sequence[Optional[AdapterArrays]]) -> tuple[dict[str, Any],
 class MixedCache:
     """LRU cache of stacked feeds per adapter combination, bounded by entries and bytes."""
 
-    def __init__(self, entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES, *,
-                 lock: Optional[Any] = None) -> None:
+    def __init__(
+        self, entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES, *, lock: Optional[Any] = None
+    ) -> None:
         if entries < 0 or max_bytes < 0:
             raise ShiraInputError(f"mixed-batch cache: entries and bytes must be >= 0, found {entries}, {max_bytes}")
         self.entries, self.max_bytes = entries, max_bytes

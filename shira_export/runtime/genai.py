@@ -56,13 +56,19 @@ class GenaiGraphRunner:
         config = _genai_config(self.folder)
         dec = config["model"]["decoder"]
         self.inputs, self.outputs = dec["inputs"], dec["outputs"]
-        self.layers, self.kv_heads, self.head_size = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        self.layers, self.kv_heads, self.head_size = (
+            dec["num_hidden_layers"],
+            dec["num_key_value_heads"],
+            dec["head_size"],
+        )
         self.eos = config["model"].get("eos_token_id")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # shira.* overridable initializers are intended
         if threads is not None:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(self.folder / dec["filename"]), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.folder / dec["filename"]), options, providers=["CPUExecutionProvider"]
+        )
         names = {i.name: i for i in self.session.get_inputs()}
         past0 = names[self.inputs["past_key_names"] % 0]
         self._float = np.float16 if "float16" in past0.type else np.float32
@@ -83,8 +89,9 @@ class GenaiGraphRunner:
         options = ort.RunOptions()
         if adapter is not None:
             if adapter not in self._adapters:
-                raise ShiraInputError(f"adapter {adapter!r}: not in {self.folder}/shira_export.json "
-                                      f"(known: {sorted(self._adapters)})")
+                raise ShiraInputError(
+                    f"adapter {adapter!r}: not in {self.folder}/shira_export.json (known: {sorted(self._adapters)})"
+                )
             options.add_active_adapter(self._adapters[adapter])
         return options
 
@@ -98,10 +105,14 @@ class GenaiGraphRunner:
             feeds[self.inputs["position_ids"]] = np.ascontiguousarray(positions[:, -new:]).astype(np.int64)
         for i in range(self.layers):
             for role, template in (("key", self.inputs["past_key_names"]), ("value", self.inputs["past_value_names"])):
-                feeds[template % i] = (np.zeros((batch, self.kv_heads, 0, self.head_size), self._float) if past is None
-                                       else past[(i, role)])
-        names = [self.outputs["logits"]] + [self.outputs[f"present_{r}_names"] % i
-                                            for i in range(self.layers) for r in ("key", "value")]
+                feeds[template % i] = (
+                    np.zeros((batch, self.kv_heads, 0, self.head_size), self._float)
+                    if past is None
+                    else past[(i, role)]
+                )
+        names = [self.outputs["logits"]] + [
+            self.outputs[f"present_{r}_names"] % i for i in range(self.layers) for r in ("key", "value")
+        ]
         outs = self.session.run(names, feeds, self._options(adapter))
         present = {(i, r): outs[1 + 2 * i + j] for i in range(self.layers) for j, r in enumerate(("key", "value"))}
         return outs[0], present
@@ -140,8 +151,11 @@ class GenaiCandidate:
         return adapter.name
 
     def forward(self, batch, adapter) -> dict[str, np.ndarray]:
-        return {"logits": self.runner.logits(batch.input_ids.numpy(), batch.attention_mask.numpy(),
-                                             adapter=self._name(adapter))}
+        return {
+            "logits": self.runner.logits(
+                batch.input_ids.numpy(), batch.attention_mask.numpy(), adapter=self._name(adapter)
+            )
+        }
 
     def generate(self, batch, n_tokens: int, adapter) -> dict[str, np.ndarray]:
         ids, mask = batch.input_ids.numpy(), batch.attention_mask.numpy()
@@ -150,8 +164,10 @@ class GenaiCandidate:
             return {"": self.runner.greedy(ids, mask, n_tokens, adapter=name)}
         # GroupQueryAttention derives positions from the mask's length, which holds for right
         # padding only (as genai pads); a left-padded batch runs row by row, unpadded
-        rows = [self.runner.greedy(ids[i:i + 1, mask[i].astype(bool)], None, n_tokens, adapter=name)
-                for i in range(ids.shape[0])]
+        rows = [
+            self.runner.greedy(ids[i : i + 1, mask[i].astype(bool)], None, n_tokens, adapter=name)
+            for i in range(ids.shape[0])
+        ]
         return {"": np.concatenate(rows, axis=0)}
 
 
@@ -160,8 +176,15 @@ def open_genai(manifest, *, threads: Optional[int] = None) -> GenaiCandidate:
     return GenaiCandidate(manifest.folder, threads=threads, merged=manifest.raw.get("kind") == "merged")
 
 
-def genai_greedy(folder_or_model, prompts: Sequence[Sequence[int]], n_tokens: int, *, adapter: Optional[str] = None,
-                 adapters=None, pad_token_id: Optional[int] = None) -> np.ndarray:
+def genai_greedy(
+    folder_or_model,
+    prompts: Sequence[Sequence[int]],
+    n_tokens: int,
+    *,
+    adapter: Optional[str] = None,
+    adapters=None,
+    pad_token_id: Optional[int] = None,
+) -> np.ndarray:
     """Greedy tokens from onnxruntime-genai (exactly `n_tokens` per row). Rows of different
     lengths are padded on the right with the config's pad_token_id, genai's convention
     (it masks pad tokens, so a prompt must not contain that id). `adapters`: an
@@ -187,7 +210,7 @@ def genai_greedy(folder_or_model, prompts: Sequence[Sequence[int]], n_tokens: in
         pad = 0
     batch = np.full((len(prompts), width), pad, np.int64)
     for i, row in enumerate(prompts):
-        batch[i, :len(row)] = row
+        batch[i, : len(row)] = row
     params = og.GeneratorParams(model)
     total = width + n_tokens
     params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=len(prompts))

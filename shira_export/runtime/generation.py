@@ -41,28 +41,40 @@ class CausalLMOutput:
 class ShiraORTModelForCausalLM:
     """`model = ShiraORTModelForCausalLM("out")`; `model.generate(ids, adapter="a")`."""
 
-    def __init__(self, folder_or_session: Union[PathLike, ShiraSession, "PlainSession"], *,
-                 mode: Union[Mode, str, None] = None, **session_kwargs) -> None:
+    def __init__(
+        self,
+        folder_or_session: Union[PathLike, ShiraSession, "PlainSession"],
+        *,
+        mode: Union[Mode, str, None] = None,
+        **session_kwargs,
+    ) -> None:
         # a sparse folder opens a ShiraSession; a session passed in (ShiraSession, or a
         # PlainSession over a merged folder) is used as it is
-        self.session = (ShiraSession(folder_or_session, mode=mode, **session_kwargs)
-                        if isinstance(folder_or_session, (str, os.PathLike)) else folder_or_session)
+        self.session = (
+            ShiraSession(folder_or_session, mode=mode, **session_kwargs)
+            if isinstance(folder_or_session, (str, os.PathLike))
+            else folder_or_session
+        )
         inputs = {i.name: i for i in self.session.session.get_inputs()}
         if "input_ids" not in inputs:
             raise ShiraInputError(f"{self.session.manifest.folder}: the graph has no input_ids (not a language model)")
         self._past_names = [n for n in self.session.input_names if n.startswith("past_key_values.")]
-        self._present_names = ["present." + n[len("past_key_values."):] for n in self._past_names]
+        self._present_names = ["present." + n[len("past_key_values.") :] for n in self._past_names]
         missing = sorted(set(self._present_names) - set(self.session.output_names))
         if missing:
             raise ShiraInputError(f"{self.session.manifest.folder}: KV cache outputs {missing} not found")
         if not self._past_names:
-            raise ShiraInputError(f"{self.session.manifest.folder}: the graph has no past_key_values inputs "
-                                  f"(export with task text-generation-with-past for generation)")
+            raise ShiraInputError(
+                f"{self.session.manifest.folder}: the graph has no past_key_values inputs "
+                f"(export with task text-generation-with-past for generation)"
+            )
         self._past_shapes = {}
         for name in self._past_names:
             shape = inputs[name].shape  # [batch, heads, past, head_dim]
             if not (len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int)):
-                raise ShiraInputError(f"{name}: expected [batch, heads, past, head_dim] with fixed heads, found {shape}")
+                raise ShiraInputError(
+                    f"{name}: expected [batch, heads, past, head_dim] with fixed heads, found {shape}"
+                )
             self._past_shapes[name] = (shape[1], shape[3])
         self._float = np.float16 if "float16" in inputs[self._past_names[0]].type else np.float32
         self._has_positions = "position_ids" in inputs
@@ -73,8 +85,9 @@ class ShiraORTModelForCausalLM:
     def adapters(self) -> list[str]:
         return self.session.adapters
 
-    def forward(self, input_ids, attention_mask=None, *, adapter: AdapterChoice = None,
-                past_key_values: Optional[list] = None) -> CausalLMOutput:
+    def forward(
+        self, input_ids, attention_mask=None, *, adapter: AdapterChoice = None, past_key_values: Optional[list] = None
+    ) -> CausalLMOutput:
         """One step: logits for `input_ids` given the cache (None = empty). `attention_mask`
         covers past + new tokens; `adapter` may give one adapter (or None) per row."""
         ids = np.asarray(input_ids, dtype=np.int64)
@@ -82,8 +95,11 @@ class ShiraORTModelForCausalLM:
             raise ShiraInputError(f"input_ids: expected [batch, tokens], found shape {list(ids.shape)}")
         batch, n_new = ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0].shape()[2]
-        mask = (np.ones((batch, past_len + n_new), np.int64) if attention_mask is None
-                else np.asarray(attention_mask, dtype=np.int64))
+        mask = (
+            np.ones((batch, past_len + n_new), np.int64)
+            if attention_mask is None
+            else np.asarray(attention_mask, dtype=np.int64)
+        )
         feeds: dict = {"input_ids": ids}
         if self._has_mask:
             feeds["attention_mask"] = mask
@@ -122,7 +138,10 @@ class ShiraORTModelForCausalLM:
         """Prompt + up to `max_new_tokens` tokens per row (transformers' return convention).
         `adapter=["a", "b", None]`: row i generates with adapter i (None: the base model)."""
         from transformers.generation.logits_process import (
-            LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
         )
 
         if num_beams != 1 or not use_cache:
@@ -132,8 +151,11 @@ class ShiraORTModelForCausalLM:
             raise ShiraInputError(f"input_ids: expected [batch, tokens], found shape {list(ids.shape)}")
         if isinstance(adapter, (list, tuple)):
             adapter = list(check_adapter_list(adapter, ids.shape[0]))  # before any step runs
-        mask = (torch.ones_like(ids) if attention_mask is None
-                else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long))
+        mask = (
+            torch.ones_like(ids)
+            if attention_mask is None
+            else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+        )
         if eos_token_id is None:
             eos_token_id = getattr(self.config, "eos_token_id", None)
         eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))

@@ -27,8 +27,14 @@ class PlainSession:
     """`PlainSession(folder)`; `.run(feeds)` -> {output: array}. `adapter` must be None (or
     a list of None per row)."""
 
-    def __init__(self, folder: PathLike, *, file_name: str = "model.onnx", providers: Optional[Sequence[str]] = None,
-                 session_options: Optional[object] = None) -> None:
+    def __init__(
+        self,
+        folder: PathLike,
+        *,
+        file_name: str = "model.onnx",
+        providers: Optional[Sequence[str]] = None,
+        session_options: Optional[object] = None,
+    ) -> None:
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -47,23 +53,28 @@ class PlainSession:
     def adapters(self) -> list[str]:
         return []
 
-    def run_ort_values(self, feeds: Mapping[str, object], *, adapter: object = None,
-                       output_names: Optional[Sequence[str]] = None) -> list:
+    def run_ort_values(
+        self, feeds: Mapping[str, object], *, adapter: object = None, output_names: Optional[Sequence[str]] = None
+    ) -> list:
         """Run with OrtValue (or numpy) feeds; returns OrtValues (no copies, for KV caches)."""
         import onnxruntime as ort
 
         if adapter is not None and not (isinstance(adapter, (list, tuple)) and all(a is None for a in adapter)):
-            raise ShiraInputError(f"{self.manifest.folder}: a merged export has no adapters to choose "
-                                  f"(found adapter={adapter!r})")
+            raise ShiraInputError(
+                f"{self.manifest.folder}: a merged export has no adapters to choose (found adapter={adapter!r})"
+            )
         unknown = sorted(set(feeds) - set(self.input_names))
         if unknown:
             raise ShiraInputError(f"unknown inputs {unknown}; the graph takes {self.input_names}")
-        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-                  for k, v in feeds.items()}
+        values = {
+            k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+            for k, v in feeds.items()
+        }
         return self.session.run_with_ort_values(list(output_names or self.output_names), values, ort.RunOptions())
 
-    def run(self, feeds: Mapping[str, np.ndarray], *, adapter: object = None,
-            output_names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], *, adapter: object = None, output_names: Optional[Sequence[str]] = None
+    ) -> dict[str, np.ndarray]:
         names = list(output_names or self.output_names)
         outs = self.run_ort_values(feeds, adapter=adapter, output_names=names)
         return {n: o.numpy() for n, o in zip(names, outs)}

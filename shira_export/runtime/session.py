@@ -38,7 +38,12 @@ from shira_export.errors import ShiraInputError
 from shira_export.artifacts.adapter_io import AdapterArrays, read_adapter_file
 from shira_export.artifacts.manifest import SparseManifest, read_sparse_manifest
 from shira_export.artifacts.naming import (
-    PREFIX, TargetSite, indices_name, to_dense_variant, values_name, weight_name,
+    PREFIX,
+    TargetSite,
+    indices_name,
+    to_dense_variant,
+    values_name,
+    weight_name,
 )
 from shira_export.runtime.batching import DEFAULT_BYTES, DEFAULT_ENTRIES, MixedCache, check_adapter_list
 
@@ -103,8 +108,10 @@ class ShiraSession:
         except ValueError:
             raise ShiraInputError(f"mode: expected one of {[m.value for m in Mode]}, found {mode!r}") from None
         if quantized and self.mode is Mode.DENSE:
-            raise ShiraInputError(f"{self.manifest.folder}: the base weights are quantized ({quantized}); mode "
-                                  f"'dense' feeds fp32 merged weights: use mode='lean' (the default) or 'portable'")
+            raise ShiraInputError(
+                f"{self.manifest.folder}: the base weights are quantized ({quantized}); mode "
+                f"'dense' feeds fp32 merged weights: use mode='lean' (the default) or 'portable'"
+            )
         if not self.manifest.model_path.is_file():
             raise ShiraInputError(f"{self.manifest.model_path}: model file not found")
         options: Any = session_options or ort.SessionOptions()
@@ -129,8 +136,11 @@ class ShiraSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         # graphs of the per-row contract take [R, nnz] adapter inputs; older exports [nnz]
         # (inputs with a default are onnxruntime's overridable initializers, not get_inputs())
-        ranks = {len(i.shape) for i in self.session.get_overridable_initializers()
-                 if i.name.startswith(PREFIX + ".") and i.name.endswith(".indices")}
+        ranks = {
+            len(i.shape)
+            for i in self.session.get_overridable_initializers()
+            if i.name.startswith(PREFIX + ".") and i.name.endswith(".indices")
+        }
         self.per_row = ranks == {2}
         self._lock = threading.RLock()
         self._mixed = MixedCache(mixed_cache, mixed_cache_bytes, lock=self._lock)
@@ -165,12 +175,19 @@ class ShiraSession:
         entry: Mapping = {}
         if path is None:
             if name not in self.manifest.adapters:
-                raise ShiraInputError(f"adapter {name!r}: not in {self.manifest.folder}/shira_export.json "
-                                      f"(known: {sorted(self.manifest.adapters)}); pass its file as path")
+                raise ShiraInputError(
+                    f"adapter {name!r}: not in {self.manifest.folder}/shira_export.json "
+                    f"(known: {sorted(self.manifest.adapters)}); pass its file as path"
+                )
             path = self.manifest.adapter_path(name)
             entry = self.manifest.adapters[name]
-        arrays = read_adapter_file(path, self.manifest.targets, fingerprint=self.manifest.base_fingerprint,
-                                   sha256=entry.get("sha256"), nnz=entry.get("nnz"))
+        arrays = read_adapter_file(
+            path,
+            self.manifest.targets,
+            fingerprint=self.manifest.base_fingerprint,
+            sha256=entry.get("sha256"),
+            nnz=entry.get("nnz"),
+        )
         loaded = _Loaded(name, arrays, dict(self._base_feeds))
         if self.mode is Mode.DENSE:
             sites = {s.module: s for s in self.manifest.targets}
@@ -210,12 +227,15 @@ class ShiraSession:
 
     def _get(self, name: str) -> _Loaded:
         if not isinstance(name, str):
-            raise ShiraInputError(f"adapter: expected a name (str), None (the base model) or a list of those per "
-                                  f"row, found {name!r}")
+            raise ShiraInputError(
+                f"adapter: expected a name (str), None (the base model) or a list of those per row, found {name!r}"
+            )
         try:
             return self._loaded[name]
         except KeyError:
-            raise ShiraInputError(f"adapter {name!r}: not loaded (loaded: {sorted(self._loaded)}; None = base model)") from None
+            raise ShiraInputError(
+                f"adapter {name!r}: not loaded (loaded: {sorted(self._loaded)}; None = base model)"
+            ) from None
 
     # running ----------------------------------------------------------------------------
 
@@ -242,11 +262,15 @@ class ShiraSession:
 
     def _prepare_rows(self, names: tuple) -> tuple[dict, object]:
         if self.mode is Mode.DENSE:
-            raise ShiraInputError(f"adapter list {list(names)}: mode 'dense' feeds one set of merged weights per call; "
-                                  f"mixed-adapter batches run in mode 'lean' (the default) or 'portable'")
+            raise ShiraInputError(
+                f"adapter list {list(names)}: mode 'dense' feeds one set of merged weights per call; "
+                f"mixed-adapter batches run in mode 'lean' (the default) or 'portable'"
+            )
         if not self.per_row:
-            raise ShiraInputError(f"{self.manifest.model_path}: this graph takes one adapter per call (its shira.* "
-                                  f"inputs are [nnz]); re-export it with this version for one adapter per row")
+            raise ShiraInputError(
+                f"{self.manifest.model_path}: this graph takes one adapter per call (its shira.* "
+                f"inputs are [nnz]); re-export it with this version for one adapter per row"
+            )
         sources = tuple(None if n is None else self._get(n) for n in names)
 
         def current() -> bool:  # called under the lock: no adapter of the rows was unloaded or replaced since
@@ -257,14 +281,21 @@ class ShiraSession:
         options.hold = entry  # the stacked arrays and the rows' adapters stay alive through the run
         return entry.feeds, options
 
-    def run_ort_values(self, feeds: Mapping[str, object], *, adapter: AdapterChoice = None,
-                       output_names: Optional[Sequence[str]] = None) -> list:
+    def run_ort_values(
+        self,
+        feeds: Mapping[str, object],
+        *,
+        adapter: AdapterChoice = None,
+        output_names: Optional[Sequence[str]] = None,
+    ) -> list:
         """Run with OrtValue (or numpy) feeds; returns OrtValues (no copies, for KV caches).
         `adapter`: a name, None (base model), or a list with one of those per row."""
         import onnxruntime as ort
 
-        values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
-                  for k, v in feeds.items()}
+        values = {
+            k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+            for k, v in feeds.items()
+        }
         unknown = sorted(set(values) - set(self.input_names))
         if unknown:
             raise ShiraInputError(f"unknown inputs {unknown}; the graph takes {self.input_names}")
@@ -272,8 +303,13 @@ class ShiraSession:
         values.update(extra)
         return self.session.run_with_ort_values(list(output_names or self.output_names), values, options)
 
-    def run(self, feeds: Mapping[str, np.ndarray], *, adapter: AdapterChoice = None,
-            output_names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        *,
+        adapter: AdapterChoice = None,
+        output_names: Optional[Sequence[str]] = None,
+    ) -> dict[str, np.ndarray]:
         """Run once with `adapter` (None = base model; a list: one per row); returns {output name: array}."""
         names = list(output_names or self.output_names)
         outs = self.run_ort_values(feeds, adapter=adapter, output_names=names)

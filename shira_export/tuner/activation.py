@@ -56,7 +56,9 @@ class ActivationMixin:
             wrapper.disable_adapters = False
         self._refresh_trainable()
 
-    def set_requires_grad(self: ShiraHost, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+    def set_requires_grad(
+        self: ShiraHost, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True
+    ) -> None:
         """Turn gradients of the named adapters (values and modules_to_save copies) on or off."""
         for name in self._known(adapter_names):
             for _, layer in self.shira_layers():
@@ -83,8 +85,10 @@ class ActivationMixin:
             raise ShiraInputError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
         unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
         if unknown:
-            raise ShiraInputError(f"adapter_names: no adapter {unknown}; loaded: {sorted(self.peft_config)} "
-                                  f"(and {BASE_ROW!r} for rows without one)")
+            raise ShiraInputError(
+                f"adapter_names: no adapter {unknown}; loaded: {sorted(self.peft_config)} "
+                f"(and {BASE_ROW!r} for rows without one)"
+            )
         if self.training:
             raise ShiraInputError("Cannot pass `adapter_names` when the model is in training mode (call model.eval())")
         if any(layer.merged for _, layer in self.shira_layers()):

@@ -104,10 +104,16 @@ def _fail(path: Path, message: str) -> None:
 def _check_delta(path: Path, module: str, indices: torch.Tensor, values: torch.Tensor) -> SparseDelta:
     key = f"{KEY_PREFIX}{module}"
     if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dim() != 2 or indices.shape[0] != 2:
-        _fail(path, f"{key}{_INDICES}: expected an integer tensor of shape (2, nnz), found {indices.dtype} {tuple(indices.shape)}")
+        _fail(
+            path,
+            f"{key}{_INDICES}: expected an integer tensor of shape (2, nnz), found {indices.dtype} {tuple(indices.shape)}",
+        )
     if values.dim() != 1 or values.dtype not in _VALUE_DTYPES:  # float8 & co. have no isfinite / merge kernels
-        _fail(path, f"{key}{_VALUES}: expected a 1-D float16/bfloat16/float32/float64 tensor, found {values.dtype} "
-                    f"{tuple(values.shape)}")
+        _fail(
+            path,
+            f"{key}{_VALUES}: expected a 1-D float16/bfloat16/float32/float64 tensor, found {values.dtype} "
+            f"{tuple(values.shape)}",
+        )
     if indices.shape[1] != values.shape[0]:
         _fail(path, f"{key}: {indices.shape[1]} index pairs but {values.shape[0]} values (they must match)")
     if not torch.isfinite(values).all():
@@ -122,7 +128,10 @@ def _check_delta(path: Path, module: str, indices: torch.Tensor, values: torch.T
     flat_sorted = flat[order]
     if flat_sorted.numel() > 1 and bool((flat_sorted[1:] == flat_sorted[:-1]).any()):
         dup = int(flat_sorted[1:][flat_sorted[1:] == flat_sorted[:-1]][0])
-        _fail(path, f"{key}{_INDICES}: duplicate index pair ({dup // width}, {dup % width}) (each position may appear once)")
+        _fail(
+            path,
+            f"{key}{_INDICES}: duplicate index pair ({dup // width}, {dup % width}) (each position may appear once)",
+        )
     return SparseDelta(indices=indices[:, order].contiguous(), values=values[order].contiguous())
 
 
@@ -133,8 +142,10 @@ def read_adapter_dir(
     `config` given: used instead of the folder's adapter_config.json."""
     path = Path(directory)
     if not path.is_dir():
-        raise ShiraInputError(f"{path}: adapter folder {describe_path(path, want='folder')} (expected a folder with "
-                              f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise ShiraInputError(
+            f"{path}: adapter folder {describe_path(path, want='folder')} (expected a folder with "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     if config is not None and not isinstance(config, ShiraConfig):
         raise ShiraInputError(f"config: expected a ShiraConfig, found {type(config).__name__}")
     config = ShiraConfig.from_pretrained(path) if config is None else config
@@ -142,8 +153,11 @@ def read_adapter_dir(
     if not weights.is_file():
         pickles = [p for p in _PICKLES if (path / p).exists()]
         if pickles:
-            _fail(path, f"found {pickles[0]} (a pickle file), expected {WEIGHTS_NAME}; pickle files are never loaded "
-                        f"because they can run code: convert it with safetensors in a trusted environment")
+            _fail(
+                path,
+                f"found {pickles[0]} (a pickle file), expected {WEIGHTS_NAME}; pickle files are never loaded "
+                f"because they can run code: convert it with safetensors in a trusted environment",
+            )
         _fail(path, f"missing {WEIGHTS_NAME}")
     try:
         tensors = load_file(weights)
@@ -155,7 +169,7 @@ def read_adapter_dir(
     for key, tensor in tensors.items():
         if not key.startswith(KEY_PREFIX):
             _fail(weights, f"key {key!r} does not start with {KEY_PREFIX!r} (not PEFT's layout)")
-        stem = key[len(KEY_PREFIX):]
+        stem = key[len(KEY_PREFIX) :]
         if stem.endswith(_VALUES):
             values[stem[: -len(_VALUES)]] = tensor
         elif stem.endswith(_INDICES):

@@ -74,10 +74,10 @@ class ShiraConfig:
             self.mask_type = MaskType(self.mask_type)
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in MaskType)
-            raise ValueError(
-                f"ShiraConfig.mask_type must be one of {allowed}, got {self.mask_type!r}"
-            ) from None
-        if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)):
+            raise ValueError(f"ShiraConfig.mask_type must be one of {allowed}, got {self.mask_type!r}") from None
+        if self.random_seed is not None and (
+            isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)
+        ):
             raise ValueError(f"ShiraConfig.random_seed must be an int or None, got {self.random_seed!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, (set, tuple)):
@@ -136,16 +136,22 @@ class ShiraConfig:
         this version does not know are ignored with a warning that names them (as PEFT
         does for configs written by a newer release)."""
         if "peft_type" not in data:
-            raise ShiraInputError(f"{source}: no 'peft_type' key (expected \"peft_type\": \"SHIRA\"; "
-                                  f"is this a PEFT adapter_config.json?)")
+            raise ShiraInputError(
+                f'{source}: no \'peft_type\' key (expected "peft_type": "SHIRA"; is this a PEFT adapter_config.json?)'
+            )
         peft_type = data["peft_type"]
         if str(peft_type).upper() != "SHIRA":
-            raise ShiraInputError(f"{source}: peft_type is {peft_type!r}, expected 'SHIRA' (this is not a SHiRA adapter)")
+            raise ShiraInputError(
+                f"{source}: peft_type is {peft_type!r}, expected 'SHIRA' (this is not a SHiRA adapter)"
+            )
         known = {f.name for f in fields(cls) if f.init and f.name != "mask_fn"}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_KEYS)
         if unknown:
-            warnings.warn(f"{source}: unexpected keys {unknown} for ShiraConfig, ignored (written by a newer "
-                          f"PEFT or another tool?)", stacklevel=2)
+            warnings.warn(
+                f"{source}: unexpected keys {unknown} for ShiraConfig, ignored (written by a newer "
+                f"PEFT or another tool?)",
+                stacklevel=2,
+            )
         kwargs = {k: v for k, v in data.items() if k in known}
         # A saved adapter's mask is in its indices; a custom mask_fn is not needed to load it.
         if data.get("mask_type") == "custom":

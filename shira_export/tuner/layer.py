@@ -29,8 +29,9 @@ from shira_export.tuner.sparse_ops import SparsePlan, gather_flat, merged_weight
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def _settle_hook(module: "ShiraLayer", *args, **kwargs) -> None:
@@ -165,8 +166,14 @@ class ShiraLayer(nn.Module):
         self.settle()
         weight, state = self.weight, self._state
         old = self.merged_adapters[0] if len(self.merged_adapters) == 1 else None
-        if (old is not None and old != name and name in self.shira_weight and not self.transposed_storage
-                and weight.numel() < 2**31 and _native.available(weight)):
+        if (
+            old is not None
+            and old != name
+            and name in self.shira_weight
+            and not self.transposed_storage
+            and weight.numel() < 2**31
+            and _native.available(weight)
+        ):
             # The new adapter's base entries must be cached already: read now, they would
             # include the old adapter's values where the supports overlap.
             base = state.cached_base_entries(name, self.shira_indices[name], weight)
@@ -282,8 +289,14 @@ class ShiraLayer(nn.Module):
         in train mode takes it too, so that reentrant gradient checkpointing computes its
         first pass (no grad) and its recompute (grad) the same way. Hooks on the base
         layer need its own forward: such a layer uses the delta path, and they run."""
-        if (not self.training or not self.resident or self.merged_adapters or self.weight_shared
-                or len(self.active_adapters) != 1 or _has_hooks(self.base_layer)):
+        if (
+            not self.training
+            or not self.resident
+            or self.merged_adapters
+            or self.weight_shared
+            or len(self.active_adapters) != 1
+            or _has_hooks(self.base_layer)
+        ):
             return None
         name = self.active_adapters[0]
         if name not in self.shira_weight or not self.shira_weight[name].requires_grad:
@@ -299,8 +312,14 @@ class ShiraLayer(nn.Module):
             # Training: W holds W + S (rewritten only when the values changed), so the
             # step costs a base layer plus the values' sampled gradient; W gets none.
             self._make_resident(name)
-            return merged_weight_linear(x, self.weight, self.bias, self._scaled_values(name), self.plan(name),
-                                        transposed=self.transposed_storage)
+            return merged_weight_linear(
+                x,
+                self.weight,
+                self.bias,
+                self._scaled_values(name),
+                self.plan(name),
+                transposed=self.transposed_storage,
+            )
         self.settle()
         if self.disable_adapters:
             return self.base_layer(x, *args, **kwargs)

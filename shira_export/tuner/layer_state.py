@@ -133,8 +133,9 @@ class LayerState:
     # ---- derived data -----------------------------------------------------------------
     def support(self, name: str, indices: torch.Tensor) -> Support:
         def build() -> Support:
-            return Support(SparsePlan.build(indices, self.shape),
-                           storage_index(indices, self.shape, transposed=self.transposed))
+            return Support(
+                SparsePlan.build(indices, self.shape), storage_index(indices, self.shape, transposed=self.transposed)
+            )
 
         return self._lookup("support", name, (id(indices),), (indices,), build)
 
@@ -145,15 +146,19 @@ class LayerState:
         """W's entries at the support. Call only while no adapter is merged: read then,
         they would include its values where the supports overlap."""
         flat = self.support(name, indices).flat
-        return self._lookup("base", name, self._base_key(indices, weight), (indices,), lambda: gather_flat(weight, flat))
+        return self._lookup(
+            "base", name, self._base_key(indices, weight), (indices,), lambda: gather_flat(weight, flat)
+        )
 
     def cached_base_entries(self, name: str, indices: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """The base entries if they were read in this generation, else None (not read now)."""
         return self._get("base", name, self._base_key(indices, weight))
 
-    def merged_entries(self, name: str, base: torch.Tensor, values: torch.Tensor, scale: float,
-                       dtype: torch.dtype) -> torch.Tensor:
+    def merged_entries(
+        self, name: str, base: torch.Tensor, values: torch.Tensor, scale: float, dtype: torch.dtype
+    ) -> torch.Tensor:
         """base + scale * values at the support, in `dtype` (summed in fp32)."""
+
         def build() -> torch.Tensor:
             return merged_values(base, values, scale, dtype)
 
@@ -172,8 +177,11 @@ class LayerState:
         entries, generation = self._saved[name]
         if generation != self.generation(weight):
             return None
-        return entries if entries.dtype == weight.dtype and entries.device == weight.device else \
-            entries.to(weight.device, weight.dtype)
+        return (
+            entries
+            if entries.dtype == weight.dtype and entries.device == weight.device
+            else entries.to(weight.device, weight.dtype)
+        )
 
     def take_saved(self, name: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
         entries = self.saved(name, weight)

@@ -19,8 +19,9 @@ __all__ = ["LifecycleMixin"]
 
 
 class LifecycleMixin:
-    def merge_adapter(self: ShiraHost, adapter_names: Optional[Union[str, Sequence[str]]] = None, *,
-                      safe_merge: bool = False) -> None:
+    def merge_adapter(
+        self: ShiraHost, adapter_names: Optional[Union[str, Sequence[str]]] = None, *, safe_merge: bool = False
+    ) -> None:
         """Fold the adapters (default: the active ones) into the base weights in place;
         unmerge_adapter() restores them bit for bit."""
         if isinstance(adapter_names, str):
@@ -30,8 +31,11 @@ class LifecycleMixin:
         if merged:
             todo = [n for n in names if n not in merged]
             if todo:
-                warnings.warn(f"Already following adapters were merged {','.join(sorted(merged))}. "
-                              f"You are now additionally merging {','.join(todo)}.", stacklevel=2)
+                warnings.warn(
+                    f"Already following adapters were merged {','.join(sorted(merged))}. "
+                    f"You are now additionally merging {','.join(todo)}.",
+                    stacklevel=2,
+                )
             else:
                 warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
                 return
@@ -42,8 +46,9 @@ class LifecycleMixin:
         for _, layer in self.shira_layers():
             layer.unmerge()
 
-    def _unwrap(self: ShiraHost, *, merge: bool, safe_merge: bool = False,
-                adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+    def _unwrap(
+        self: ShiraHost, *, merge: bool, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None
+    ) -> nn.Module:
         if merge:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="All adapters are already merged")
@@ -61,8 +66,9 @@ class LifecycleMixin:
         self._active: list[str] = []
         return self.model
 
-    def merge_and_unload(self: ShiraHost, *, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+    def merge_and_unload(
+        self: ShiraHost, *, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None
+    ) -> nn.Module:
         """Fold the active adapter into the weights and return the plain transformers model."""
         return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -75,8 +81,9 @@ class LifecycleMixin:
         """Remove an adapter. As in PEFT, a merged adapter is refused: unmerge it first."""
         self._known([adapter_name])
         if any(adapter_name in layer.merged_adapters for _, layer in self.shira_layers()):
-            raise ShiraInputError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. "
-                                  f"Please unmerge them first.")
+            raise ShiraInputError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         for _, layer in self.shira_layers():
             if adapter_name in layer.shira_weight:
                 layer.delete_adapter(adapter_name)
@@ -90,8 +97,9 @@ class LifecycleMixin:
             if rest or self.peft_config:
                 self.set_adapter(rest or next(iter(self.peft_config)))
 
-    def add_weighted_adapter(self: ShiraHost, adapters: Sequence[str], weights: Sequence[float],
-                             adapter_name: str) -> None:
+    def add_weighted_adapter(
+        self: ShiraHost, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
+    ) -> None:
         """New adapter = sum_i weights[i] * adapters[i] on the union of their supports
         (values summed where supports overlap). Saved and loaded like any adapter."""
         self._check_new_name(adapter_name)

@@ -80,8 +80,10 @@ def mixed_head_forward(wrapper, x: torch.Tensor, *args, **kwargs) -> torch.Tenso
         module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
         out = module(x.index_select(0, rows), *args, **kwargs)
         if not isinstance(out, torch.Tensor):
-            raise ShiraInputError(f"adapter_names: a modules_to_save module returned {type(out).__name__}, "
-                                  f"expected a tensor (mixed batches need per-row outputs)")
+            raise ShiraInputError(
+                f"adapter_names: a modules_to_save module returned {type(out).__name__}, "
+                f"expected a tensor (mixed batches need per-row outputs)"
+            )
         if result is None:
             result = out.new_empty((x.shape[0], *out.shape[1:]))
         result[rows] = out

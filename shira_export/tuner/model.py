@@ -122,7 +122,9 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- resident training (the trained adapter stays merged between steps) -----------
     @property
@@ -144,7 +146,11 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
             layer.settle()
 
     def _warn_if_resident(self, where: str) -> None:
-        if self._quiet or self._warned_resident or not any(layer._resident is not None for _, layer in self.shira_layers()):
+        if (
+            self._quiet
+            or self._warned_resident
+            or not any(layer._resident is not None for _, layer in self.shira_layers())
+        ):
             return
         self._warned_resident = True
         warnings.warn(
@@ -205,8 +211,10 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         self.settle()  # masks read the base weights
         deltas = draw_deltas(self.model, config, mask_grads)
         heads: dict[str, dict[str, torch.Tensor]] = {p: {} for p in self._resolve_heads(config.modules_to_save or [])}
-        self._install(AdapterCheckpoint(config=config, deltas=deltas, modules_to_save=heads, name=adapter_name),
-                      trainable=not config.inference_mode)
+        self._install(
+            AdapterCheckpoint(config=config, deltas=deltas, modules_to_save=heads, name=adapter_name),
+            trainable=not config.inference_mode,
+        )
 
     def _resolve_heads(self, names: Sequence[str]) -> list[str]:
         found = []
@@ -294,7 +302,9 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
-            raise ShiraInputError(f"no adapter {missing[0] if missing else names!r}; loaded: {sorted(self.peft_config)}")
+            raise ShiraInputError(
+                f"no adapter {missing[0] if missing else names!r}; loaded: {sorted(self.peft_config)}"
+            )
         return names
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
@@ -304,8 +314,10 @@ class ShiraModel(ActivationMixin, LifecycleMixin, PersistenceMixin, nn.Module):
         for _, wrapper in self._wrappers():
             with_head = [n for n in names if n in wrapper.modules_to_save]
             if len(with_head) > 1:
-                raise ShiraInputError(f"adapters {with_head} each have their own copy of modules_to_save module "
-                                      f"{type(wrapper.original_module).__name__}: only one of them can be active")
+                raise ShiraInputError(
+                    f"adapters {with_head} each have their own copy of modules_to_save module "
+                    f"{type(wrapper.original_module).__name__}: only one of them can be active"
+                )
         was_merged = any(layer.merged for _, layer in self.shira_layers())
         for _, layer in self.shira_layers():
             layer.unmerge()
@@ -356,9 +368,11 @@ def inject_adapter_in_model(
     del low_cpu_mem_usage
     if state_dict is not None:
         stems = sorted({k.split(".shira_weight")[0] for k in state_dict if ".shira_weight" in k})
-        targets = [s[len("base_model.model."):] if s.startswith("base_model.model.") else s for s in stems]
+        targets = [s[len("base_model.model.") :] if s.startswith("base_model.model.") else s for s in stems]
         if not targets:
-            raise ShiraInputError("inject_adapter_in_model: state_dict has no '.shira_weight' keys to take targets from")
+            raise ShiraInputError(
+                "inject_adapter_in_model: state_dict has no '.shira_weight' keys to take targets from"
+            )
         config = copy.copy(config)
         config.target_modules = targets
     return ShiraModel(model, config, adapter_name).model

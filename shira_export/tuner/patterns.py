@@ -39,8 +39,10 @@ _CACHE_LIMIT = 50000
 _CHAR, _SPLIT, _ASSERT, _MATCH = range(4)
 _ALLOWED_FLAGS = _c.SRE_FLAG_UNICODE | _c.SRE_FLAG_VERBOSE | _c.SRE_FLAG_DOTALL
 _REFUSED = {
-    _c.GROUPREF: "backreferences", _c.GROUPREF_EXISTS: "conditional groups",
-    getattr(_c, "POSSESSIVE_REPEAT", None): "possessive quantifiers", getattr(_c, "ATOMIC_GROUP", None): "atomic groups",
+    _c.GROUPREF: "backreferences",
+    _c.GROUPREF_EXISTS: "conditional groups",
+    getattr(_c, "POSSESSIVE_REPEAT", None): "possessive quantifiers",
+    getattr(_c, "ATOMIC_GROUP", None): "atomic groups",
 }
 
 
@@ -53,9 +55,12 @@ def _word(ch: str) -> bool:
 
 
 _CATEGORIES: dict = {
-    _c.CATEGORY_DIGIT: str.isdecimal, _c.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
-    _c.CATEGORY_SPACE: str.isspace, _c.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
-    _c.CATEGORY_WORD: _word, _c.CATEGORY_NOT_WORD: lambda ch: not _word(ch),
+    _c.CATEGORY_DIGIT: str.isdecimal,
+    _c.CATEGORY_NOT_DIGIT: lambda ch: not ch.isdecimal(),
+    _c.CATEGORY_SPACE: str.isspace,
+    _c.CATEGORY_NOT_SPACE: lambda ch: not ch.isspace(),
+    _c.CATEGORY_WORD: _word,
+    _c.CATEGORY_NOT_WORD: lambda ch: not _word(ch),
 }
 
 
@@ -147,8 +152,14 @@ class _Nfa:
                 cur = self.seq(sub, cur)
             return cur
         if op is _c.AT:
-            if av not in (_c.AT_BEGINNING, _c.AT_BEGINNING_STRING, _c.AT_END, _c.AT_END_STRING,
-                          _c.AT_BOUNDARY, _c.AT_NON_BOUNDARY):
+            if av not in (
+                _c.AT_BEGINNING,
+                _c.AT_BEGINNING_STRING,
+                _c.AT_END,
+                _c.AT_END_STRING,
+                _c.AT_BOUNDARY,
+                _c.AT_NON_BOUNDARY,
+            ):
                 raise PatternError(f"anchor {av} is not supported")
             return self._add(_ASSERT, av, [nxt])
         if op in (_c.ASSERT, _c.ASSERT_NOT):
@@ -205,8 +216,13 @@ class _Nfa:
         if self.lookaround:  # depends on the whole string: not cacheable by context
             return self._closure(states, s, pos)
         n = len(s)
-        context = (pos == 0, pos == n, pos == n - 1 and s[-1:] == "\n",
-                   pos > 0 and _word(s[pos - 1]), pos < n and _word(s[pos]))
+        context = (
+            pos == 0,
+            pos == n,
+            pos == n - 1 and s[-1:] == "\n",
+            pos > 0 and _word(s[pos - 1]),
+            pos < n and _word(s[pos]),
+        )
         key = (states, context)
         found = self._closures.get(key)
         if found is None:

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from shira_export.errors import ShiraInputError
-from shira_export.tuner.checkpoint import KEY_PREFIX, AdapterCheckpoint, SparseDelta, read_adapter_dir, write_adapter_dir
+from shira_export.tuner.checkpoint import (
+    KEY_PREFIX,
+    AdapterCheckpoint,
+    SparseDelta,
+    read_adapter_dir,
+    write_adapter_dir,
+)
 from shira_export.tuner.config import PEFT_FORMAT_VERSION, MaskType, ShiraConfig
 from shira_export.tuner.targets import resolve_target_modules
 
@@ -49,10 +55,13 @@ class PersistenceMixin:
             for path, wrapper in self._wrappers()
             if adapter_name in wrapper.modules_to_save
         }
-        return AdapterCheckpoint(config=self.peft_config[adapter_name], deltas=deltas, modules_to_save=heads, name=adapter_name)
+        return AdapterCheckpoint(
+            config=self.peft_config[adapter_name], deltas=deltas, modules_to_save=heads, name=adapter_name
+        )
 
-    def save_pretrained(self: ShiraHost, save_directory: Union[str, os.PathLike],
-                        selected_adapters: Optional[Sequence[str]] = None) -> None:
+    def save_pretrained(
+        self: ShiraHost, save_directory: Union[str, os.PathLike], selected_adapters: Optional[Sequence[str]] = None
+    ) -> None:
         """Every adapter in PEFT's layout: "default" at the top, others in subfolders,
         and a model card (README.md) at the top."""
         root = Path(save_directory)
@@ -64,8 +73,10 @@ class PersistenceMixin:
             ckpt.config = copy.copy(ckpt.config)
             ckpt.config.inference_mode = True  # as PEFT writes it
             if ckpt.config.auto_mapping is None:  # as PEFT records it
-                ckpt.config.auto_mapping = {"base_model_class": type(self.model).__name__,
-                                            "parent_library": type(self.model).__module__}
+                ckpt.config.auto_mapping = {
+                    "base_model_class": type(self.model).__name__,
+                    "parent_library": type(self.model).__module__,
+                }
             write_adapter_dir(ckpt, root if name == "default" else root / name)
         _write_model_card(self, root, names)
 
@@ -130,8 +141,14 @@ class PersistenceMixin:
         modes = [(m, m.training) for m in model.modules()]
         shira = cls(model, resident_training=resident_training)
         try:
-            shira.load_adapter(path, adapter_name, is_trainable=is_trainable, config=config,
-                               autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+            shira.load_adapter(
+                path,
+                adapter_name,
+                is_trainable=is_trainable,
+                config=config,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
         except BaseException:
             shira._unwrap(merge=False)
             for param, flag in flags:
@@ -155,7 +172,7 @@ class PersistenceMixin:
             original = key
             for infix, plain in infixes:
                 if key.startswith(infix):
-                    original = plain + key[len(infix):]
+                    original = plain + key[len(infix) :]
                     break
             mapping[key] = original
         return mapping
@@ -172,8 +189,9 @@ class PersistenceMixin:
         unexpected = [k for k in state_dict if k not in to_current]
         missing = [k for k in to_current if k not in state_dict]
         if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing[:10]}, unexpected keys "
-                               f"{unexpected[:10]}")
+            raise RuntimeError(
+                f"Error(s) in loading state_dict: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+            )
         self.model.load_state_dict({to_current[k]: v for k, v in state_dict.items() if k in to_current}, strict=False)
         return IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 
@@ -192,7 +210,7 @@ def _heads_by_module(shira: ShiraHost, ckpt: AdapterCheckpoint, folder: Path) ->
         if head is None:
             stray.append(KEY_PREFIX + key)
         else:
-            grouped.setdefault(head, {})[key[len(head) + 1:]] = tensor
+            grouped.setdefault(head, {})[key[len(head) + 1 :]] = tensor
     if stray:
         raise ShiraInputError(
             f"{folder}: tensors {stray[:5]} are neither SHiRA tensors (.shira_weight / .shira_indices) nor under a "
@@ -205,8 +223,10 @@ def _heads_by_module(shira: ShiraHost, ckpt: AdapterCheckpoint, folder: Path) ->
         own = getattr(module, "original_module", module).state_dict()
         missing = sorted(set(own) - set(state))
         if missing:
-            raise ShiraInputError(f"{folder}: modules_to_save {head!r} lacks {[f'{KEY_PREFIX}{head}.{k}' for k in missing][:5]}"
-                                  f" (a saved module holds its whole state)")
+            raise ShiraInputError(
+                f"{folder}: modules_to_save {head!r} lacks {[f'{KEY_PREFIX}{head}.{k}' for k in missing][:5]}"
+                f" (a saved module holds its whole state)"
+            )
     return grouped
 
 
@@ -226,8 +246,16 @@ def _write_model_card(shira: ShiraHost, root: Path, names: Sequence[str]) -> Non
             text = text.rstrip("\n") + "\n\n### Framework versions\n\n" + "\n".join(missing) + "\n"
         atomic_write_text(path, text)
         return
-    lines = ["---", f"base_model: {base!r}" if base else "base_model: ''", "library_name: peft", "tags:",
-             f"- base_model:adapter:{base}", "- shira", "- shira_export", "- transformers"]
+    lines = [
+        "---",
+        f"base_model: {base!r}" if base else "base_model: ''",
+        "library_name: peft",
+        "tags:",
+        f"- base_model:adapter:{base}",
+        "- shira",
+        "- shira_export",
+        "- transformers",
+    ]
     if type(shira.model).__name__.endswith("ForCausalLM"):
         lines.append("pipeline_tag: text-generation")
     lines += ["---", "", "# SHiRA adapters", ""]
@@ -236,8 +264,18 @@ def _write_model_card(shira: ShiraHost, root: Path, names: Sequence[str]) -> Non
         nnz = sum(layer.nnz(name) for _, layer in shira.shira_layers() if name in layer.shira_weight)
         layers = sum(1 for _, layer in shira.shira_layers() if name in layer.shira_weight)
         where = "this folder" if name == "default" else f"`{name}/`"
-        lines.append(f"- `{name}` ({where}): r={config.r}, mask {MaskType(config.mask_type).value}, {nnz:,d} values "
-                     f"over {layers} layers")
-    lines += ["", "Load with `peft.PeftModel.from_pretrained(base, folder)` or "
-              "`shira_export.ShiraModel.from_pretrained(base, folder)`.", "", "### Framework versions", "", *versions, ""]
+        lines.append(
+            f"- `{name}` ({where}): r={config.r}, mask {MaskType(config.mask_type).value}, {nnz:,d} values "
+            f"over {layers} layers"
+        )
+    lines += [
+        "",
+        "Load with `peft.PeftModel.from_pretrained(base, folder)` or "
+        "`shira_export.ShiraModel.from_pretrained(base, folder)`.",
+        "",
+        "### Framework versions",
+        "",
+        *versions,
+        "",
+    ]
     atomic_write_text(path, "\n".join(lines))

@@ -75,8 +75,9 @@ class SparsePlan:
             order = torch.argsort(key, stable=True)
         r_sorted = rows if order is None else rows[order]
         c_sorted = cols if order is None else cols[order]
-        return cls(rows=rows, cols=cols, shape=(out_f, in_f), crow=_row_pointers(r_sorted, out_f), col=c_sorted,
-                   order=order)
+        return cls(
+            rows=rows, cols=cols, shape=(out_f, in_f), crow=_row_pointers(r_sorted, out_f), col=c_sorted, order=order
+        )
 
     @property
     def nnz(self) -> int:
@@ -85,8 +86,9 @@ class SparsePlan:
     def to(self, device: torch.device) -> "SparsePlan":
         if self.rows.device == torch.device(device):
             return self
-        moved: dict[str, Any] = {k: (None if v is None else v.to(device)) for k, v in self.__dict__.items()
-                 if k not in ("shape", "_derived")}
+        moved: dict[str, Any] = {
+            k: (None if v is None else v.to(device)) for k, v in self.__dict__.items() if k not in ("shape", "_derived")
+        }
         return SparsePlan(shape=self.shape, **moved)
 
     def _csr_rows(self) -> torch.Tensor:
@@ -120,7 +122,9 @@ class SparsePlan:
             return cached
         out_f, in_f = self.shape
         csr_rows = self._csr_rows()
-        rows, cols, n_a, n_b = (csr_rows, self.col, out_f, in_f) if a_side == "out" else (self.col, csr_rows, in_f, out_f)
+        rows, cols, n_a, n_b = (
+            (csr_rows, self.col, out_f, in_f) if a_side == "out" else (self.col, csr_rows, in_f, out_f)
+        )
         width = _native.SDDMM_BLOCK_COLS
         n_blocks = -(-n_b // width)
         block = cols // width

@@ -52,7 +52,8 @@ def resolve_target_modules(model: nn.Module, config: ShiraConfig) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     default = DEFAULT_TARGET_MODULES.get(model_type) if model_type is not None else None
     is_default = config.target_modules is None or (
-        isinstance(targets, list) and isinstance(default, list) and sorted(targets) == sorted(default))
+        isinstance(targets, list) and isinstance(default, list) and sorted(targets) == sorted(default)
+    )
     excluded = set(config.modules_to_save or [])
     found: list[str] = []
     wrong_type: list[str] = []
@@ -68,8 +69,7 @@ def resolve_target_modules(model: nn.Module, config: ShiraConfig) -> list[str]:
         if unmatched:
             leaves = sorted({p.split(".")[-1] for p, m in model.named_modules() if p and _is_adaptable(m)})
             raise ShiraInputError(
-                f"target_modules {unmatched} match no module of {type(model).__name__}; "
-                f"linear layers it has: {leaves}"
+                f"target_modules {unmatched} match no module of {type(model).__name__}; linear layers it has: {leaves}"
             )
     if wrong_type and not found:
         raise ShiraInputError(

@@ -102,12 +102,19 @@ def verify(
         records, samples = _run_all(prof, spec, base, Path(model), runner, targets, batches, progress)
 
     report = VerifyReport(
-        model=str(model), candidate=str(candidate), kind=manifest.kind.value, task=manifest.task,
-        profile=asdict(prof), inputs=[b.describe() for b in batches], records=records,
+        model=str(model),
+        candidate=str(candidate),
+        kind=manifest.kind.value,
+        task=manifest.task,
+        profile=asdict(prof),
+        inputs=[b.describe() for b in batches],
+        records=records,
         adapters=[{"name": t.entry.name, "source": str(t.source) if t.source else None} for t in targets],
-        environment=environment(), manifest=manifest.raw,
+        environment=environment(),
+        manifest=manifest.raw,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        seconds=time.perf_counter() - started, samples=samples,
+        seconds=time.perf_counter() - started,
+        samples=samples,
     )
     _write(report, report_dir=report_dir, junit=junit, markdown=markdown, plot=plot)
     return report
@@ -165,7 +172,9 @@ def _targets(manifest: Manifest, adapters: list[Path]) -> list[_Target]:
     if manifest.kind is Kind.MERGED:
         entry = entries[0]
         if len(adapters) > 1:
-            raise ShiraInputError(f"{manifest.folder}: a merged export holds one adapter, {len(adapters)} --adapter dirs given")
+            raise ShiraInputError(
+                f"{manifest.folder}: a merged export holds one adapter, {len(adapters)} --adapter dirs given"
+            )
         if adapters:
             return [_Target(entry, adapters[0])]
         return [_Target(entry, _source(manifest, entry))]
@@ -204,21 +213,30 @@ def _same(a: Path, b: Optional[str]) -> bool:
 def _check_positions(prof: Profile, config) -> None:
     n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(n_pos, int) and prof.greedy_tokens > n_pos - 3:
-        raise ShiraInputError(f"greedy_tokens={prof.greedy_tokens}: the model has {n_pos} positions; a prompt plus "
-                              f"the greedy tokens must fit, so at most {max(n_pos - 3, 0)}")
+        raise ShiraInputError(
+            f"greedy_tokens={prof.greedy_tokens}: the model has {n_pos} positions; a prompt plus "
+            f"the greedy tokens must fit, so at most {max(n_pos - 3, 0)}"
+        )
 
 
 def _batches(prof: Profile, config, candidate: Path, model: Path, inputs: Optional[PathLike], causal: bool):
     n_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
     max_length = max(1, n_pos - prof.greedy_tokens - 2) if causal else n_pos
-    batches = default_batches(config.vocab_size, seed=prof.seed, max_length=max_length, causal=causal,
-                              tokenizer=find_tokenizer(candidate, model),
-                              pad_token_id=getattr(config, "pad_token_id", None), text_limit=prof.builtin_texts)
+    batches = default_batches(
+        config.vocab_size,
+        seed=prof.seed,
+        max_length=max_length,
+        causal=causal,
+        tokenizer=find_tokenizer(candidate, model),
+        pad_token_id=getattr(config, "pad_token_id", None),
+        text_limit=prof.builtin_texts,
+    )
     if inputs is not None:
         texts = read_texts(inputs, limit=prof.max_texts)
         tokenizer = load_tokenizer(candidate, model)
-        batches += text_batches(texts, tokenizer, source=str(inputs), max_length=min(max_length, 256),
-                                vocab_size=config.vocab_size)
+        batches += text_batches(
+            texts, tokenizer, source=str(inputs), max_length=min(max_length, 256), vocab_size=config.vocab_size
+        )
     return batches
 
 

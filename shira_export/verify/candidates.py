@@ -24,8 +24,16 @@ from shira_export.verify.reference import TorchRunner
 from shira_export.verify.sessions import session_options
 from shira_export.verify.sparse import open_sparse
 
-__all__ = ["MANIFEST_NAME", "Kind", "Manifest", "AdapterEntry", "read_manifest", "open_candidate", "session_options",
-           "CandidateRunner"]
+__all__ = [
+    "MANIFEST_NAME",
+    "Kind",
+    "Manifest",
+    "AdapterEntry",
+    "read_manifest",
+    "open_candidate",
+    "session_options",
+    "CandidateRunner",
+]
 
 
 def read_manifest(folder: Union[str, "os.PathLike[str]"]) -> Manifest:
@@ -63,7 +71,9 @@ class _MergedOrt:
         self.spec = spec_for(manifest.task)
         self.session = PlainSession(manifest.folder, file_name=name, session_options=session_options(threads))
         self.lm = None
-        if self.spec.family is Family.CAUSAL_LM and any(n.startswith("past_key_values.") for n in self.session.input_names):
+        if self.spec.family is Family.CAUSAL_LM and any(
+            n.startswith("past_key_values.") for n in self.session.input_names
+        ):
             self.lm = ShiraORTModelForCausalLM(self.session)
 
     def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]:
@@ -88,9 +98,15 @@ class _MergedOrt:
             return {"": np.concatenate(new, axis=1)}
         config = self.lm.config
         pad = getattr(config, "pad_token_id", None) if config is not None else None
-        out = self.lm.generate(batch.input_ids, batch.attention_mask, max_new_tokens=n_tokens,
-                               min_new_tokens=n_tokens, do_sample=False, pad_token_id=pad)
-        return {"": np.asarray(out)[:, batch.input_ids.shape[1]:]}
+        out = self.lm.generate(
+            batch.input_ids,
+            batch.attention_mask,
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        return {"": np.asarray(out)[:, batch.input_ids.shape[1] :]}
 
 
 class _MergedTorch:
@@ -98,7 +114,9 @@ class _MergedTorch:
 
     def __init__(self, manifest: Manifest) -> None:
         # the export's own dtype (fp16 stays fp16), unlike the fp32 reference
-        self._runner = TorchRunner(load_base_model(manifest.folder, manifest.task, dtype="auto"), spec_for(manifest.task))
+        self._runner = TorchRunner(
+            load_base_model(manifest.folder, manifest.task, dtype="auto"), spec_for(manifest.task)
+        )
 
     def forward(self, batch: InputBatch, adapter: AdapterEntry) -> dict[str, np.ndarray]:
         return self._runner.forward(batch)

@@ -20,8 +20,11 @@ def compare_adapter(prof, spec, reference, runner, entry, batches, bar):
     variants = runner.variants
     # candidate output name -> (reference output name, accumulated diff); the task table says
     # which outputs and how (hidden states are also judged as sentence embeddings: pooled)
-    diffs = {out + v: (out, OutputDiff(out + v, argmax, pooled=spec.pooled))
-             for v in variants for out, argmax in spec.outputs.items()}
+    diffs = {
+        out + v: (out, OutputDiff(out + v, argmax, pooled=spec.pooled))
+        for v in variants
+        for out, argmax in spec.outputs.items()
+    }
     shape_errors: dict[str, list[str]] = {key: [] for key in diffs}
     run_errors: list[str] = []
     greedy: dict[str, dict[str, list[int]]] = {v: {} for v in variants}
@@ -34,7 +37,9 @@ def compare_adapter(prof, spec, reference, runner, entry, batches, bar):
             _check_finite(ref_out, name, batch)
             try:
                 cand_out = runner.forward(batch, entry)
-            except candidate_errors() as exc:  # a candidate that cannot run at a valid shape fails parity (a bug propagates)
+            except (
+                candidate_errors()
+            ) as exc:  # a candidate that cannot run at a valid shape fails parity (a bug propagates)
                 run_errors.append(f"{batch.name} {batch.shape}: {type(exc).__name__}: {short_error(exc)}")
                 continue
             mask = batch.attention_mask.numpy() if batch.padded else None
@@ -62,20 +67,44 @@ def compare_adapter(prof, spec, reference, runner, entry, batches, bar):
                     divergence[v] = (batch.name, row, k, int(ref_tokens[row, k]), got)
 
     all_inputs = [b.name for b in batches]
-    records = [_judge(prof, CheckRecord(
-        name, "(run)", "run_errors", float(len(run_errors)), inputs=all_inputs, details={"errors": run_errors}),
-        fixed=0.0, what="candidate runs on every input without error", extra="; ".join(run_errors[:2]))]
+    records = [
+        _judge(
+            prof,
+            CheckRecord(
+                name, "(run)", "run_errors", float(len(run_errors)), inputs=all_inputs, details={"errors": run_errors}
+            ),
+            fixed=0.0,
+            what="candidate runs on every input without error",
+            extra="; ".join(run_errors[:2]),
+        )
+    ]
     for key, (_, diff) in diffs.items():
-        records.append(_judge(prof, CheckRecord(
-            name, key, "shape_mismatch", float(len(shape_errors[key])), inputs=all_inputs,
-            details={"errors": shape_errors[key]}), fixed=0.0, what=f"{key} shapes equal the reference's",
-            extra="; ".join(shape_errors[key][:3])))
+        records.append(
+            _judge(
+                prof,
+                CheckRecord(
+                    name,
+                    key,
+                    "shape_mismatch",
+                    float(len(shape_errors[key])),
+                    inputs=all_inputs,
+                    details={"errors": shape_errors[key]},
+                ),
+                fixed=0.0,
+                what=f"{key} shapes equal the reference's",
+                extra="; ".join(shape_errors[key][:3]),
+            )
+        )
         details = diff.details()
         if not details["max_abs_per_input"]:
             continue  # nothing compared: run_errors / shape_mismatch already fail
         for metric, value in diff.metrics().items():
-            records.append(_judge(prof, CheckRecord(name, key, metric, value, inputs=list(details["max_abs_per_input"]),
-                                                    details=details)))
+            records.append(
+                _judge(
+                    prof,
+                    CheckRecord(name, key, metric, value, inputs=list(details["max_abs_per_input"]), details=details),
+                )
+            )
     for v, per_input in greedy.items():
         if not per_input:
             continue
@@ -86,9 +115,17 @@ def compare_adapter(prof, spec, reference, runner, entry, batches, bar):
             where = f"first divergence: input {b} row {row} token {k}: reference {rt} vs candidate {ct}"
         rows = [k for lengths in per_input.values() for k in lengths]
         details = {"greedy_tokens": prof.greedy_tokens, "prefix_lengths": per_input}
-        for metric, value in (("greedy_prefix", ratio), ("greedy_prefix_mean", sum(rows) / len(rows) / prof.greedy_tokens)):
-            records.append(_judge(prof, CheckRecord(name, "generate" + v, metric, value, inputs=list(per_input),
-                                                    details=details), extra=where))
+        for metric, value in (
+            ("greedy_prefix", ratio),
+            ("greedy_prefix_mean", sum(rows) / len(rows) / prof.greedy_tokens),
+        ):
+            records.append(
+                _judge(
+                    prof,
+                    CheckRecord(name, "generate" + v, metric, value, inputs=list(per_input), details=details),
+                    extra=where,
+                )
+            )
     compared = {key: diff for key, (_, diff) in diffs.items() if diff.details()["max_abs_per_input"]}
     return records, compared
 
@@ -100,12 +137,16 @@ def _check_finite(ref_out: Mapping[str, object], name: str, batch) -> None:
 
     bad = sorted(k for k, v in ref_out.items() if not np.isfinite(np.asarray(v)).all())
     if bad:
-        raise ShiraInputError(f"[{name}] the PyTorch reference gives NaN/Inf in {bad} on input {batch.name}: the "
-                              f"base model with this adapter overflows (check the adapter's values); nothing to "
-                              f"compare the export with")
+        raise ShiraInputError(
+            f"[{name}] the PyTorch reference gives NaN/Inf in {bad} on input {batch.name}: the "
+            f"base model with this adapter overflows (check the adapter's values); nothing to "
+            f"compare the export with"
+        )
 
 
-def _judge(prof: Profile, r: CheckRecord, *, fixed: Optional[float] = None, what: str = "", extra: str = "") -> CheckRecord:
+def _judge(
+    prof: Profile, r: CheckRecord, *, fixed: Optional[float] = None, what: str = "", extra: str = ""
+) -> CheckRecord:
     """Fill threshold/op/passed/message from the profile (or a fixed `<= fixed` rule)."""
     if fixed is not None:
         r.threshold, r.op = fixed, "<="
@@ -125,10 +166,14 @@ def _judge(prof: Profile, r: CheckRecord, *, fixed: Optional[float] = None, what
         worst = r.details.get("worst") if r.metric == "max_abs" else None
         tail = extra
         if worst:
-            tail = (f"worst at input {worst['input']} index {worst['index']}: reference {worst['reference']:.6g} "
-                    f"vs candidate {worst['candidate']:.6g}")
-        r.message = (f"[{r.adapter}] {subject}: {r.metric} = {format_value(value)}, rule {r.op} "
-                     f"{format_value(r.threshold)}, {miss}" + (f" ({tail})" if tail else ""))
+            tail = (
+                f"worst at input {worst['input']} index {worst['index']}: reference {worst['reference']:.6g} "
+                f"vs candidate {worst['candidate']:.6g}"
+            )
+        r.message = (
+            f"[{r.adapter}] {subject}: {r.metric} = {format_value(value)}, rule {r.op} "
+            f"{format_value(r.threshold)}, {miss}" + (f" ({tail})" if tail else "")
+        )
     return r
 
 

@@ -19,8 +19,17 @@ import torch
 from shira_export.artifacts.hf_folder import find_tokenizer
 from shira_export.errors import ShiraInputError
 
-__all__ = ["InputBatch", "SEEDED_SHAPES", "LONG_LENGTH", "seeded_batches", "read_texts", "text_batches",
-           "load_tokenizer", "find_tokenizer", "default_batches"]
+__all__ = [
+    "InputBatch",
+    "SEEDED_SHAPES",
+    "LONG_LENGTH",
+    "seeded_batches",
+    "read_texts",
+    "text_batches",
+    "load_tokenizer",
+    "find_tokenizer",
+    "default_batches",
+]
 
 # optimum traces decoders and encoders with dummy inputs of batch 2 x 16 tokens; these
 # shapes avoid both and cover batch 1, batch > 2, odd lengths and a single token.
@@ -81,12 +90,15 @@ def read_texts(path: Union[str, "os.PathLike[str]"], *, limit: Optional[int] = N
     if not path.is_file():
         from shira_export._io import describe_path
 
-        raise ShiraInputError(f"{path}: inputs file {describe_path(path, want='file')} (expected a .txt or .jsonl file)")
+        raise ShiraInputError(
+            f"{path}: inputs file {describe_path(path, want='file')} (expected a .txt or .jsonl file)"
+        )
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ShiraInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a .txt or "
-                              f".jsonl file") from None
+        raise ShiraInputError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a .txt or .jsonl file"
+        ) from None
     texts: list[str] = []
     is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
     for lineno, line in enumerate(content.splitlines(), start=1):
@@ -96,11 +108,15 @@ def read_texts(path: Union[str, "os.PathLike[str]"], *, limit: Optional[int] = N
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ShiraInputError(f"{path}:{lineno}: expected a JSON object per line, found invalid JSON ({exc.msg})") from None
+                raise ShiraInputError(
+                    f"{path}:{lineno}: expected a JSON object per line, found invalid JSON ({exc.msg})"
+                ) from None
             if isinstance(item, dict) and isinstance(item.get("text"), str):
                 item = item["text"]
             if not isinstance(item, str):
-                raise ShiraInputError(f"{path}:{lineno}: expected a string or an object with a string 'text' key, found {type(item).__name__}")
+                raise ShiraInputError(
+                    f"{path}:{lineno}: expected a string or an object with a string 'text' key, found {type(item).__name__}"
+                )
             texts.append(item)
         else:
             texts.append(line.rstrip("\n"))
@@ -115,8 +131,10 @@ def load_tokenizer(*folders: Union[str, Path]):
     """The first tokenizer found among `folders` (the candidate's, then the base model's)."""
     tokenizer = find_tokenizer(*folders)
     if tokenizer is None:
-        raise ShiraInputError(f"--inputs needs a tokenizer: none found in {[str(f) for f in folders]} (expected "
-                              f"tokenizer.json or tokenizer_config.json)")
+        raise ShiraInputError(
+            f"--inputs needs a tokenizer: none found in {[str(f) for f in folders]} (expected "
+            f"tokenizer.json or tokenizer_config.json)"
+        )
     return tokenizer
 
 
@@ -149,19 +167,30 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.T
     return ids, mask
 
 
-def _padded_pair(name: str, rows: Sequence[Sequence[int]], pad_id: int, source: str, *,
-                 causal: bool) -> list[InputBatch]:
+def _padded_pair(
+    name: str, rows: Sequence[Sequence[int]], pad_id: int, source: str, *, causal: bool
+) -> list[InputBatch]:
     """Right padding for the forward comparison; decoders also generate from a left-padded copy."""
     ids, mask = _pad(rows, pad_id, "right")
     if not causal:
         return [InputBatch(name, ids, mask, source, generate=False)]
     left_ids, left_mask = _pad(rows, pad_id, "left")
-    return [InputBatch(name, ids, mask, source, generate=False),
-            InputBatch(name + "-left", left_ids, left_mask, source, forward=False)]
+    return [
+        InputBatch(name, ids, mask, source, generate=False),
+        InputBatch(name + "-left", left_ids, left_mask, source, forward=False),
+    ]
 
 
-def default_batches(vocab_size: int, *, seed: int, max_length: int, causal: bool, tokenizer=None,
-                    pad_token_id: Optional[int] = None, text_limit: Optional[int] = None) -> list[InputBatch]:
+def default_batches(
+    vocab_size: int,
+    *,
+    seed: int,
+    max_length: int,
+    causal: bool,
+    tokenizer=None,
+    pad_token_id: Optional[int] = None,
+    text_limit: Optional[int] = None,
+) -> list[InputBatch]:
     """Every run's inputs: the seeded shapes, one long batch (LONG_LENGTH tokens, or
     `max_length` when smaller), one padded seeded batch, and, with a tokenizer, the built-in
     sentences (verify.sentences) encoded with its special tokens in padded batches."""
@@ -170,9 +199,16 @@ def default_batches(vocab_size: int, *, seed: int, max_length: int, causal: bool
     batches = seeded_batches(vocab_size, seed=seed, max_length=max_length)
     long = min(LONG_LENGTH, max_length)
     gen = torch.Generator().manual_seed(seed + 1)
-    batches.append(InputBatch(f"seeded-2x{long}", *(lambda ids: (ids, torch.ones_like(ids)))(
-        torch.randint(0, vocab_size, (2, long), generator=gen, dtype=torch.long)), f"seeded(seed={seed + 1})",
-        generate=False))  # forward only: a long prompt plus greedy tokens would pass the positions
+    batches.append(
+        InputBatch(
+            f"seeded-2x{long}",
+            *(lambda ids: (ids, torch.ones_like(ids)))(
+                torch.randint(0, vocab_size, (2, long), generator=gen, dtype=torch.long)
+            ),
+            f"seeded(seed={seed + 1})",
+            generate=False,
+        )
+    )  # forward only: a long prompt plus greedy tokens would pass the positions
     pad = 0 if pad_token_id is None or not 0 <= int(pad_token_id) < vocab_size else int(pad_token_id)
     lengths = [min(n, max_length) for n in (17, 9, 2)]
     rows = [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
@@ -183,14 +219,18 @@ def default_batches(vocab_size: int, *, seed: int, max_length: int, causal: bool
     encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     encoded = [e for e in encoded if e]
     if any(max(e) >= vocab_size for e in encoded):
-        raise ShiraInputError(f"the tokenizer found with the model gives ids past its vocab_size {vocab_size} "
-                              f"(the tokenizer does not belong to this model)")
+        raise ShiraInputError(
+            f"the tokenizer found with the model gives ids past its vocab_size {vocab_size} "
+            f"(the tokenizer does not belong to this model)"
+        )
     tok_pad = getattr(tokenizer, "pad_token_id", None)
     tok_pad = tok_pad if tok_pad is not None else getattr(tokenizer, "eos_token_id", None)
     pad = pad if tok_pad is None or not 0 <= tok_pad < vocab_size else int(tok_pad)
     for start in range(0, len(encoded), TEXT_BATCH):
-        chunk = encoded[start:start + TEXT_BATCH]
-        pair = _padded_pair(f"sentences-{start}-{start + len(chunk) - 1}", chunk, pad, "builtin sentences", causal=causal)
+        chunk = encoded[start : start + TEXT_BATCH]
+        pair = _padded_pair(
+            f"sentences-{start}-{start + len(chunk) - 1}", chunk, pad, "builtin sentences", causal=causal
+        )
         if start:  # greedy generation from the first text batch only (cost)
             pair = [b for b in pair if b.forward]
         batches += pair

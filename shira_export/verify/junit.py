@@ -23,17 +23,32 @@ def render_junit(report: "VerifyReport") -> str:
     for adapter, records in by_adapter.items():
         n_failed = sum(r.failed for r in records)
         suite = ET.SubElement(
-            suites, "testsuite",
-            name=f"verify[{adapter}]", tests=str(len(records)), failures=str(n_failed), errors="0", skipped="0",
+            suites,
+            "testsuite",
+            name=f"verify[{adapter}]",
+            tests=str(len(records)),
+            failures=str(n_failed),
+            errors="0",
+            skipped="0",
             timestamp=report.created,
         )
         props = ET.SubElement(suite, "properties")
-        for key, value in (("candidate", report.candidate), ("model", report.model),
-                           ("profile", str(report.profile.get("name"))), ("kind", report.kind), ("task", report.task)):
+        for key, value in (
+            ("candidate", report.candidate),
+            ("model", report.model),
+            ("profile", str(report.profile.get("name"))),
+            ("kind", report.kind),
+            ("task", report.task),
+        ):
             ET.SubElement(props, "property", name=key, value=value)
         for r in records:
-            case = ET.SubElement(suite, "testcase", classname=f"shira_export.verify.{_ident(adapter)}.{_ident(r.output)}",
-                                 name=r.metric, time="0")
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=f"shira_export.verify.{_ident(adapter)}.{_ident(r.output)}",
+                name=r.metric,
+                time="0",
+            )
             if r.failed:
                 failure = ET.SubElement(case, "failure", message=r.message, type="ParityFailure")
                 failure.text = _failure_text(r)
@@ -52,8 +67,10 @@ def _failure_text(r) -> str:
     lines = [r.message, f"value: {format_value(r.value)}  rule: {r.rule}", "inputs: " + ", ".join(r.inputs)]
     worst = r.details.get("worst")
     if worst:
-        lines.append(f"worst: input {worst['input']} index {worst['index']}: "
-                     f"reference {worst['reference']:.6g} vs candidate {worst['candidate']:.6g}")
+        lines.append(
+            f"worst: input {worst['input']} index {worst['index']}: "
+            f"reference {worst['reference']:.6g} vs candidate {worst['candidate']:.6g}"
+        )
     per_input = r.details.get("max_abs_per_input")
     if per_input:
         lines.append("max_abs per input: " + ", ".join(f"{k}={format_value(v)}" for k, v in per_input.items()))

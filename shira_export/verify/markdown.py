@@ -16,8 +16,23 @@ if TYPE_CHECKING:
 __all__ = ["render_markdown"]
 
 # column order; metrics not listed here go last in first-seen order
-_COLUMNS = ("run_errors", "shape_mismatch", "max_abs", "max_rel", "mean_abs", "p50_abs", "p90_abs", "p99_abs",
-            "cosine", "top1_agreement", "label_agreement", "greedy_prefix", "greedy_prefix_mean", "nan_count", "inf_count")
+_COLUMNS = (
+    "run_errors",
+    "shape_mismatch",
+    "max_abs",
+    "max_rel",
+    "mean_abs",
+    "p50_abs",
+    "p90_abs",
+    "p99_abs",
+    "cosine",
+    "top1_agreement",
+    "label_agreement",
+    "greedy_prefix",
+    "greedy_prefix_mean",
+    "nan_count",
+    "inf_count",
+)
 
 
 def render_markdown(report: "VerifyReport") -> str:
@@ -45,7 +60,9 @@ def render_markdown(report: "VerifyReport") -> str:
     lines.append("")
     env = report.environment
     lines.append(
-        "<sub>" + ", ".join(f"{k} {env[k]}" for k in ("shira-export", "torch", "onnxruntime", "transformers") if env.get(k)) + "</sub>"
+        "<sub>"
+        + ", ".join(f"{k} {env[k]}" for k in ("shira-export", "torch", "onnxruntime", "transformers") if env.get(k))
+        + "</sub>"
     )
     return "\n".join(lines) + "\n"
 

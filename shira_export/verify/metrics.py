@@ -18,8 +18,18 @@ __all__ = ["ArgmaxKind", "OutputDiff", "greedy_prefix_lengths", "FLOAT_METRICS"]
 _REL_FLOOR = 1e-6  # |ref| below this counts as this, so max_rel stays finite near zero
 _SAMPLE_CAP = 1_000_000  # abs diffs kept for the histogram
 
-FLOAT_METRICS = ("max_abs", "max_rel", "mean_abs", "p50_abs", "p90_abs", "p99_abs", "cosine", "nan_count", "inf_count",
-                 "pooled_cosine")
+FLOAT_METRICS = (
+    "max_abs",
+    "max_rel",
+    "mean_abs",
+    "p50_abs",
+    "p90_abs",
+    "p99_abs",
+    "cosine",
+    "nan_count",
+    "inf_count",
+    "pooled_cosine",
+)
 
 
 # what agreement of an output's last-axis argmax means: the task table's Compare
@@ -41,7 +51,9 @@ class OutputDiff:
 
     output: str
     argmax: ArgmaxKind = ArgmaxKind.NONE
-    pooled: bool = False  # [batch, tokens, features] states: also the worst mean-pooled row cosine (sentence embeddings)
+    pooled: bool = (
+        False  # [batch, tokens, features] states: also the worst mean-pooled row cosine (sentence embeddings)
+    )
     _abs: list = field(default_factory=list)
     _pooled_cos: list = field(default_factory=list)
     _cos: list = field(default_factory=list)
@@ -62,8 +74,9 @@ class OutputDiff:
         if self.pooled and ref.ndim == 3:
             weights = (np.ones(ref.shape[:2]) if mask is None else mask.astype(np.float64))[..., None]
             a, b = (ref * weights).sum(1) / weights.sum(1), (cand * weights).sum(1) / weights.sum(1)
-            self._pooled_cos.append((a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1),
-                                                                 1e-300))
+            self._pooled_cos.append(
+                (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-300)
+            )
         if mask is not None:
             ref, cand = ref[mask.astype(bool)], cand[mask.astype(bool)]
             index_of = np.argwhere(mask.astype(bool))
@@ -85,10 +98,17 @@ class OutputDiff:
             row, col = divmod(flat, diff.shape[1])
             self._per_input[input_name] = float(diff_finite.max())
             if masked.flat[flat] > self._worst.value:
-                index = tuple(int(i) for i in index_of[row]) if index_of is not None else np.unravel_index(row, ref.shape[:-1])
+                index = (
+                    tuple(int(i) for i in index_of[row])
+                    if index_of is not None
+                    else np.unravel_index(row, ref.shape[:-1])
+                )
                 self._worst = _Worst(
-                    float(masked.flat[flat]), input_name, tuple(int(i) for i in index) + (int(col),),
-                    float(ref2[row, col]), float(cand2[row, col]),
+                    float(masked.flat[flat]),
+                    input_name,
+                    tuple(int(i) for i in index) + (int(col),),
+                    float(ref2[row, col]),
+                    float(cand2[row, col]),
                 )
         else:
             self._per_input[input_name] = float("nan")
@@ -106,7 +126,9 @@ class OutputDiff:
         cos = np.where(finite.all(-1), cos, np.nan)  # a row with NaN/Inf has no cosine
         self._cos.append(cos)
         if self.argmax is not ArgmaxKind.NONE:
-            agree = np.argmax(np.where(np.isnan(ref2), -np.inf, ref2), -1) == np.argmax(np.where(np.isnan(cand2), -np.inf, cand2), -1)
+            agree = np.argmax(np.where(np.isnan(ref2), -np.inf, ref2), -1) == np.argmax(
+                np.where(np.isnan(cand2), -np.inf, cand2), -1
+            )
             self._agree += int(agree.sum())
             self._positions += int(agree.size)
 
@@ -115,8 +137,14 @@ class OutputDiff:
         cos = np.concatenate(self._cos) if self._cos else np.zeros(0)
         if diffs.size:
             p50, p90, p99 = (float(v) for v in np.percentile(diffs, [50, 90, 99]))
-            out = {"max_abs": float(diffs.max()), "max_rel": self._max_rel, "mean_abs": float(diffs.mean()),
-                   "p50_abs": p50, "p90_abs": p90, "p99_abs": p99}
+            out = {
+                "max_abs": float(diffs.max()),
+                "max_rel": self._max_rel,
+                "mean_abs": float(diffs.mean()),
+                "p50_abs": p50,
+                "p90_abs": p90,
+                "p99_abs": p99,
+            }
         else:
             out = dict.fromkeys(("max_abs", "max_rel", "mean_abs", "p50_abs", "p90_abs", "p99_abs"), float("nan"))
         out["cosine"] = float(cos.min()) if cos.size and not np.isnan(cos).any() else float("nan")
@@ -132,8 +160,11 @@ class OutputDiff:
     def details(self) -> dict:
         w = self._worst
         worst = {"input": w.input, "index": list(w.index), "reference": w.ref, "candidate": w.cand} if w.input else None
-        return {"worst": worst, "max_abs_per_input": dict(self._per_input),
-                "positions": int(sum(c.size for c in self._cos))}
+        return {
+            "worst": worst,
+            "max_abs_per_input": dict(self._per_input),
+            "positions": int(sum(c.size for c in self._cos)),
+        }
 
     def abs_sample(self) -> np.ndarray:
         """Finite abs differences (subsampled past a million values) for histograms."""

@@ -69,12 +69,22 @@ RULES: Mapping[str, tuple[str, str]] = {
 _PROFILES = {
     Precision.FP32: Profile("fp32", atol=1e-4, min_label_agreement=1.0, min_greedy=1.0),
     Precision.FP16: Profile(
-        "fp16", atol=0.2, min_cosine=0.999, min_pooled_cosine=0.999, min_top1=0.98, min_label_agreement=0.98, min_greedy_mean=0.75
+        "fp16",
+        atol=0.2,
+        min_cosine=0.999,
+        min_pooled_cosine=0.999,
+        min_top1=0.98,
+        min_label_agreement=0.98,
+        min_greedy_mean=0.75,
     ),
     # quantized: one near-tie flips a greedy token and the rest of that row diverges, so the
     # mean prefix is judged rather than the shortest
-    Precision.INT8: Profile("int8", min_cosine=0.99, min_pooled_cosine=0.99, min_top1=0.9, min_label_agreement=0.9, min_greedy_mean=0.5),
-    Precision.INT4: Profile("int4", min_cosine=0.98, min_pooled_cosine=0.98, min_top1=0.8, min_label_agreement=0.8, min_greedy_mean=0.25),
+    Precision.INT8: Profile(
+        "int8", min_cosine=0.99, min_pooled_cosine=0.99, min_top1=0.9, min_label_agreement=0.9, min_greedy_mean=0.5
+    ),
+    Precision.INT4: Profile(
+        "int4", min_cosine=0.98, min_pooled_cosine=0.98, min_top1=0.8, min_label_agreement=0.8, min_greedy_mean=0.25
+    ),
 }
 
 _INT_FIELDS = {"greedy_tokens", "seed", "max_texts", "builtin_texts"}
@@ -85,18 +95,14 @@ def get_profile(name: Union[str, Precision], overrides: Optional[Mapping[str, ob
     try:
         precision = Precision(name)
     except ValueError:
-        raise ShiraInputError(
-            f"profile: expected one of {[p.value for p in Precision]}, found {name!r}"
-        ) from None
+        raise ShiraInputError(f"profile: expected one of {[p.value for p in Precision]}, found {name!r}") from None
     profile = _PROFILES[precision]
     if not overrides:
         return profile
     fields = {f.name for f in dataclasses.fields(Profile)} - {"name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ShiraInputError(
-            f"--set: unknown setting(s) {unknown}; expected some of {sorted(fields)}"
-        )
+        raise ShiraInputError(f"--set: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
     changes: dict[str, Any] = {key: _coerce(key, value) for key, value in overrides.items()}
     return dataclasses.replace(profile, **changes)
 

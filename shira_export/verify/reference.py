@@ -105,4 +105,4 @@ def greedy_generate(model: Any, batch: InputBatch, n_tokens: int, *, use_cache: 
         use_cache=use_cache,
         pad_token_id=pad,
     )
-    return np.asarray(out[:, batch.input_ids.shape[1]:])
+    return np.asarray(out[:, batch.input_ids.shape[1] :])

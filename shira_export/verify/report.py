@@ -44,7 +44,10 @@ class CheckRecord:
     @property
     def summary(self) -> str:
         """One line: the failure message, or the value and rule."""
-        return self.message or f"[{self.adapter}] {self.output} {self.metric} = {format_value(self.value)} {self.rule}".rstrip()
+        return (
+            self.message
+            or f"[{self.adapter}] {self.output} {self.metric} = {format_value(self.value)} {self.rule}".rstrip()
+        )
 
     @property
     def rule(self) -> str:
@@ -104,7 +107,11 @@ class VerifyReport:
             "inputs": self.inputs,
             "environment": self.environment,
             "manifest": self.manifest,
-            "summary": {"checks": len(checked), "failed": len(self.failures), "reported_only": len(self.records) - len(checked)},
+            "summary": {
+                "checks": len(checked),
+                "failed": len(self.failures),
+                "reported_only": len(self.records) - len(checked),
+            },
             "records": [r.to_dict() for r in self.records],
         }
 
@@ -126,8 +133,10 @@ class VerifyReport:
 
     def summary_line(self) -> str:
         checked = sum(r.passed is not None for r in self.records)
-        return (f"parity {self.verdict.upper()}: {len(self.failures)} of {checked} checks failed "
-                f"({self.kind} {self.task}, profile {self.profile.get('name')}, {len(self.adapters)} adapter(s))")
+        return (
+            f"parity {self.verdict.upper()}: {len(self.failures)} of {checked} checks failed "
+            f"({self.kind} {self.task}, profile {self.profile.get('name')}, {len(self.adapters)} adapter(s))"
+        )
 
     def raise_for_failures(self) -> None:
         """Raise `ParityFailure` listing every failed check (the report rides on `.report`)."""

@@ -97,5 +97,9 @@ _BY_LANGUAGE: dict[str, tuple[str, ...]] = {
 LANGUAGES: tuple[str, ...] = tuple(_BY_LANGUAGE)
 # interleaved by language, so the first N sentences of the set are already mixed
 SENTENCES: tuple[str, ...] = tuple(
-    s for i in range(max(len(v) for v in _BY_LANGUAGE.values())) for v in _BY_LANGUAGE.values() if i < len(v) for s in (v[i],)
+    s
+    for i in range(max(len(v) for v in _BY_LANGUAGE.values()))
+    for v in _BY_LANGUAGE.values()
+    if i < len(v)
+    for s in (v[i],)
 )

@@ -34,10 +34,13 @@ class SparseRunner:
 
         self.spec = spec_for(manifest.task)
         self.sessions = {
-            "": ShiraSession(manifest.folder, mode=Mode.PORTABLE, adapters=[], session_options=session_options(threads)),
+            "": ShiraSession(
+                manifest.folder, mode=Mode.PORTABLE, adapters=[], session_options=session_options(threads)
+            ),
         }
-        self.sessions[LEAN_SUFFIX] = ShiraSession(manifest.folder, mode=Mode.LEAN, adapters=[],
-                                                  session_options=session_options(threads))
+        self.sessions[LEAN_SUFFIX] = ShiraSession(
+            manifest.folder, mode=Mode.LEAN, adapters=[], session_options=session_options(threads)
+        )
         # An adapter file that is refused (damaged, changed since written: sha256) fails its own
         # checks; the other adapters and the base model are still judged.
         self.refused: dict[str, str] = {}
@@ -49,8 +52,11 @@ class SparseRunner:
                     self.refused[name] = f"adapter {name!r} refused: {exc}"
 
         self.variants = tuple(self.sessions)
-        self.lms = ({v: ShiraORTModelForCausalLM(s) for v, s in self.sessions.items()}
-                    if self.spec.family is Family.CAUSAL_LM else {})
+        self.lms = (
+            {v: ShiraORTModelForCausalLM(s) for v, s in self.sessions.items()}
+            if self.spec.family is Family.CAUSAL_LM
+            else {}
+        )
         self.config = next(iter(self.lms.values())).config if self.lms else None
 
     @staticmethod
@@ -83,8 +89,17 @@ class SparseRunner:
         pad = getattr(config, "pad_token_id", None) if config is not None else None
         prompt = batch.input_ids.shape[1]
         return {
-            v: np.asarray(lm.generate(batch.input_ids, batch.attention_mask, adapter=name, max_new_tokens=n_tokens,
-                                      min_new_tokens=n_tokens, do_sample=False, pad_token_id=pad))[:, prompt:]
+            v: np.asarray(
+                lm.generate(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    adapter=name,
+                    max_new_tokens=n_tokens,
+                    min_new_tokens=n_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            )[:, prompt:]
             for v, lm in self.lms.items()
         }
 
@@ -94,5 +109,7 @@ def open_sparse(manifest: SparseManifest, *, threads: Optional[int] = None) -> S
     try:
         import shira_export.runtime  # noqa: F401
     except ImportError as exc:
-        raise ShiraInputError(f"{manifest.folder}: verifying sparse exports needs shira_export.runtime ({exc})") from None
+        raise ShiraInputError(
+            f"{manifest.folder}: verifying sparse exports needs shira_export.runtime ({exc})"
+        ) from None
     return SparseRunner(manifest, threads)

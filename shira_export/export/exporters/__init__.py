@@ -50,26 +50,38 @@ def choose_exporter(requested: Union[str, Exporter], config: "PretrainedConfig",
         return Exporter.OPTIMUM if optimum_supports(model_type, task) else Exporter.TORCH
     if choice is Exporter.GENAI:
         if task != "text-generation-with-past":
-            raise ShiraInputError(f"exporter 'genai': onnxruntime-genai's builder writes causal LMs with a KV cache "
-                                  f"(task 'text-generation-with-past'), found task {task!r}")
+            raise ShiraInputError(
+                f"exporter 'genai': onnxruntime-genai's builder writes causal LMs with a KV cache "
+                f"(task 'text-generation-with-past'), found task {task!r}"
+            )
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
-            raise ShiraInputError("exporter 'genai': onnxruntime-genai is not installed "
-                                  '(pip install "shira-export[genai]")') from None
+            raise ShiraInputError(
+                "exporter 'genai': onnxruntime-genai is not installed (pip install \"shira-export[genai]\")"
+            ) from None
     if choice is Exporter.OPTIMUM:
         if not optimum_available():
-            raise ShiraInputError('exporter \'optimum\': optimum-onnx is not installed or cannot import with this '
-                                  'transformers (pip install "shira-export[optimum]" on transformers < 4.58), '
-                                  "or use --exporter torch")
+            raise ShiraInputError(
+                "exporter 'optimum': optimum-onnx is not installed or cannot import with this "
+                'transformers (pip install "shira-export[optimum]" on transformers < 4.58), '
+                "or use --exporter torch"
+            )
         if not optimum_supports(model_type, task):
-            raise ShiraInputError(f"model_type {model_type!r}: optimum-onnx cannot export task {task!r} "
-                                  f"(try --exporter torch)")
+            raise ShiraInputError(
+                f"model_type {model_type!r}: optimum-onnx cannot export task {task!r} (try --exporter torch)"
+            )
     return choice
 
 
-def export_onnx(model: "PreTrainedModel", output_dir: Union[str, Path], *, task: str, exporter: Exporter,
-                opset: Optional[int] = None) -> Path:
+def export_onnx(
+    model: "PreTrainedModel",
+    output_dir: Union[str, Path],
+    *,
+    task: str,
+    exporter: Exporter,
+    opset: Optional[int] = None,
+) -> Path:
     """Write `output_dir/model.onnx` (and config.json, generation_config.json) with `exporter`
     (a concrete one: see `choose_exporter`); returns the graph's path."""
     output_dir = Path(output_dir)

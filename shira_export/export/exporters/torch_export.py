@@ -72,8 +72,7 @@ class _CausalLMWithPast(torch.nn.Module):
         cache.layers = layers
         kwargs: dict[str, Any] = {"position_ids": position_ids} if self.positions else {}
         kwargs[_cache_argument(self.model)] = cache
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
-                         **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True, **kwargs)
         present = []
         for layer in _returned_cache(out).layers:
             present += [layer.keys, layer.values]
@@ -87,8 +86,9 @@ class _CausalLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         kwargs: dict[str, Any] = {"position_ids": position_ids} if self.positions else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          return_dict=True, **kwargs).logits
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True, **kwargs
+        ).logits
 
 
 class _Encoder(torch.nn.Module):
@@ -98,8 +98,9 @@ class _Encoder(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"token_type_ids": token_type_ids} if self.token_types else {}
-        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs),
-                       self.output)
+        return getattr(
+            self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs), self.output
+        )
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -125,21 +126,32 @@ def _cache_layout(model: "PreTrainedModel") -> list[tuple[int, int]]:
         empty = DynamicCache()
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, return_dict=True,
-                        **{_cache_argument(model): empty})
+            out = model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                use_cache=True,
+                return_dict=True,
+                **{_cache_argument(model): empty},
+            )
     except Exception as exc:  # the model's own code: any class; each means "not this cache contract"
-        raise ShiraInputError(f"model_type {model.config.model_type!r}: a forward with a KV cache failed "
-                              f"({type(exc).__name__}: {str(exc)[:200]}); export with task 'text-generation'") from None
+        raise ShiraInputError(
+            f"model_type {model.config.model_type!r}: a forward with a KV cache failed "
+            f"({type(exc).__name__}: {str(exc)[:200]}); export with task 'text-generation'"
+        ) from None
     cache = _returned_cache(out)
     if cache is None or not hasattr(cache, "layers"):
-        raise ShiraInputError(f"model_type {model.config.model_type!r}: the model returns no DynamicCache "
-                              f"(found {type(cache).__name__}); export with task 'text-generation'")
+        raise ShiraInputError(
+            f"model_type {model.config.model_type!r}: the model returns no DynamicCache "
+            f"(found {type(cache).__name__}); export with task 'text-generation'"
+        )
     layout = []
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
         if keys is None or keys.dim() != 4:
-            raise ShiraInputError(f"model_type {model.config.model_type!r}: cache layer {type(layer).__name__} "
-                                  f"holds no [batch, heads, past, head_dim] keys; export with task 'text-generation'")
+            raise ShiraInputError(
+                f"model_type {model.config.model_type!r}: cache layer {type(layer).__name__} "
+                f"holds no [batch, heads, past, head_dim] keys; export with task 'text-generation'"
+            )
         layout.append((int(keys.shape[1]), int(keys.shape[3])))
     return layout
 
@@ -147,8 +159,10 @@ def _cache_layout(model: "PreTrainedModel") -> list[tuple[int, int]]:
 def _positions(model: "PreTrainedModel") -> bool:
     # the contract has position_ids for every decoder (left padding needs them)
     if not _accepts(model, "position_ids"):
-        raise ShiraInputError(f"model_type {model.config.model_type!r}: its forward takes no position_ids, which the "
-                              f"decoder graph contract needs; try --exporter optimum on transformers 4.x")
+        raise ShiraInputError(
+            f"model_type {model.config.model_type!r}: its forward takes no position_ids, which the "
+            f"decoder graph contract needs; try --exporter optimum on transformers 4.x"
+        )
     return True
 
 
@@ -179,20 +193,32 @@ def _program_for(model: "PreTrainedModel", task: str, opset: int) -> tuple[torch
         ids = _sample_ids(model, (_SAMPLE_BATCH, _SAMPLE_NEW))
         mask = torch.ones((_SAMPLE_BATCH, _SAMPLE_PAST + _SAMPLE_NEW), dtype=torch.long)
         pos = torch.arange(_SAMPLE_PAST, _SAMPLE_PAST + _SAMPLE_NEW).expand(_SAMPLE_BATCH, -1).contiguous()
-        past = [torch.zeros((_SAMPLE_BATCH, heads, _SAMPLE_PAST, head_dim), dtype=dtype)
-                for heads, head_dim in layout for _ in range(2)]
-        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-                  "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past_len} for _ in past]}
-        names = (["input_ids", "attention_mask", "position_ids"] + _past_names(len(layout)),
-                 ["logits"] + _present_names(len(layout)))
+        past = [
+            torch.zeros((_SAMPLE_BATCH, heads, _SAMPLE_PAST, head_dim), dtype=dtype)
+            for heads, head_dim in layout
+            for _ in range(2)
+        ]
+        shapes = {
+            "input_ids": {0: batch, 1: seq},
+            "attention_mask": {0: batch, 1: total},
+            "position_ids": {0: batch, 1: seq},
+            "past": [{0: batch, 2: past_len} for _ in past],
+        }
+        names = (
+            ["input_ids", "attention_mask", "position_ids"] + _past_names(len(layout)),
+            ["logits"] + _present_names(len(layout)),
+        )
         return wrapper, (ids, mask, pos, past), shapes, names
     if task == "text-generation":
         wrapper = _CausalLM(model, _positions(model))
         ids = _sample_ids(model, (_SAMPLE_BATCH, _ENCODER_SAMPLE_LEN))
         mask = torch.ones_like(ids)
         pos = torch.arange(_ENCODER_SAMPLE_LEN).expand(_SAMPLE_BATCH, -1).contiguous()
-        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-                  "position_ids": {0: batch, 1: seq}}
+        shapes = {
+            "input_ids": {0: batch, 1: seq},
+            "attention_mask": {0: batch, 1: seq},
+            "position_ids": {0: batch, 1: seq},
+        }
         return wrapper, (ids, mask, pos), shapes, (["input_ids", "attention_mask", "position_ids"], ["logits"])
     output = next(iter(spec_for(task).outputs))  # the task table's: last_hidden_state or logits
     token_types = _token_types(model)
@@ -215,8 +241,14 @@ _TRACED_MAX = 4
 
 def _structure_key(wrapper: torch.nn.Module, model: "PreTrainedModel", task: str, opset: int) -> tuple:
     state = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in wrapper.state_dict().items())
-    return (type(model).__module__, type(model).__qualname__, model.config.to_json_string(use_diff=False), task,
-            opset, state)
+    return (
+        type(model).__module__,
+        type(model).__qualname__,
+        model.config.to_json_string(use_diff=False),
+        task,
+        opset,
+        state,
+    )
 
 
 def _traced_program(wrapper, model, task: str, opset: int, args, shapes, inputs, outputs):
@@ -224,13 +256,23 @@ def _traced_program(wrapper, model, task: str, opset: int, args, shapes, inputs,
     program = _TRACED.pop(key, None)
     if program is None:
         try:
-            program = torch.onnx.export(wrapper, args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                                        output_names=outputs, opset_version=opset, optimize=False, verbose=False)
+            program = torch.onnx.export(
+                wrapper,
+                args,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=opset,
+                optimize=False,
+                verbose=False,
+            )
         except Exception as exc:  # torch.export's failures are many classes; each means "this model"
             raise ShiraInputError(
                 f"model_type {model.config.model_type!r}: torch.onnx (dynamo) cannot export it for task {task!r} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); try --exporter optimum on "
-                f"transformers 4.x") from None
+                f"transformers 4.x"
+            ) from None
     _TRACED[key] = program
     while len(_TRACED) > _TRACED_MAX:
         _TRACED.popitem(last=False)
@@ -278,5 +320,6 @@ def _check_contract(proto, inputs: list[str], outputs: list[str], model_type: st
     have_out = [o.name for o in proto.graph.output]
     missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
     if missing:
-        raise ShiraInputError(f"model_type {model_type!r}: the exported graph lacks {missing} "
-                              f"(inputs {have_in}, outputs {have_out})")
+        raise ShiraInputError(
+            f"model_type {model_type!r}: the exported graph lacks {missing} (inputs {have_in}, outputs {have_out})"
+        )
