@@ -4,13 +4,11 @@ writer takes the external-data path, and the artifacts must still load and verif
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_adapters, make_base  # noqa: E402
 
 from shira_export.artifacts import onnx_io  # noqa: E402

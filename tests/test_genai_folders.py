@@ -5,14 +5,12 @@ batch of 2, fp32 and int4, with adapters switched between generators and between
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 og = pytest.importorskip("onnxruntime_genai")
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapters, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402

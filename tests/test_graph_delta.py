@@ -6,8 +6,6 @@ padding and a KV cache (past length > 0) equals each row run alone, within 1e-5.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +13,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapters, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402

@@ -4,13 +4,10 @@ folder, the merged base fingerprint, the task table the CLI and the stages read.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_base, tiny_model  # noqa: E402
 
 from shira_export.artifacts.manifest import (  # noqa: E402

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import re
-import sys
 import threading
 import tracemalloc
 from pathlib import Path
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402

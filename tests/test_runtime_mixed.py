@@ -4,14 +4,11 @@ padding, over adapters of different nnz and different targeted modules."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402

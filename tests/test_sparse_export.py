@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from sparse_models import make_adapter, make_adapters, make_base  # noqa: E402
 
 from shira_export.errors import ShiraInputError  # noqa: E402
