@@ -20,13 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "shira_export"
 # Known cycles, each with its owner's reason; an entry here must name exactly one cycle's modules.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    # graph_delta.to_dense_variant dispatches builder graphs to genai_sites (which builds on
-    # graph_delta): the graph-edit rewrite (issue 12 item 4) moves the dense variant out
-    frozenset(
-        {"shira_export.export.graph_delta", "shira_export.export.genai_sites", "shira_export.export.quant_delta"}
-    ): "dense-variant dispatch, issue 12 item 4",
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -27,9 +27,9 @@ from shira_export.export.graph_delta import (  # noqa: E402
     indices_name,
     insert_sparse_deltas,
     locate_targets,
-    to_dense_variant,
     values_name,
 )
+from shira_export.runtime.dense_variant import to_dense_variant  # noqa: E402
 from shira_export.export.manifest import read_sparse_manifest  # noqa: E402
 
 IN, HID, OUT = 6, 8, 5

@@ -25,8 +25,16 @@ VOCAB, HIDDEN = 2000, 128  # a table large enough that its bytes dominate the fi
 
 def _opt(tied: bool) -> OPTForCausalLM:
     torch.manual_seed(0)
-    cfg = OPTConfig(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=4, ffn_dim=128, vocab_size=VOCAB,
-                    max_position_embeddings=64, word_embed_proj_dim=HIDDEN, tie_word_embeddings=tied)
+    cfg = OPTConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        ffn_dim=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        word_embed_proj_dim=HIDDEN,
+        tie_word_embeddings=tied,
+    )
     return OPTForCausalLM(cfg).eval()
 
 
@@ -42,8 +50,11 @@ def exports(tmp_path_factory):
         base = _opt(tied)
         base.save_pretrained(root / f"{name}_base")
         get_shira_model(copy.deepcopy(base), ShiraConfig(r=4, init_weights=False, random_seed=1)).save_pretrained(
-            root / f"{name}_adapter")
-        export_merged(root / f"{name}_base", root / f"{name}_adapter", root / name, task="text-generation", verify=False)
+            root / f"{name}_adapter"
+        )
+        export_merged(
+            root / f"{name}_base", root / f"{name}_adapter", root / name, task="text-generation", verify=False
+        )
         out[name] = root / name / "model.onnx"
         for mode in ("int8", "int4", "int8blocks"):
             out[name, mode] = root / f"{name}_{mode}.onnx"
@@ -58,13 +69,20 @@ def _quantized(path, mode: str, *, embeddings: bool = True, symmetric: bool = Fa
     quant_graph.fold_transposed_weights(model)
     if mode == "int8":
         chosen = choose(QuantizeOptions(mode="int8", int8_method="dynamic")).reduce_range
-        q, counts = quant_graph.run_int8_dynamic(model, per_channel=True, reduce_range=bool(chosen),
-                                                 embeddings=embeddings)
+        q, counts = quant_graph.run_int8_dynamic(
+            model, per_channel=True, reduce_range=bool(chosen), embeddings=embeddings
+        )
     else:
         bits = 4 if mode == "int4" else 8
         quant_graph.gemms_to_matmuls(model)
-        q, counts = quant_graph.run_nbits(model, quant_graph.count_quantizable(model, gemm=False)[0], bits=bits,
-                                          block_size=32, symmetric=symmetric, accuracy_level=None if bits == 4 else 4)
+        q, counts = quant_graph.run_nbits(
+            model,
+            quant_graph.count_quantizable(model, gemm=False)[0],
+            bits=bits,
+            block_size=32,
+            symmetric=symmetric,
+            accuracy_level=None if bits == 4 else 4,
+        )
         if embeddings:
             assert quantize_tables(q, bits=bits, block_size=32).tables == 2  # token + position tables
     assert not counts.missed
@@ -77,7 +95,9 @@ def _logits(model: onnx.ModelProto | str, tokens: int = 7) -> np.ndarray:
     session = ort.InferenceSession(data if isinstance(data, bytes) else str(data))
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, tokens)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    feeds = {i.name: feeds[i.name] if i.name in feeds else np.tile(np.arange(tokens), (2, 1)) for i in session.get_inputs()}
+    feeds = {
+        i.name: feeds[i.name] if i.name in feeds else np.tile(np.arange(tokens), (2, 1)) for i in session.get_inputs()
+    }
     return session.run(["logits"], feeds)[0]
 
 

@@ -29,16 +29,19 @@ def exports(tmp_path_factory):
     base = tiny_bert()
     base.save_pretrained(root / "base")
     for name, seed in (("a", 1), ("b", 2)):
-        model = get_shira_model(copy.deepcopy(base), ShiraConfig(r=4, target_modules=["query", "value"],
-                                                                 init_weights=False, random_seed=seed))
+        model = get_shira_model(
+            copy.deepcopy(base),
+            ShiraConfig(r=4, target_modules=["query", "value"], init_weights=False, random_seed=seed),
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "shira_weight" in n:
                     p.mul_(0.3)  # a delta of the size training gives, not randn's
         model.save_pretrained(root / name)
     export_merged(root / "base", root / "a", root / "merged", task="feature-extraction", verify=False)
-    export_sparse(root / "base", {"a": root / "a", "b": root / "b"}, root / "sparse", task="feature-extraction",
-                  verify=False)
+    export_sparse(
+        root / "base", {"a": root / "a", "b": root / "b"}, root / "sparse", task="feature-extraction", verify=False
+    )
     reports = {}
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
@@ -52,7 +55,9 @@ def _feeds(batch: int = 2, tokens: int = 11, seed: int = 0) -> dict:
 
 
 def _torch_hidden(base, adapter_dir, feeds) -> np.ndarray:
-    model = base if adapter_dir is None else ShiraModel.from_pretrained(copy.deepcopy(base), adapter_dir).merge_and_unload()
+    model = (
+        base if adapter_dir is None else ShiraModel.from_pretrained(copy.deepcopy(base), adapter_dir).merge_and_unload()
+    )
     with torch.no_grad():
         return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
 
@@ -66,8 +71,11 @@ def _session_run(folder, feeds, adapter=None):
     from shira_export.runtime import ShiraSession
 
     session = ShiraSession(folder, mode="portable")
-    return session.run({k: v for k, v in feeds.items() if k in session.input_names}, adapter=adapter,
-                       output_names=["last_hidden_state"])["last_hidden_state"]
+    return session.run(
+        {k: v for k, v in feeds.items() if k in session.input_names},
+        adapter=adapter,
+        output_names=["last_hidden_state"],
+    )["last_hidden_state"]
 
 
 @pytest.mark.parametrize("mode, min_cos", [("int8", 0.99), ("int4", 0.97)])
@@ -127,11 +135,15 @@ def test_int4_fixed_plan_keeps_the_last_two_thirds_of_matmuls_at_8_bits(exports,
     eight = sorted(name for name, b in bits.items() if b == 8)
     order = list(bits)  # graph order (the exported graph is topologically sorted): the first four are 4-bit
     assert len(bits) == 12 and len(eight) == 8 and [bits[n] for n in order] == [4] * 4 + [8] * 8
-    levels = {n.name: [a.i for a in n.attribute if a.name == "accuracy_level"]
-              for n in onnx.load(str(tmp_path / "fixed" / "model.onnx")).graph.node if n.name in eight}
+    levels = {
+        n.name: [a.i for a in n.attribute if a.name == "accuracy_level"]
+        for n in onnx.load(str(tmp_path / "fixed" / "model.onnx")).graph.node
+        if n.name in eight
+    }
     assert all(v == [4] for v in levels.values())  # the fast int8 kernel (ORT's fallback is 26x slower)
-    plain = quantize_onnx_model(root / "merged", tmp_path / "all4", mode="int4", block_size=32, plan="fixed",
-                                int8_tail=0)
+    plain = quantize_onnx_model(
+        root / "merged", tmp_path / "all4", mode="int4", block_size=32, plan="fixed", int8_tail=0
+    )
     assert plain.matmuls_8bit == 0 and set(_nbits(tmp_path / "all4" / "model.onnx").values()) == {4}
     assert plain.files["model.onnx"]["matmuls"] == [12, 12] == report.files["model.onnx"]["matmuls"]
     assert plain.quantized_bytes < report.quantized_bytes
@@ -182,7 +194,8 @@ def test_int4_measured_plan_meets_its_target_with_the_real_kernels(exports, tmp_
     assert real >= measured["target_cosine"] - 0.004
     everything = quantize_onnx_model(root / "merged", tmp_path / "all4", mode="int4", plan="fixed", int8_tail=0)
     assert _worst_on_calibration(root / "merged", tmp_path / "all4" / "model.onnx") == pytest.approx(
-        measured["all_4bit_score"]["cosine"], abs=0.004)
+        measured["all_4bit_score"]["cosine"], abs=0.004
+    )
     assert everything.matmuls_4bit == 12
     # the quality it buys on inputs the plan never saw (held-out seed, PyTorch reference)
     feeds = _feeds(batch=3, tokens=15, seed=7)
@@ -225,9 +238,10 @@ def test_classifier_score_counts_flipped_labels():
     score = _score(ref, cand, np.ones((4, 1)))
     assert score["labels"] == 0.75 and score["cosine"] > 0.999
     assert _score(ref, ref + 5.0, np.ones((4, 1))) == {"cosine": pytest.approx(1.0), "labels": 1.0}  # shift-invariant
+
     def spans(text: str) -> set:  # 4-word spans: no verify sentence, nor a near copy, among the plan's texts
         words = text.lower().split()
-        return {" ".join(words[i:i + 4]) for i in range(len(words) - 3)} | {text}
+        return {" ".join(words[i : i + 4]) for i in range(len(words) - 3)} | {text}
 
     assert not set().union(*map(spans, CALIBRATION_TEXTS)) & set().union(*map(spans, SENTENCES))
 
@@ -244,10 +258,13 @@ def test_fake_quant_is_what_matmulnbits_computes():
     w[:, 3] = np.abs(w[:, 3])  # a block with no negative value (zero point 0)
     w[:32, 5] = 0  # an all-zero block
     x = rng.standard_normal((5, 96)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 40])],
-                              [numpy_helper.from_array(w, "W")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 40])],
+        [numpy_helper.from_array(w, "W")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     for bits in (4, 8):
         for symmetric in (False, True):
@@ -279,8 +296,9 @@ def test_short_and_long_delta_branches_agree(exports):
     targets = read_sparse_manifest(root / "sparse").targets
     model = onnx.load(str(root / "sparse" / "model.onnx"))
     io = strip_sparse_deltas(model, targets)
-    quantized, counts = run_nbits(model, count_quantizable(model, gemm=False)[0], bits=4, block_size=32,
-                                  symmetric=False, accuracy_level=None)
+    quantized, counts = run_nbits(
+        model, count_quantizable(model, gemm=False)[0], bits=4, block_size=32, symmetric=False, accuracy_level=None
+    )
     assert counts.matmuls_quantized == counts.matmuls_expected == 12 and not counts.missed
     lora = ort.LoraAdapter()
     lora.Load(str(root / "sparse" / "adapters" / "a.onnx_adapter"))
@@ -311,7 +329,9 @@ def test_cpu_features_and_choices_are_recorded(exports, tmp_path, monkeypatch):
     assert dynamic.reduce_range is (not cpu.vnni), dynamic.choices["reasons"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / "dyn" / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops and "MatMulNBits" not in ops
-    forced = quantize_onnx_model(root / "merged", tmp_path / "rr", mode="int8", int8_method="dynamic", reduce_range=True)
+    forced = quantize_onnx_model(
+        root / "merged", tmp_path / "rr", mode="int8", int8_method="dynamic", reduce_range=True
+    )
     assert forced.reduce_range is True and forced.choices["reasons"]["reduce_range"] == "given"
     for flags, vnni in (("avx2 fma avx512f avx512_vnni", True), ("avx2 fma", False)):  # the other CPU kind
         monkeypatch.setenv("SHIRA_EXPORT_CPU_FLAGS", flags)
@@ -319,17 +339,20 @@ def test_cpu_features_and_choices_are_recorded(exports, tmp_path, monkeypatch):
         assert chosen.cpu.vnni is vnni and chosen.reduce_range is (not vnni)
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"mode": "int3"}, "expected one of ['int8', 'int4']"),
-    ({"mode": "int4", "block_size": 48}, "block_size: expected one of"),
-    ({"mode": "int4", "int8_tail": 1.5}, "int8_tail: expected a fraction in [0, 1]"),
-    ({"mode": "int4", "plan": "guess"}, "plan: expected one of ['measured', 'fixed']"),
-    ({"mode": "int4", "plan_min_cosine": 1.5}, "plan_min_cosine: expected a cosine in (0, 1]"),
-    ({"mode": "int8", "reduce_range": "yes"}, "reduce_range"),
-    ({"mode": "int8", "int8_method": "static"}, "int8_method: expected one of ['blocks', 'dynamic']"),
-    ({"mode": "int8", "table_bits": 2}, "table_bits"),
-    ({"mode": "int8", "blok_size": 32}, "unknown option(s) ['blok_size']"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"mode": "int3"}, "expected one of ['int8', 'int4']"),
+        ({"mode": "int4", "block_size": 48}, "block_size: expected one of"),
+        ({"mode": "int4", "int8_tail": 1.5}, "int8_tail: expected a fraction in [0, 1]"),
+        ({"mode": "int4", "plan": "guess"}, "plan: expected one of ['measured', 'fixed']"),
+        ({"mode": "int4", "plan_min_cosine": 1.5}, "plan_min_cosine: expected a cosine in (0, 1]"),
+        ({"mode": "int8", "reduce_range": "yes"}, "reduce_range"),
+        ({"mode": "int8", "int8_method": "static"}, "int8_method: expected one of ['blocks', 'dynamic']"),
+        ({"mode": "int8", "table_bits": 2}, "table_bits"),
+        ({"mode": "int8", "blok_size": 32}, "unknown option(s) ['blok_size']"),
+    ],
+)
 def test_bad_options_write_nothing(exports, tmp_path, kwargs, fragment):
     root, _, _ = exports
     with pytest.raises(ShiraInputError, match=re.escape(fragment)):
@@ -355,8 +378,25 @@ def test_cli_merged_quantize_verifies_with_matching_profile(exports, tmp_path, m
 
     root, _, _ = exports
     out = tmp_path / f"q{mode}"
-    code = main(["merged", "--model", str(root / "base"), "--adapter", str(root / "a"), "--format", "onnx",
-                 "--task", "feature-extraction", "--quantize", mode, "--block-size", "32", "--output", str(out)])
+    code = main(
+        [
+            "merged",
+            "--model",
+            str(root / "base"),
+            "--adapter",
+            str(root / "a"),
+            "--format",
+            "onnx",
+            "--task",
+            "feature-extraction",
+            "--quantize",
+            mode,
+            "--block-size",
+            "32",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "shira_export.json").read_text())
     assert manifest["quantization"] == mode
@@ -366,16 +406,34 @@ def test_cli_merged_quantize_verifies_with_matching_profile(exports, tmp_path, m
     assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops
 
 
-@pytest.mark.parametrize("extra, fragment", [(["--quantize", "int3"], None), (["--quantize", "int4", "--block-size", "48"], "block_size"),
-                                             (["--quantize", "int8", "--dtype", "fp16"], "needs format='onnx' and dtype='fp32'")])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--quantize", "int3"], None),
+        (["--quantize", "int4", "--block-size", "48"], "block_size"),
+        (["--quantize", "int8", "--dtype", "fp16"], "needs format='onnx' and dtype='fp32'"),
+    ],
+)
 def test_cli_merged_quantize_bad_options_exit_2(exports, tmp_path, capsys, extra, fragment):
     from shira_export.cli import main
 
     root, _, _ = exports
     out = tmp_path / "bad"
     try:
-        code = main(["merged", "--model", str(root / "base"), "--adapter", str(root / "a"), "--format", "onnx",
-                     "--output", str(out), *extra])
+        code = main(
+            [
+                "merged",
+                "--model",
+                str(root / "base"),
+                "--adapter",
+                str(root / "a"),
+                "--format",
+                "onnx",
+                "--output",
+                str(out),
+                *extra,
+            ]
+        )
     except SystemExit as exc:  # argparse rejects a value outside the choices
         code = exc.code
     assert code == 2
@@ -390,8 +448,23 @@ def test_cli_sparse_quantize_keeps_adapters_exact_and_runs_portable(exports, tmp
 
     root, base, _ = exports
     out = tmp_path / "sq"
-    code = main(["sparse", "--model", str(root / "base"), "--adapter", f"a={root / 'a'}", "--adapter",
-                 f"b={root / 'b'}", "--task", "feature-extraction", "--quantize", "int8", "--output", str(out)])
+    code = main(
+        [
+            "sparse",
+            "--model",
+            str(root / "base"),
+            "--adapter",
+            f"a={root / 'a'}",
+            "--adapter",
+            f"b={root / 'b'}",
+            "--task",
+            "feature-extraction",
+            "--quantize",
+            "int8",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     parity = json.loads((out / "parity.json").read_text())
     assert parity["verdict"] == "pass" and parity["profile"]["name"] == "int8"
@@ -406,7 +479,9 @@ def test_cli_sparse_quantize_keeps_adapters_exact_and_runs_portable(exports, tmp
     with_a = session.run(feeds, adapter="a", output_names=["last_hidden_state"])["last_hidden_state"]
     plain = session.run(feeds, adapter=None, output_names=["last_hidden_state"])["last_hidden_state"]
     assert np.abs(with_a - plain).max() > 1e-3
-    assert (out / "adapters" / "a.onnx_adapter").read_bytes() == (root / "sparse" / "adapters" / "a.onnx_adapter").read_bytes()
+    assert (out / "adapters" / "a.onnx_adapter").read_bytes() == (
+        root / "sparse" / "adapters" / "a.onnx_adapter"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -418,16 +493,29 @@ def test_causal_lm_leaves_no_fp32_weight_behind(tmp_path, mode):
     from shira_export.pipeline import export_merged
 
     torch.manual_seed(0)  # big enough that weights, not graph structure, make up the file
-    base = OPTForCausalLM(OPTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
-                                    vocab_size=2000, max_position_embeddings=64, word_embed_proj_dim=128)).eval()
+    base = OPTForCausalLM(
+        OPTConfig(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=512,
+            vocab_size=2000,
+            max_position_embeddings=64,
+            word_embed_proj_dim=128,
+        )
+    ).eval()
     base.save_pretrained(tmp_path / "base")
     get_shira_model(base, ShiraConfig(r=2, init_weights=False)).save_pretrained(tmp_path / "ad")
     export_merged(tmp_path / "base", tmp_path / "ad", tmp_path / "fp32", verify=False)
     report = quantize_onnx_model(tmp_path / "fp32", tmp_path / mode, mode=mode, block_size=32)
     graph = onnx.load(str(tmp_path / mode / "model.onnx")).graph
-    big_floats = [t.name for t in graph.initializer
-                  if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1000
-                  and not t.name.endswith(("_scale", "_scales"))]  # per-channel scales are fp32 by design
+    big_floats = [
+        t.name
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
+        and int(np.prod(t.dims)) >= 1000
+        and not t.name.endswith(("_scale", "_scales"))
+    ]  # per-channel scales are fp32 by design
     assert big_floats == []
     quantized, expected = report.files["model.onnx"]["matmuls"]
     assert quantized == expected >= 2 * 6 + 1  # q/k/v/out/fc1/fc2 per layer + the tied head

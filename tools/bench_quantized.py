@@ -94,9 +94,18 @@ def bench_minilm(root: Path, rounds: int) -> list[dict]:
     for name, value in ms.items():
         kind, mode = name.split()
         ref = ms.get(f"{kind} fp32")
-        rows.append({"model": "MiniLM", "variant": name, "mb": sizes[name], "size_ratio": round(sizes[name] / sizes[f"{kind} fp32"], 3),
-                     "ms_1x64": value, "ratio": round(value / ref, 3) if ref else None,
-                     "adapter_bytes": sizes.get(f"{name} adapter"), "switch_us": sizes.get(f"{name} switch_us")})
+        rows.append(
+            {
+                "model": "MiniLM",
+                "variant": name,
+                "mb": sizes[name],
+                "size_ratio": round(sizes[name] / sizes[f"{kind} fp32"], 3),
+                "ms_1x64": value,
+                "ratio": round(value / ref, 3) if ref else None,
+                "adapter_bytes": sizes.get(f"{name} adapter"),
+                "switch_us": sizes.get(f"{name} switch_us"),
+            }
+        )
     return rows
 
 
@@ -124,11 +133,20 @@ def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
     from shira_export.runtime import ShiraSession
 
     torch.manual_seed(0)
-    cfg = OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, vocab_size=50272,
-                    max_position_embeddings=2048, word_embed_proj_dim=768)
+    cfg = OPTConfig(
+        hidden_size=768,
+        num_hidden_layers=12,
+        ffn_dim=3072,
+        num_attention_heads=12,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=768,
+    )
     base = OPTForCausalLM(cfg).eval()
     base.save_pretrained(work / "base")
-    get_shira_model(copy.deepcopy(base), ShiraConfig(r=8, init_weights=False, random_seed=1)).save_pretrained(work / "adapter")
+    get_shira_model(copy.deepcopy(base), ShiraConfig(r=8, init_weights=False, random_seed=1)).save_pretrained(
+        work / "adapter"
+    )
     del base
     task = "text-generation-with-past"
     export_merged(work / "base", work / "adapter", work / "merged", task=task, verify=False)
@@ -138,8 +156,11 @@ def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
         for mode in ("int8", "int4"):
             folders[f"{kind} {mode}"] = work / f"{kind}_{mode}"
             quantize_onnx_model(work / kind, folders[f"{kind} {mode}"], mode=mode)
-    quality = {name: _quality(work / "base", folder, name.split()[1], tokens)
-               for name, folder in tqdm(folders.items(), desc="verify", file=sys.stderr) if "fp32" not in name}
+    quality = {
+        name: _quality(work / "base", folder, name.split()[1], tokens)
+        for name, folder in tqdm(folders.items(), desc="verify", file=sys.stderr)
+        if "fp32" not in name
+    }
     runners = {}
     for name, folder in folders.items():
         if name.startswith("merged"):
@@ -168,9 +189,18 @@ def bench_opt(work: Path, rounds: int, tokens: int) -> list[dict]:
         ms = _median_ms(fns, rounds, 2 if n > 1 else 10)
         for name, value in ms.items():
             kind = name.split()[0]
-            rows.append({"model": "OPT-125m-shaped", "variant": name, "phase": phase, "mb": _mb(folders[name]),
-                         "size_ratio": round(_mb(folders[name]) / _mb(folders[f"{kind} fp32"]), 3),
-                         "ms": value, "ratio": round(value / ms[f"{kind} fp32"], 3), **quality.get(name, {})})
+            rows.append(
+                {
+                    "model": "OPT-125m-shaped",
+                    "variant": name,
+                    "phase": phase,
+                    "mb": _mb(folders[name]),
+                    "size_ratio": round(_mb(folders[name]) / _mb(folders[f"{kind} fp32"]), 3),
+                    "ms": value,
+                    "ratio": round(value / ms[f"{kind} fp32"], 3),
+                    **quality.get(name, {}),
+                }
+            )
     return rows
 
 
@@ -201,9 +231,17 @@ def bench_quality(out: Path) -> list[dict]:
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
             folder = out / f"demo_{kind}_{mode}"
-            args = (["merged", "--format", "onnx", "--adapter", str(demo / "adapters/poet")] if kind == "merged" else
-                    ["sparse", "--adapter", f"poet={demo / 'adapters/poet'}", "--adapter",
-                     f"engineer={demo / 'adapters/engineer'}"])
+            args = (
+                ["merged", "--format", "onnx", "--adapter", str(demo / "adapters/poet")]
+                if kind == "merged"
+                else [
+                    "sparse",
+                    "--adapter",
+                    f"poet={demo / 'adapters/poet'}",
+                    "--adapter",
+                    f"engineer={demo / 'adapters/engineer'}",
+                ]
+            )
             rc = _cli(*args, "--model", str(demo / "base"), "--quantize", mode, "--output", str(folder), "--overwrite")
             rows.append({"model": "demo", "variant": f"{kind} {mode}", "exit": rc, **_verdict(folder)})
             print(rows[-1], flush=True)
@@ -222,26 +260,52 @@ def bench_quality(out: Path) -> list[dict]:
     held_out = split(HELD_OUT)[0]
     feeds = _encode(tok, held_out + list(SENTENCES))
     with torch.no_grad():
-        ref = ShiraModel.from_pretrained(copy.deepcopy(cls), adapter).merge_and_unload().eval()(
-            **{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+        ref = (
+            ShiraModel.from_pretrained(copy.deepcopy(cls), adapter)
+            .merge_and_unload()
+            .eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+            .logits.numpy()
+        )
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
             folder = out / f"cls_{kind}_{mode}"
-            args = (["merged", "--format", "onnx", "--adapter", str(adapter)] if kind == "merged" else
-                    ["sparse", "--adapter", f"topic={adapter}"])
-            rc = _cli(*args, "--model", str(base_dir), "--task", "text-classification", "--quantize", mode,
-                      "--output", str(folder), "--overwrite")
+            args = (
+                ["merged", "--format", "onnx", "--adapter", str(adapter)]
+                if kind == "merged"
+                else ["sparse", "--adapter", f"topic={adapter}"]
+            )
+            rc = _cli(
+                *args,
+                "--model",
+                str(base_dir),
+                "--task",
+                "text-classification",
+                "--quantize",
+                mode,
+                "--output",
+                str(folder),
+                "--overwrite",
+            )
             logits = _run(folder, feeds, "logits", None if kind == "merged" else "topic")
             agree = logits.argmax(-1) == ref.argmax(-1)
-            rows.append({"model": "MiniLM classifier", "variant": f"{kind} {mode}", "exit": rc, **_verdict(folder),
-                         "agreement_held_out_42": round(float(agree[:len(held_out)].mean()), 4),
-                         "agreement_builtin_48": round(float(agree[len(held_out):].mean()), 4)})
+            rows.append(
+                {
+                    "model": "MiniLM classifier",
+                    "variant": f"{kind} {mode}",
+                    "exit": rc,
+                    **_verdict(folder),
+                    "agreement_held_out_42": round(float(agree[: len(held_out)].mean()), 4),
+                    "agreement_builtin_48": round(float(agree[len(held_out) :].mean()), 4),
+                }
+            )
             print(rows[-1], flush=True)
     plain = AutoModel.from_pretrained(minilm_dir()).eval()
     for name, seed in (("fa", 1), ("fb", 2)):
         if not (out / name / "adapter_config.json").is_file():
-            m = get_shira_model(copy.deepcopy(plain), ShiraConfig(r=16, target_modules=["query", "value"],
-                                                                  init_weights=False, random_seed=seed))
+            m = get_shira_model(
+                copy.deepcopy(plain),
+                ShiraConfig(r=16, target_modules=["query", "value"], init_weights=False, random_seed=seed),
+            )
             with torch.no_grad():
                 for n, p in m.named_parameters():
                     if "shira_weight" in n:
@@ -252,20 +316,47 @@ def bench_quality(out: Path) -> list[dict]:
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
             folder = out / f"emb_{kind}_{mode}"
-            args = (["merged", "--format", "onnx", "--adapter", str(out / "fa")] if kind == "merged" else
-                    ["sparse", "--adapter", f"fa={out / 'fa'}", "--adapter", f"fb={out / 'fb'}"])
-            rc = _cli(*args, "--model", str(minilm_dir()), "--task", "feature-extraction", "--quantize", mode,
-                      "--output", str(folder), "--overwrite")
+            args = (
+                ["merged", "--format", "onnx", "--adapter", str(out / "fa")]
+                if kind == "merged"
+                else ["sparse", "--adapter", f"fa={out / 'fa'}", "--adapter", f"fb={out / 'fb'}"]
+            )
+            rc = _cli(
+                *args,
+                "--model",
+                str(minilm_dir()),
+                "--task",
+                "feature-extraction",
+                "--quantize",
+                mode,
+                "--output",
+                str(folder),
+                "--overwrite",
+            )
             worst = {}
-            for name in (["fa"] if kind == "merged" else ["fa", "fb"]):
+            for name in ["fa"] if kind == "merged" else ["fa", "fb"]:
                 with torch.no_grad():
-                    ref_h = ShiraModel.from_pretrained(copy.deepcopy(plain), out / name).merge_and_unload().eval()(
-                        **{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+                    ref_h = (
+                        ShiraModel.from_pretrained(copy.deepcopy(plain), out / name)
+                        .merge_and_unload()
+                        .eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+                        .last_hidden_state.numpy()
+                    )
                 h = _run(folder, feeds, "last_hidden_state", None if kind == "merged" else name)
                 a, b = (h * mask).sum(1) / mask.sum(1), (ref_h * mask).sum(1) / mask.sum(1)
-                worst[name] = round(float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min()), 4)
-            rows.append({"model": "MiniLM embeddings", "variant": f"{kind} {mode}", "exit": rc, **_verdict(folder),
-                         "pooled_cosine_min_builtin_48": min(worst.values()), "per_adapter": worst})
+                worst[name] = round(
+                    float(((a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)).min()), 4
+                )
+            rows.append(
+                {
+                    "model": "MiniLM embeddings",
+                    "variant": f"{kind} {mode}",
+                    "exit": rc,
+                    **_verdict(folder),
+                    "pooled_cosine_min_builtin_48": min(worst.values()),
+                    "per_adapter": worst,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -293,11 +384,18 @@ def _verdict(folder: Path) -> dict:
         details = json.loads((folder / "shira_export.json").read_text())["quantization_details"]
     except (OSError, KeyError, ValueError) as exc:
         return {"verify": f"no report ({type(exc).__name__})"}
-    failed = [f"{r['adapter']}:{r['output']}:{r['metric']}={r['value']:.4g}" for r in parity["records"]
-              if r["passed"] is False]
+    failed = [
+        f"{r['adapter']}:{r['output']}:{r['metric']}={r['value']:.4g}"
+        for r in parity["records"]
+        if r["passed"] is False
+    ]
     plans = [p for passes in details["passes"].values() for p in passes if p["pass"] == "plan_bits"]
-    out = {"verify": parity["verdict"], "failed": failed, "size_ratio": details["size_ratio"],
-           "cpu": details["choices"]["cpu"]["kind"]}
+    out = {
+        "verify": parity["verdict"],
+        "failed": failed,
+        "size_ratio": details["size_ratio"],
+        "cpu": details["choices"]["cpu"]["kind"],
+    }
     if details["mode"] == "int4" and plans:  # how much of the body the plan put at 4 bits, and why
         plan = plans[0]
         out["plan"] = plan["method"]
@@ -315,8 +413,13 @@ def _machine() -> dict:
     from shira_export.export.quantize import cpu_features
 
     cpu = cpu_features()
-    return {"cpu_model": cpu.model, "flags": list(cpu.flags), "kind": cpu.kind,
-            "load_1_5_15": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
+    return {
+        "cpu_model": cpu.model,
+        "flags": list(cpu.flags),
+        "kind": cpu.kind,
+        "load_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cores": os.cpu_count(),
+    }
 
 
 def main() -> None:
@@ -340,7 +443,9 @@ def main() -> None:
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items() if v is not None))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"rows": rows, "ort": ort.__version__, "machine_at_end": _machine()}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps({"rows": rows, "ort": ort.__version__, "machine_at_end": _machine()}, indent=2) + "\n"
+    )
     print(f"written {RESULTS}")
 
 

@@ -99,7 +99,8 @@ def merged_graph(folder: Path, dense, name: str):
     import onnx
     from onnx import numpy_helper
 
-    from shira_export.export.graph_delta import to_dense_variant, weight_name
+    from shira_export.artifacts.naming import weight_name
+    from shira_export.runtime.dense_variant import to_dense_variant
 
     sites = dense.manifest.targets
     graph, _ = to_dense_variant(onnx.load(str(folder / "model.onnx")), sites, defaults=True)

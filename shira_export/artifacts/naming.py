@@ -24,12 +24,15 @@ from shira_export.export.graph_delta import (
     graph_fingerprint,
     indices_name,
     site_base_node,
-    to_dense_variant,
     values_name,
     weight_name,
 )
 
+# metadata_props key of a genai builder graph: how its packed q|k|v sites map to modules
+GENAI_GROUPS_KEY = "shira.genai_groups"
+
 __all__ = [
+    "GENAI_GROUPS_KEY",
     "PREFIX",
     "DEFAULT_TOKEN_THRESHOLD",
     "TargetSite",
@@ -38,5 +41,4 @@ __all__ = [
     "weight_name",
     "graph_fingerprint",
     "site_base_node",
-    "to_dense_variant",
 ]

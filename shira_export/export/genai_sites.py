@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from shira_export.artifacts.naming import GENAI_GROUPS_KEY
 from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta, quant_delta
 from shira_export.export.delta_sites import const
@@ -37,10 +38,9 @@ __all__ = [
     "locate_builder_pieces",
     "insert_builder_deltas",
     "builder_sites",
-    "builder_dense_variant",
 ]
 
-GROUPS_KEY = "shira.genai_groups"  # metadata_props entry describing the packed sites
+GROUPS_KEY = GENAI_GROUPS_KEY  # metadata_props entry describing the packed sites (the runtime reads it)
 _PARENTS = {"self_attn": "attn", "attn": "attn", "mlp": "mlp"}
 _PACKED = {
     "q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
@@ -291,102 +291,3 @@ def insert_builder_deltas(
     graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}))
     entry = model.metadata_props.add()
     entry.key, entry.value = GROUPS_KEY, json.dumps(groups)
-
-
-def builder_dense_variant(
-    model: onnx.ModelProto, sites: Sequence[TargetSite], *, defaults: bool = True
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """`graph_delta.to_dense_variant` for builder graphs: each delta node is its base MatMul
-    again, reading `Concat` of its column blocks, where a targeted module's block is (a
-    slice of) its weight input `shira.<m>.weight` ([in, out_m], the module's own layout),
-    so the runtime merges adapters per module exactly as on other graphs. Costs one copy
-    of a packed weight per call (dense mode feeds weights anyway; no prepacking)."""
-    from shira_export.export.graph_delta import PREFIX, site_base_node, weight_name
-
-    groups = json.loads(next(p.value for p in model.metadata_props if p.key == GROUPS_KEY))
-    dense = onnx.ModelProto()
-    dense.CopyFrom(model)
-    graph = dense.graph
-    inits = {i.name: i for i in graph.initializer}
-    blocks: dict[str, dict[int, np.ndarray]] = {}
-    extra_inits: list[onnx.TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    prefixes = {f"{PREFIX}/{key}/": key for key in groups}
-    out_features = {s.module: s.out_features for s in sites}
-    replaced: set[str] = set()  # packed weights now read through the module inputs
-    for node in graph.node:
-        key = prefixes.get(node.name.rsplit("/", 1)[0] + "/") if node.name.startswith(PREFIX + "/") else None
-        if key is None:
-            new_nodes.append(node)
-            continue
-        if node.op_type != "If" or node.name != f"{PREFIX}/{key}/If":
-            continue  # the group's index prelude and branch selectors go with the branch
-        base = site_base_node(node)
-        if base.op_type != "MatMul" or base.input[1] not in inits:
-            raise ShiraInputError(
-                f"node {base.name}: the dense variant needs a float MatMul weight "
-                f"(quantized builder graphs run with mode='portable')"
-            )
-        w = numpy_helper.to_array(inits[base.input[1]])
-        replaced.add(base.input[1])
-        p = f"{PREFIX}/{key}/dense/"
-        parts, col = [], 0
-        for i, piece in enumerate(sorted(groups[key]["pieces"], key=lambda g: g["offset"])):
-            if piece["offset"] > col:  # columns no targeted module owns stay constant
-                extra_inits.append(
-                    numpy_helper.from_array(np.ascontiguousarray(w[:, col : piece["offset"]]), f"{p}cols{col}")
-                )
-                parts.append(f"{p}cols{col}")
-            module, start, rows, offset = piece["module"], piece["row_start"], piece["rows"], piece["offset"]
-            blocks.setdefault(module, {})[start] = w[:, offset : offset + rows]
-            if start == 0 and rows == out_features[module]:
-                parts.append(weight_name(module))
-            else:
-                new_nodes += [
-                    const(f"{p}s{i}", np.array([start], np.int64)),
-                    const(f"{p}e{i}", np.array([start + rows], np.int64)),
-                    const(f"{p}a{i}", np.array([1], np.int64)),
-                    helper.make_node(
-                        "Slice",
-                        [weight_name(module), f"{p}s{i}", f"{p}e{i}", f"{p}a{i}"],
-                        [f"{p}part{i}"],
-                        name=f"{p}part{i}",
-                    ),
-                ]
-                parts.append(f"{p}part{i}")
-            col = offset + rows
-        if col < w.shape[1]:
-            extra_inits.append(numpy_helper.from_array(np.ascontiguousarray(w[:, col:]), f"{p}cols{col}"))
-            parts.append(f"{p}cols{col}")
-        weight = parts[0]
-        if len(parts) > 1:
-            weight = f"{p}w"
-            new_nodes.append(helper.make_node("Concat", parts, [weight], name=f"{p}w", axis=1))
-        op = onnx.NodeProto()
-        op.CopyFrom(base)
-        op.name, op.input[1] = f"{p}op", weight
-        del op.output[:]
-        op.output.append(node.output[0])
-        new_nodes.append(op)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    arrays = {m: np.ascontiguousarray(np.concatenate([b[k] for k in sorted(b)], axis=1)) for m, b in blocks.items()}
-    drop = {indices_name(s.module) for s in sites} | {values_name(s.module) for s in sites}
-    used = {name for n in graph.node for name in n.input}
-    kept = [i for i in graph.initializer if i.name not in drop and (i.name in used or i.name not in replaced)]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + extra_inits)
-    inputs = [i for i in graph.input if i.name not in drop]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    for module, array in sorted(arrays.items()):
-        graph.input.append(
-            helper.make_tensor_value_info(
-                weight_name(module),
-                TensorProto.FLOAT if array.dtype == np.float32 else TensorProto.FLOAT16,
-                list(array.shape),
-            )
-        )
-        if defaults:
-            graph.initializer.append(numpy_helper.from_array(array, weight_name(module)))
-    return dense, ({} if defaults else arrays)

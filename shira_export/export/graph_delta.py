@@ -28,7 +28,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.errors import ShiraInputError
-from shira_export.export.delta_sites import copy_node as _copy_node
 from shira_export.export.delta_sites import site_nodes
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "locate_targets",
     "graph_fingerprint",
     "insert_sparse_deltas",
-    "to_dense_variant",
     "DEFAULT_TOKEN_THRESHOLD",
     "site_base_node",
     "add_adapter_inputs",
@@ -236,50 +234,3 @@ def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str]) -> None:
         for name, dtype in ((indices_name(module), TensorProto.INT32), (values_name(module), TensorProto.FLOAT)):
             graph.input.append(helper.make_tensor_value_info(name, dtype, dims))
             graph.initializer.append(helper.make_tensor(name, dtype, [1, 0], []))
-
-
-def to_dense_variant(
-    model: onnx.ModelProto, sites: Sequence[TargetSite], *, defaults: bool = True
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The runtime's variant of a sparse graph: each site is its base op again, reading the
-    weight from an input `shira.<m>.weight`. With `defaults` the base weight stays as its
-    initializer (overridable); without, it is returned instead ({module: array}) and the
-    input is required."""
-    if any(p.key == "shira.genai_groups" for p in model.metadata_props):  # genai builder graph: q|k|v packed
-        from shira_export.export.genai_sites import builder_dense_variant
-
-        return builder_dense_variant(model, sites, defaults=defaults)
-    dense = onnx.ModelProto()
-    dense.CopyFrom(model)
-    graph = dense.graph
-    prefixes = {f"{PREFIX}/{s.module}/": s for s in sites}
-    drop_inputs = {indices_name(s.module) for s in sites} | {values_name(s.module) for s in sites}
-    renames = {s.initializer: weight_name(s.module) for s in sites}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        prefix = node.name.rsplit("/", 1)[0] + "/" if node.name.startswith(PREFIX + "/") else None
-        site = prefixes.get(prefix) if prefix else None
-        if site is None:
-            new_nodes.append(node)
-        elif node.op_type == "If":
-            base = site_base_node(node)
-            new_nodes.append(_copy_node(base, site.node, {1: weight_name(site.module)}, node.output[0]))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    kept = [i for i in graph.initializer if i.name not in drop_inputs]
-    for init in kept:
-        if init.name in renames:
-            init.name = renames[init.name]
-    by_name = {i.name: i for i in kept}
-    weights = {s.module: by_name[weight_name(s.module)] for s in sites}
-    if not defaults:
-        kept = [i for i in kept if i.name not in {weight_name(s.module) for s in sites}]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    inputs = [i for i in graph.input if i.name not in drop_inputs]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    for init in weights.values():
-        graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    arrays = {} if defaults else {m: numpy_helper.to_array(i) for m, i in weights.items()}
-    return dense, arrays

@@ -41,10 +41,10 @@ from shira_export.artifacts.naming import (
     PREFIX,
     TargetSite,
     indices_name,
-    to_dense_variant,
     values_name,
     weight_name,
 )
+from shira_export.runtime.dense_variant import to_dense_variant
 from shira_export.runtime.batching import DEFAULT_BYTES, DEFAULT_ENTRIES, MixedCache, check_adapter_list
 
 __all__ = ["Mode", "ShiraSession", "AdapterChoice"]

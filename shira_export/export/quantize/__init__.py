@@ -21,6 +21,16 @@ from shira_export.export.quantize.options import (
 )
 
 __all__ = [
-    "BLOCK_SIZES", "Choices", "CpuFeatures", "Int8Method", "QuantMode", "QuantizeOptions", "QuantizeReport",
-    "check_quantize_options", "choose", "cpu_features", "quantize_model", "quantize_onnx_model",
+    "BLOCK_SIZES",
+    "Choices",
+    "CpuFeatures",
+    "Int8Method",
+    "QuantMode",
+    "QuantizeOptions",
+    "QuantizeReport",
+    "check_quantize_options",
+    "choose",
+    "cpu_features",
+    "quantize_model",
+    "quantize_onnx_model",
 ]

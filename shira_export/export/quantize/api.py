@@ -72,8 +72,14 @@ class QuantizeReport:
         return dict(asdict(self), size_ratio=round(self.size_ratio, 4))
 
 
-def quantize_onnx_model(source: PathLike, output: PathLike, *, options: Optional[QuantizeOptions] = None,
-                        overwrite: bool = False, **kwargs: object) -> QuantizeReport:
+def quantize_onnx_model(
+    source: PathLike,
+    output: PathLike,
+    *,
+    options: Optional[QuantizeOptions] = None,
+    overwrite: bool = False,
+    **kwargs: object,
+) -> QuantizeReport:
     """Quantize `source` (a .onnx file or an export folder) into `output` (a file or folder).
 
     Options: `options=QuantizeOptions(...)` or its fields as keywords (`mode="int4",
@@ -132,8 +138,9 @@ def quantize_onnx_model(source: PathLike, output: PathLike, *, options: Optional
     return report
 
 
-def _quantize_file(path: Path, manifest: Optional[Manifest], report: QuantizeReport, options: QuantizeOptions,
-                   choices: Choices) -> onnx.ModelProto:
+def _quantize_file(
+    path: Path, manifest: Optional[Manifest], report: QuantizeReport, options: QuantizeOptions, choices: Choices
+) -> onnx.ModelProto:
     model = _load(path)
     if isinstance(manifest, SparseManifest) and path.name == MODEL_NAME:
         from shira_export.export.quant_delta import attach_quantized_deltas, strip_sparse_deltas
@@ -155,8 +162,14 @@ def _print_notes(report: QuantizeReport) -> None:
         print(f"quantize: {line}", file=sys.stderr)
 
 
-def quantize_model(model: onnx.ModelProto, report: QuantizeReport, where: str, options: QuantizeOptions,
-                   choices: Choices, folder: Optional[Path] = None) -> onnx.ModelProto:
+def quantize_model(
+    model: onnx.ModelProto,
+    report: QuantizeReport,
+    where: str,
+    options: QuantizeOptions,
+    choices: Choices,
+    folder: Optional[Path] = None,
+) -> onnx.ModelProto:
     """One in-memory graph through every pass; statistics into `report` under `where`.
     `folder`: the export folder, whose tokenizer gives int4's measured plan real text."""
     passes: list[dict] = []
@@ -172,9 +185,14 @@ def quantize_model(model: onnx.ModelProto, report: QuantizeReport, where: str, o
     exclude = options.nodes_to_exclude
     if options.mode is QuantMode.INT8 and options.int8_method is Int8Method.DYNAMIC:
         reduce_range = bool(choices.reduce_range)
-        q, counts = qgraph.run_int8_dynamic(model, per_channel=options.per_channel, reduce_range=reduce_range,
-                                            embeddings=options.embeddings, exclude=exclude,
-                                            external=needs_external_data(model))
+        q, counts = qgraph.run_int8_dynamic(
+            model,
+            per_channel=options.per_channel,
+            reduce_range=reduce_range,
+            embeddings=options.embeddings,
+            exclude=exclude,
+            external=needs_external_data(model),
+        )
         passes.append({"pass": "quantize_dynamic", "reduce_range": reduce_range, **asdict(counts)})
         missed = list(counts.missed)
         matmuls = [counts.matmuls_quantized, counts.matmuls_expected]
@@ -186,11 +204,23 @@ def quantize_model(model: onnx.ModelProto, report: QuantizeReport, where: str, o
         passes.append({"pass": "plan_bits", **plan.to_json()})
         if options.mode is QuantMode.INT4:
             report.notes.append(f"{where}: {plan.summary()}")
-        q, c4 = qgraph.run_nbits(model, plan.four, bits=4, block_size=options.block_size,
-                                 symmetric=options.symmetric, accuracy_level=options.accuracy_level)
+        q, c4 = qgraph.run_nbits(
+            model,
+            plan.four,
+            bits=4,
+            block_size=options.block_size,
+            symmetric=options.symmetric,
+            accuracy_level=options.accuracy_level,
+        )
         passes.append({"pass": "matmul_nbits_4", **asdict(c4)})
-        q, c8 = qgraph.run_nbits(q, plan.eight, bits=8, block_size=options.block_size,
-                                 symmetric=options.symmetric, accuracy_level=choices.accuracy_level_8bit)
+        q, c8 = qgraph.run_nbits(
+            q,
+            plan.eight,
+            bits=8,
+            block_size=options.block_size,
+            symmetric=options.symmetric,
+            accuracy_level=choices.accuracy_level_8bit,
+        )
         passes.append({"pass": "matmul_nbits_8", **asdict(c8)})
         missed = list(c4.missed + c8.missed)
         expected_tables = [t for t in tables if t not in exclude] if options.embeddings else []
@@ -239,8 +269,9 @@ def _external_files(folder: Path, files: Sequence[Path]) -> list[str]:
 
 
 def _onnx_bytes(path: Path) -> int:
-    return path.stat().st_size + sum((path.parent / n).stat().st_size for n in _external_files(path.parent, [path])
-                                     if (path.parent / n).is_file())
+    return path.stat().st_size + sum(
+        (path.parent / n).stat().st_size for n in _external_files(path.parent, [path]) if (path.parent / n).is_file()
+    )
 
 
 def _write_models(folder: Path, results: dict) -> None:
@@ -269,8 +300,10 @@ def _read_manifest(folder: Path) -> Optional[Manifest]:
         return None
     manifest = read_manifest(folder)
     if manifest.quantization:
-        raise ShiraInputError(f"{path}: export is already quantized (quantization={manifest.quantization!r}); "
-                              f"quantize the fp32 export instead")
+        raise ShiraInputError(
+            f"{path}: export is already quantized (quantization={manifest.quantization!r}); "
+            f"quantize the fp32 export instead"
+        )
     return manifest
 
 

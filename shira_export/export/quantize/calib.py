@@ -69,9 +69,15 @@ def _dims(value: onnx.ValueInfoProto) -> list:
 def _vocab_size(model: onnx.ModelProto) -> int:
     """Rows of the table `input_ids` is looked up in (the smallest one, to be safe)."""
     inits = {i.name: i for i in model.graph.initializer}
-    rows = [int(inits[n.input[0]].dims[0]) for n in model.graph.node
-            if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
-            and len(n.input) > 1 and n.input[1] == "input_ids"]
+    rows = [
+        int(inits[n.input[0]].dims[0])
+        for n in model.graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 2
+        and len(n.input) > 1
+        and n.input[1] == "input_ids"
+    ]
     if not rows:
         rows = [int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] >= 100]
     return min(rows) if rows else 100
@@ -92,9 +98,16 @@ def _positions(model: onnx.ModelProto, folder: Optional[Path]) -> int:
             if isinstance(data.get(key), int) and data[key] > 0:
                 return int(data[key])
     inits = {i.name: i for i in model.graph.initializer}
-    rows = [int(inits[n.input[0]].dims[0]) for n in model.graph.node
-            if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
-            and len(n.input) > 1 and n.input[1] != "input_ids" and inits[n.input[0]].dims[0] >= 16]
+    rows = [
+        int(inits[n.input[0]].dims[0])
+        for n in model.graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 2
+        and len(n.input) > 1
+        and n.input[1] != "input_ids"
+        and inits[n.input[0]].dims[0] >= 16
+    ]
     return max(min(rows) - 2, 1) if rows else 10**9
 
 
@@ -120,8 +133,9 @@ def _token_rows(folder: Optional[Path], vocab: int, max_length: int) -> list[lis
     return rows
 
 
-def calibration_feeds(model: onnx.ModelProto, folder: Optional[Path], *, batch: int = 8,
-                      max_length: int = 128) -> list[tuple[dict, np.ndarray]]:
+def calibration_feeds(
+    model: onnx.ModelProto, folder: Optional[Path], *, batch: int = 8, max_length: int = 128
+) -> list[tuple[dict, np.ndarray]]:
     """[(feeds, mask)] for `model`: right-padded batches of calibration rows; `mask` marks the
     real tokens ([batch, tokens]). Raises UnsupportedInputs for an input it cannot fill."""
     inits = {i.name for i in model.graph.initializer}
@@ -135,13 +149,13 @@ def calibration_feeds(model: onnx.ModelProto, folder: Optional[Path], *, batch: 
     rows.sort(key=len)  # similar lengths share a batch: less padding
     out = []
     for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
+        chunk = rows[start : start + batch]
         width = max(len(r) for r in chunk)
         ids = np.zeros((len(chunk), width), np.int64)
         mask = np.zeros((len(chunk), width), np.int64)
         for i, r in enumerate(chunk):
-            ids[i, :len(r)] = r
-            mask[i, :len(r)] = 1
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
         feeds: dict = {}
         for value in inputs:
             feeds[value.name] = _fill(value, ids, mask)

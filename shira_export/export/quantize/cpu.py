@@ -96,10 +96,15 @@ def choose(options: QuantizeOptions, cpu: Optional[CpuFeatures] = None) -> Choic
         else:
             reduce_range = not cpu.vnni
             reasons["reduce_range"] = (
-                "VNNI present: int8 dot products accumulate in int32, full-range weights" if cpu.vnni else
-                "no VNNI: u8 x s8 pairs are summed in int16 and saturate; 7-bit weights avoid it (ORT docs, ANCHORS 6)")
-    eight_bit = options.mode is QuantMode.INT8 and options.int8_method is Int8Method.BLOCKS or (
-        options.mode is QuantMode.INT4 and (options.int8_tail > 0 or options.head_bits == 8))
+                "VNNI present: int8 dot products accumulate in int32, full-range weights"
+                if cpu.vnni
+                else "no VNNI: u8 x s8 pairs are summed in int16 and saturate; 7-bit weights avoid it (ORT docs, ANCHORS 6)"
+            )
+    eight_bit = (
+        options.mode is QuantMode.INT8
+        and options.int8_method is Int8Method.BLOCKS
+        or (options.mode is QuantMode.INT4 and (options.int8_tail > 0 or options.head_bits == 8))
+    )
     level = None
     if eight_bit:
         if options.accuracy_level_8bit is not None:
@@ -110,10 +115,14 @@ def choose(options: QuantizeOptions, cpu: Optional[CpuFeatures] = None) -> Choic
             level = 4
             reasons["accuracy_level_8bit"] = (
                 f"int8 activations per block run the {'VNNI' if cpu.vnni else 'AVX2'} int8 kernel; level 0 "
-                "dequantizes and runs sgemm (26x slower per token in ORT 1.32)")
+                "dequantizes and runs sgemm (26x slower per token in ORT 1.32)"
+            )
     table_bits = None
     if options.embeddings:
         table_bits = options.table_bits if options.table_bits is not None else 8
-        reasons["table_bits"] = ("given" if options.table_bits is not None else
-                                 "4-bit tables cost MiniLM's sentence embeddings 0.998 -> 0.985 cosine; 8-bit ~1e-4")
+        reasons["table_bits"] = (
+            "given"
+            if options.table_bits is not None
+            else "4-bit tables cost MiniLM's sentence embeddings 0.998 -> 0.985 cosine; 8-bit ~1e-4"
+        )
     return Choices(cpu, reduce_range, level, table_bits, reasons)

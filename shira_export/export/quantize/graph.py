@@ -49,11 +49,24 @@ def quiet() -> quiet_loggers:
 
 
 # Ops a quantizer leaves behind; one of them in the input means "already quantized".
-QUANTIZED_OPS = frozenset({
-    "MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QLinearMatMul",
-    "MatMulIntegerToFloat", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "QGemm",
-    "ConvInteger", "QLinearConv", "DynamicQuantizeLSTM", "QAttention",
-})
+QUANTIZED_OPS = frozenset(
+    {
+        "MatMulNBits",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "DynamicQuantizeMatMul",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "GatherBlockQuantized",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "QGemm",
+        "ConvInteger",
+        "QLinearConv",
+        "DynamicQuantizeLSTM",
+        "QAttention",
+    }
+)
 _INT_WEIGHTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
 _FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _MIN_WEIGHT = 256  # elements; smaller 2-D initializers are shapes/biases, not weights
@@ -83,12 +96,17 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 def check_not_quantized(model: onnx.ModelProto, where: str) -> None:
     """Raise ShiraInputError when `model` already holds quantized ops or integer weights."""
     ops = sorted({n.op_type for n in _all_nodes(model.graph)} & QUANTIZED_OPS)
-    ints = [i.name for i in model.graph.initializer
-            if i.data_type in _INT_WEIGHTS and len(i.dims) >= 2 and _numel(i) >= _MIN_WEIGHT]
+    ints = [
+        i.name
+        for i in model.graph.initializer
+        if i.data_type in _INT_WEIGHTS and len(i.dims) >= 2 and _numel(i) >= _MIN_WEIGHT
+    ]
     if ops or ints:
         found = f"ops {ops}" if ops else f"integer weights {ints[:3]}{' ...' if len(ints) > 3 else ''}"
-        raise ShiraInputError(f"{where}: graph is already quantized ({found}); expected an fp32/fp16 graph "
-                              f"(quantize the original export, not its quantized copy)")
+        raise ShiraInputError(
+            f"{where}: graph is already quantized ({found}); expected an fp32/fp16 graph "
+            f"(quantize the original export, not its quantized copy)"
+        )
 
 
 def _numel(init: TensorProto) -> int:
@@ -100,8 +118,11 @@ def _numel(init: TensorProto) -> int:
 
 def weight_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
     """2-D float initializers of at least _MIN_WEIGHT elements: weights and tables."""
-    return {i.name: i for i in model.graph.initializer
-            if i.data_type in _FLOAT and len(i.dims) == 2 and _numel(i) >= _MIN_WEIGHT}
+    return {
+        i.name: i
+        for i in model.graph.initializer
+        if i.data_type in _FLOAT and len(i.dims) == 2 and _numel(i) >= _MIN_WEIGHT
+    }
 
 
 def computed_weight_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -151,7 +172,9 @@ def fold_transposed_weights(model: onnx.ModelProto) -> list[str]:
             continue
         name = f"{src.input[0]}_transposed"
         if name not in {i.name for i in model.graph.initializer}:
-            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[src.input[0]]).T.copy(), name))
+            model.graph.initializer.append(
+                numpy_helper.from_array(numpy_helper.to_array(weights[src.input[0]]).T.copy(), name)
+            )
         node.input[1] = name
         folded.append(node.name)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
@@ -174,8 +197,14 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> list[str]:
     names = {i.name for i in graph.initializer}
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in weights
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
+        if (
+            node.op_type != "Gemm"
+            or len(node.input) < 2
+            or node.input[1] not in weights
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+            or attrs.get("transA", 0)
+        ):
             new_nodes.append(node)
             continue
         w = node.input[1]
@@ -189,7 +218,9 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> list[str]:
         product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
         new_nodes.append(helper.make_node("MatMul", [node.input[0], w], [product], name=f"{node.name}_matmul"))
         if has_bias:
-            new_nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+            new_nodes.append(
+                helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias")
+            )
         rewritten.append(node.name)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -210,13 +241,23 @@ def _missed(model: onnx.ModelProto, expected: Sequence[str]) -> tuple[str, ...]:
     Gather's name, so the name alone does not tell)."""
     weights = weight_initializers(model)
     slot = {"MatMul": 1, "Gemm": 1, "Gather": 0}
-    left = {n.name for n in model.graph.node
-            if n.op_type in slot and len(n.input) > slot[n.op_type] and n.input[slot[n.op_type]] in weights}
+    left = {
+        n.name
+        for n in model.graph.node
+        if n.op_type in slot and len(n.input) > slot[n.op_type] and n.input[slot[n.op_type]] in weights
+    }
     return tuple(name for name in expected if name in left)
 
 
-def run_int8_dynamic(model: onnx.ModelProto, *, per_channel: bool, reduce_range: bool, embeddings: bool,
-                     exclude: Sequence[str] = (), external: bool = False) -> tuple[onnx.ModelProto, OpCounts]:
+def run_int8_dynamic(
+    model: onnx.ModelProto,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    embeddings: bool,
+    exclude: Sequence[str] = (),
+    external: bool = False,
+) -> tuple[onnx.ModelProto, OpCounts]:
     """Dynamic int8 (weights int8 offline, activations uint8 per call) of MatMul/Gemm, and of
     embedding Gathers when `embeddings`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -225,20 +266,40 @@ def run_int8_dynamic(model: onnx.ModelProto, *, per_channel: bool, reduce_range:
     ops = ["MatMul", "Gemm"] + (["Gather"] if embeddings else [])
     with tempfile.TemporaryDirectory(prefix="shira_q8_") as tmp, quiet():
         out = Path(tmp) / "q.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=ops, per_channel=per_channel, reduce_range=reduce_range,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude), use_external_data_format=external,
-                         extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(
+            model,
+            out,
+            op_types_to_quantize=ops,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude),
+            use_external_data_format=external,
+            extra_options={"MatMulConstBOnly": True},
+        )
         result = onnx.load(str(out), load_external_data=True)
     counts = Counter(n.op_type for n in result.graph.node)
     expected = [m for m in matmuls if m not in exclude]
     gathers = [g for g in gathers if g not in exclude] if embeddings else []
     missed = _missed(result, expected + gathers)
-    return result, OpCounts(len(expected), counts["MatMulInteger"] + counts["DynamicQuantizeMatMul"],
-                            len(gathers), len(gathers) - sum(1 for m in missed if m in gathers), missed)
+    return result, OpCounts(
+        len(expected),
+        counts["MatMulInteger"] + counts["DynamicQuantizeMatMul"],
+        len(gathers),
+        len(gathers) - sum(1 for m in missed if m in gathers),
+        missed,
+    )
 
 
-def run_nbits(model: onnx.ModelProto, names: Sequence[str], *, bits: int, block_size: int, symmetric: bool,
-              accuracy_level: Optional[int]) -> tuple[onnx.ModelProto, OpCounts]:
+def run_nbits(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    *,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    accuracy_level: Optional[int],
+) -> tuple[onnx.ModelProto, OpCounts]:
     """The MatMuls `names` as `bits`-bit `MatMulNBits` blocks (weight-only); every other node
     untouched. Counts: MatMuls asked for vs quantized (Gathers: see quantize.tables)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -253,10 +314,16 @@ def run_nbits(model: onnx.ModelProto, names: Sequence[str], *, bits: int, block_
     fold_transposed_weights(copy)
     # nodes_to_include does not narrow the selection in ORT 1.32; excluding the rest does
     with quiet(), _ignore_invalid():  # all-zero blocks: the quantizer's np.where picks its fallback
-        quantizer = MatMulNBitsQuantizer(copy, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                         accuracy_level=accuracy_level,
-                                         nodes_to_exclude=[m for m in matmuls if m not in wanted],
-                                         op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
+        quantizer = MatMulNBitsQuantizer(
+            copy,
+            bits=bits,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            nodes_to_exclude=[m for m in matmuls if m not in wanted],
+            op_types_to_quantize=("MatMul",),
+            quant_axes=(("MatMul", 0),),
+        )
         quantizer.process()
     result = quantizer.model.model
     left = {n.name for n in result.graph.node if n.op_type == "MatMul"}  # by name: a computed B is missed too
@@ -301,4 +368,3 @@ def drop_unused_initializers(model: onnx.ModelProto) -> int:
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return dropped
-

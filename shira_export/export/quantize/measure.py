@@ -38,7 +38,7 @@ def fake_quant(w: np.ndarray, *, bits: int, block_size: int, symmetric: bool) ->
     k, n = w.shape
     pad = (-k) % block_size
     x = np.pad(w.astype(np.float32), ((0, pad), (0, 0))).reshape(-1, block_size, n)
-    top = float(2 ** bits - 1)
+    top = float(2**bits - 1)
     if symmetric:
         # the signed value of largest magnitude maps to -2^(bits-1)
         idx = np.abs(x).argmax(1)[:, None, :]
@@ -100,8 +100,9 @@ class WeightProbe:
         for init in probe.graph.initializer:
             if init.name in wanted:
                 self.weights[init.name] = numpy_helper.to_array(init).astype(np.float32)
-                probe.graph.input.append(onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT,
-                                                                            list(init.dims)))
+                probe.graph.input.append(
+                    onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT, list(init.dims))
+                )
             else:
                 keep.append(init)
         del probe.graph.initializer[:]
@@ -139,22 +140,42 @@ class Measured:
     calibration: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"target_cosine": self.target, "chosen_4bit": list(self.four), "chosen_score": self.score, "all_4bit_score": self.all_four_score,
-                "weight_fraction_4bit": round(self.coverage, 4), "trials": self.trials, "reason": self.reason,
-                "calibration": self.calibration,
-                "sensitivity": {k: round(v, 5) for k, v in self.sensitivity.items()}}
+        return {
+            "target_cosine": self.target,
+            "chosen_4bit": list(self.four),
+            "chosen_score": self.score,
+            "all_4bit_score": self.all_four_score,
+            "weight_fraction_4bit": round(self.coverage, 4),
+            "trials": self.trials,
+            "reason": self.reason,
+            "calibration": self.calibration,
+            "sensitivity": {k: round(v, 5) for k, v in self.sensitivity.items()},
+        }
 
 
-def measure_plan(probe: WeightProbe, candidates: Sequence[str], *, target: float, block_size: int, symmetric: bool,
-                 eight_bit: Sequence[str] = (), eight_block: Optional[int] = None, refine: int = 8) -> Measured:
+def measure_plan(
+    probe: WeightProbe,
+    candidates: Sequence[str],
+    *,
+    target: float,
+    block_size: int,
+    symmetric: bool,
+    eight_bit: Sequence[str] = (),
+    eight_block: Optional[int] = None,
+    refine: int = 8,
+) -> Measured:
     """The largest set of `candidates` at 4 bits (least sensitive per weight first) whose
     joint worst cosine stays >= `target`; the MatMuls in `eight_bit` are at 8 bits throughout.
     Trials: one per candidate, one for all, a binary search over the sorted prefix, then up to
     `refine` single additions after the prefix (sensitivity is not exactly additive)."""
     w = probe.weights
     q4 = {m: fake_quant(w[probe.weight_of[m]], bits=4, block_size=block_size, symmetric=symmetric) for m in candidates}
-    base = {probe.weight_of[m]: fake_quant(w[probe.weight_of[m]], bits=8, block_size=eight_block or block_size,
-                                           symmetric=symmetric) for m in list(candidates) + list(eight_bit)}
+    base = {
+        probe.weight_of[m]: fake_quant(
+            w[probe.weight_of[m]], bits=8, block_size=eight_block or block_size, symmetric=symmetric
+        )
+        for m in list(candidates) + list(eight_bit)
+    }
 
     def run(four: Sequence[str]) -> dict[str, float]:
         return probe.score({**base, **{probe.weight_of[m]: q4[m] for m in four}})
@@ -186,7 +207,7 @@ def measure_plan(probe: WeightProbe, candidates: Sequence[str], *, target: float
             else:
                 hi = mid
         chosen = order[:lo]
-        for m in order[lo + 1:lo + 1 + refine]:  # a later, cheaper layer may still fit
+        for m in order[lo + 1 : lo + 1 + refine]:  # a later, cheaper layer may still fit
             s = run(chosen + [m])
             trials += 1
             if worst(s) >= target:
@@ -195,5 +216,12 @@ def measure_plan(probe: WeightProbe, candidates: Sequence[str], *, target: float
     total = sum(size.values())
     coverage = sum(size[m] for m in chosen) / total if total else 0.0
     keep = set(chosen)
-    return Measured(tuple(m for m in candidates if m in keep), target, {k: round(v, 5) for k, v in score.items()},
-                    {k: round(v, 5) for k, v in all_four.items()}, sensitivity, coverage, trials)
+    return Measured(
+        tuple(m for m in candidates if m in keep),
+        target,
+        {k: round(v, 5) for k, v in score.items()},
+        {k: round(v, 5) for k, v in all_four.items()},
+        sensitivity,
+        coverage,
+        trials,
+    )

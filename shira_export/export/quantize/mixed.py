@@ -50,8 +50,13 @@ class BitPlan:
     weight_fraction_4bit: float = 0.0  # of the body's (non-head) MatMul weight elements
 
     def to_json(self) -> dict:
-        out = {"method": self.method, "matmuls_4bit": len(self.four), "matmuls_8bit": len(self.eight),
-               "heads": list(self.heads), "weight_fraction_4bit": round(self.weight_fraction_4bit, 4)}
+        out = {
+            "method": self.method,
+            "matmuls_4bit": len(self.four),
+            "matmuls_8bit": len(self.eight),
+            "heads": list(self.heads),
+            "weight_fraction_4bit": round(self.weight_fraction_4bit, 4),
+        }
         if self.method == "fixed":
             out.update(tail_8bit=len(self.tail), first_8bit=len(self.first))
         if self.measured is not None:
@@ -62,16 +67,22 @@ class BitPlan:
         """One line for the export's output."""
         body = len(self.four) + len(self.eight) - len(self.heads)
         four_body = len([n for n in self.four if n not in self.heads])
-        line = (f"int4 plan ({self.method}): {four_body} of {body} body MatMuls at 4 bits "
-                f"({self.weight_fraction_4bit:.0%} of their weights), the rest and {len(self.heads)} output "
-                f"MatMul(s) at {'4' if self.heads and self.heads[0] in self.four else '8'} bits")
+        line = (
+            f"int4 plan ({self.method}): {four_body} of {body} body MatMuls at 4 bits "
+            f"({self.weight_fraction_4bit:.0%} of their weights), the rest and {len(self.heads)} output "
+            f"MatMul(s) at {'4' if self.heads and self.heads[0] in self.four else '8'} bits"
+        )
         m = self.measured or {}
         if "target_cosine" in m:
-            line += (f"; calibration worst cosine {min(m['chosen_score'].values()):.4f} >= {m['target_cosine']} "
-                     f"(all 4-bit: {min(m['all_4bit_score'].values()):.4f})")
+            line += (
+                f"; calibration worst cosine {min(m['chosen_score'].values()):.4f} >= {m['target_cosine']} "
+                f"(all 4-bit: {min(m['all_4bit_score'].values()):.4f})"
+            )
         if "labels" in m.get("chosen_score", {}):  # classifiers: what the calibration rows cannot promise
-            line += ("; no calibration label flipped, but labels of near-tie inputs can (MiniLM classifier: "
-                     "93.75 % of verify's 48 out-of-domain sentences kept, 100 % of 42 in-domain; docs/quantize.md)")
+            line += (
+                "; no calibration label flipped, but labels of near-tie inputs can (MiniLM classifier: "
+                "93.75 % of verify's 48 out-of-domain sentences kept, 100 % of 42 in-domain; docs/quantize.md)"
+            )
         if m.get("reason"):
             line += f"; {m['reason']}"
         return line
@@ -101,21 +112,37 @@ def plan_bits(model: onnx.ModelProto, options: QuantizeOptions, folder: Optional
         return _with(fixed, model, measured={"reason": f"fixed plan used: {exc}"})
     heads8 = [h for h in fixed.heads if h in fixed.eight]
     probe = WeightProbe(model, body + list(fixed.heads), feeds)
-    found = measure_plan(probe, body, target=options.plan_min_cosine, block_size=options.block_size,
-                         symmetric=options.symmetric, eight_bit=heads8)
-    found.calibration = {"batches": len(feeds), "rows": int(sum(m.shape[0] for _, m in feeds)),
-                         "tokens": int(sum(m.sum() for _, m in feeds)),
-                         "texts": bool(folder is not None and len(feeds) > 1)}
-    found.reason = ("each layer's RTN 4-bit weights simulated in fp32 on calibration inputs (weights only, so "
-                    "the same plan on every CPU)")
+    found = measure_plan(
+        probe,
+        body,
+        target=options.plan_min_cosine,
+        block_size=options.block_size,
+        symmetric=options.symmetric,
+        eight_bit=heads8,
+    )
+    found.calibration = {
+        "batches": len(feeds),
+        "rows": int(sum(m.shape[0] for _, m in feeds)),
+        "tokens": int(sum(m.sum() for _, m in feeds)),
+        "texts": bool(folder is not None and len(feeds) > 1),
+    }
+    found.reason = (
+        "each layer's RTN 4-bit weights simulated in fp32 on calibration inputs (weights only, so "
+        "the same plan on every CPU)"
+    )
     if not found.four:
         found.reason += f"; no body MatMul meets worst cosine {options.plan_min_cosine} at 4 bits: all at 8 bits"
     four = set(found.four) | {h for h in fixed.heads if h in fixed.four}
     names = list(fixed.four + fixed.eight)
     order = qgraph.count_quantizable(model, gemm=False)[0]
     names = [n for n in order if n in set(names)]
-    plan = BitPlan(four=tuple(n for n in names if n in four), eight=tuple(n for n in names if n not in four),
-                   heads=fixed.heads, method="measured", measured=found.to_json())
+    plan = BitPlan(
+        four=tuple(n for n in names if n in four),
+        eight=tuple(n for n in names if n not in four),
+        heads=fixed.heads,
+        method="measured",
+        measured=found.to_json(),
+    )
     return _with(plan, model)
 
 
@@ -139,9 +166,14 @@ def _fixed_plan(model: onnx.ModelProto, options: QuantizeOptions) -> BitPlan:
         return BitPlan(eight=tuple(names), heads=tuple(heads), method="int8")
     body = [n for n in names if n not in heads]
     count = math.ceil(options.int8_tail * len(body)) if options.int8_tail > 0 else 0
-    tail = set(body[len(body) - count:]) if count else set()
-    first = set(body[:math.ceil(options.int8_first * len(body))]) if options.int8_first > 0 else set()
+    tail = set(body[len(body) - count :]) if count else set()
+    first = set(body[: math.ceil(options.int8_first * len(body))]) if options.int8_first > 0 else set()
     eight = tail | first | (set(heads) if options.head_bits == 8 else set())
-    plan = BitPlan(four=tuple(n for n in names if n not in eight), eight=tuple(n for n in names if n in eight),
-                   heads=tuple(heads), tail=tuple(n for n in body if n in tail), first=tuple(n for n in body if n in first))
+    plan = BitPlan(
+        four=tuple(n for n in names if n not in eight),
+        eight=tuple(n for n in names if n in eight),
+        heads=tuple(heads),
+        tail=tuple(n for n in body if n in tail),
+        first=tuple(n for n in body if n in first),
+    )
     return _with(plan, model)

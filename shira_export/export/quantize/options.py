@@ -16,8 +16,16 @@ from typing import Optional
 
 from shira_export.errors import ShiraInputError
 
-__all__ = ["QuantMode", "Int8Method", "PlanMethod", "QuantizeOptions", "BLOCK_SIZES", "TABLE_BITS",
-           "DEFAULT_PLAN_COSINE", "check_quantize_options"]
+__all__ = [
+    "QuantMode",
+    "Int8Method",
+    "PlanMethod",
+    "QuantizeOptions",
+    "BLOCK_SIZES",
+    "TABLE_BITS",
+    "DEFAULT_PLAN_COSINE",
+    "check_quantize_options",
+]
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
 TABLE_BITS = (4, 8)  # GatherBlockQuantized
@@ -87,18 +95,26 @@ class QuantizeOptions:
         set_(self, "int8_method", _enum(Int8Method, self.int8_method, "int8_method"))
         set_(self, "plan", _enum(PlanMethod, self.plan, "plan"))
         target = self.plan_min_cosine
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) or not 0.0 < target <= 1.0:
+        if (
+            isinstance(target, bool)
+            or not isinstance(target, (int, float))
+            or math.isnan(target)
+            or not 0.0 < target <= 1.0
+        ):
             raise ShiraInputError(f"plan_min_cosine: expected a cosine in (0, 1], found {target!r}")
         set_(self, "plan_min_cosine", float(target))
         if not _is_int(self.block_size) or self.block_size not in BLOCK_SIZES:
-            raise ShiraInputError(f"block_size: expected one of {list(BLOCK_SIZES)} (MatMulNBits needs a power of two "
-                                  f">= 16), found {self.block_size!r}")
+            raise ShiraInputError(
+                f"block_size: expected one of {list(BLOCK_SIZES)} (MatMulNBits needs a power of two "
+                f">= 16), found {self.block_size!r}"
+            )
         for name in ("symmetric", "per_channel", "embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ShiraInputError(f"{name}: expected True or False, found {getattr(self, name)!r}")
         if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
-            raise ShiraInputError(f"reduce_range: expected True, False or None (chosen per CPU), "
-                                  f"found {self.reduce_range!r}")
+            raise ShiraInputError(
+                f"reduce_range: expected True, False or None (chosen per CPU), found {self.reduce_range!r}"
+            )
         for name in ("accuracy_level", "accuracy_level_8bit"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value not in (0, 1, 2, 3, 4)):
@@ -109,15 +125,25 @@ class QuantizeOptions:
             raise ShiraInputError(f"head_bits: expected 4 or 8, found {self.head_bits!r}")
         tail = self.int8_tail
         if isinstance(tail, bool) or not isinstance(tail, (int, float)) or math.isnan(tail) or not 0.0 <= tail <= 1.0:
-            raise ShiraInputError(f"int8_tail: expected a fraction in [0, 1] of the MatMuls kept at 8 bits, found {tail!r}")
+            raise ShiraInputError(
+                f"int8_tail: expected a fraction in [0, 1] of the MatMuls kept at 8 bits, found {tail!r}"
+            )
         set_(self, "int8_tail", float(tail))
         first = self.int8_first
-        if isinstance(first, bool) or not isinstance(first, (int, float)) or math.isnan(first) or not 0.0 <= first <= 1.0:
-            raise ShiraInputError(f"int8_first: expected a fraction in [0, 1] of the MatMuls kept at 8 bits, "
-                                  f"found {first!r}")
+        if (
+            isinstance(first, bool)
+            or not isinstance(first, (int, float))
+            or math.isnan(first)
+            or not 0.0 <= first <= 1.0
+        ):
+            raise ShiraInputError(
+                f"int8_first: expected a fraction in [0, 1] of the MatMuls kept at 8 bits, found {first!r}"
+            )
         set_(self, "int8_first", float(first))
         if isinstance(self.nodes_to_exclude, str) or not all(isinstance(n, str) for n in self.nodes_to_exclude):
-            raise ShiraInputError(f"nodes_to_exclude: expected a sequence of node names, found {self.nodes_to_exclude!r}")
+            raise ShiraInputError(
+                f"nodes_to_exclude: expected a sequence of node names, found {self.nodes_to_exclude!r}"
+            )
         set_(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
 
     @classmethod
@@ -133,7 +159,9 @@ class QuantizeOptions:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) else value
+            out[f.name] = (
+                value.value if isinstance(value, enum.Enum) else list(value) if isinstance(value, tuple) else value
+            )
         return out
 
 

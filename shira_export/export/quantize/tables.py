@@ -62,8 +62,7 @@ def _block_for(k: int, wanted: int) -> int:
     return block if block >= 16 else 0
 
 
-def quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
-                    exclude: Sequence[str] = ()) -> TableStats:
+def quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int, exclude: Sequence[str] = ()) -> TableStats:
     """Replace each `Gather(table, ids)` over a constant 2-D float table (axis 0) by a
     `GatherBlockQuantized` over `bits`-bit blocks, in place. The fp32 table stays in the
     graph's initializers until `drop_unused_initializers` (other readers may exist)."""
@@ -75,7 +74,7 @@ def quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if (node.op_type != "Gather" or node.input[0] not in weights or axis != 0 or node.name in exclude):
+        if node.op_type != "Gather" or node.input[0] not in weights or axis != 0 or node.name in exclude:
             new_nodes.append(node)
             continue
         table = node.input[0]
@@ -96,10 +95,19 @@ def quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int,
             fp32_bytes += arr.nbytes
             q_bytes += codes.nbytes + scales.nbytes + zp.nbytes
         data, scales_name, zp_name, block = done[table]
-        new_nodes.append(helper.make_node(
-            "GatherBlockQuantized", [data, node.input[1], scales_name, zp_name], list(node.output),
-            name=node.name or f"{table}_gather", domain="com.microsoft", bits=bits, block_size=block,
-            gather_axis=0, quantize_axis=1))
+        new_nodes.append(
+            helper.make_node(
+                "GatherBlockQuantized",
+                [data, node.input[1], scales_name, zp_name],
+                list(node.output),
+                name=node.name or f"{table}_gather",
+                domain="com.microsoft",
+                bits=bits,
+                block_size=block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+        )
         count += 1
     del graph.node[:]
     graph.node.extend(new_nodes)

@@ -37,8 +37,7 @@ def share_tied_embeddings(model: onnx.ModelProto) -> int:
 
     consumers = {i: n for n in model.graph.node for i in n.input}
     producers = {o: n for n in model.graph.node for o in n.output}
-    heads = [_Head(n, arr, _int8_scale(n, consumers, producers, inits)) for n in model.graph.node
-             if _is_head(n, inits)]
+    heads = [_Head(n, arr, _int8_scale(n, consumers, producers, inits)) for n in model.graph.node if _is_head(n, inits)]
     heads = [h for h in heads if h.int4 or h.scale]
     shared = 0
     for node in list(model.graph.node):
@@ -60,10 +59,19 @@ def _attrs(node: onnx.NodeProto) -> dict:
 def _is_head(node: onnx.NodeProto, inits: dict) -> bool:
     if node.op_type == "MatMulNBits":
         a = _attrs(node)  # g_idx (input 4) reorders K: not a row-wise table any more
-        return (a.get("bits", 4) in (4, 8) and a["K"] % a["block_size"] == 0 and len(node.input) < 5
-                and all(i in inits for i in node.input[1:4] if i))
-    return (node.op_type == "MatMulInteger" and len(node.input) == 4 and node.input[1] in inits
-            and node.input[3] in inits and len(inits[node.input[1]].dims) == 2)
+        return (
+            a.get("bits", 4) in (4, 8)
+            and a["K"] % a["block_size"] == 0
+            and len(node.input) < 5
+            and all(i in inits for i in node.input[1:4] if i)
+        )
+    return (
+        node.op_type == "MatMulInteger"
+        and len(node.input) == 4
+        and node.input[1] in inits
+        and node.input[3] in inits
+        and len(inits[node.input[1]].dims) == 2
+    )
 
 
 def _unpack4(packed: np.ndarray, count: int) -> np.ndarray:
@@ -94,12 +102,18 @@ class _Head:
                 scales = self.arr(self.node.input[2]).reshape(self.n, blocks).astype(np.float32)
                 has_zp = len(self.node.input) > 3 and self.node.input[3]
                 if self.bits == 8:
-                    zp = (self.arr(self.node.input[3]).reshape(self.n, blocks).astype(np.float32) if has_zp
-                          else np.full((self.n, blocks), 128, np.float32))
+                    zp = (
+                        self.arr(self.node.input[3]).reshape(self.n, blocks).astype(np.float32)
+                        if has_zp
+                        else np.full((self.n, blocks), 128, np.float32)
+                    )
                     q = self.arr(self.node.input[1]).reshape(self.n, blocks, -1).astype(np.float32)
                 else:
-                    zp = (_unpack4(self.arr(self.node.input[3]), blocks) if has_zp
-                          else np.full((self.n, blocks), 8, np.float32))
+                    zp = (
+                        _unpack4(self.arr(self.node.input[3]), blocks)
+                        if has_zp
+                        else np.full((self.n, blocks), 8, np.float32)
+                    )
                     q = _unpack4(self.arr(self.node.input[1]).reshape(self.n, -1), self.k).reshape(self.n, blocks, -1)
                 w = ((q - zp[..., None]) * scales[..., None]).reshape(self.n, self.k)
                 self._table = w, np.abs(scales).max(axis=1)
@@ -135,14 +149,20 @@ def _int8_scale(node: onnx.NodeProto, consumers: dict, producers: dict, inits: d
     return found[0] if len(found) == 1 else None
 
 
-def _lookup_table(node: onnx.NodeProto, consumers: dict, inits: dict,
-                  arr: Callable[[str], np.ndarray]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _lookup_table(
+    node: onnx.NodeProto, consumers: dict, inits: dict, arr: Callable[[str], np.ndarray]
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(dequantized [N, K] table, per-row largest scale) of a quantized embedding lookup, else None."""
     if node.op_type == "GatherBlockQuantized":
         a = _attrs(node)
         data = inits.get(node.input[0])
-        if (data is None or len(data.dims) != 2 or a.get("gather_axis", 0) != 0 or a.get("quantize_axis", 1) not in (1, -1)
-                or not all(i in inits for i in node.input[2:] if i)):
+        if (
+            data is None
+            or len(data.dims) != 2
+            or a.get("gather_axis", 0) != 0
+            or a.get("quantize_axis", 1) not in (1, -1)
+            or not all(i in inits for i in node.input[2:] if i)
+        ):
             return None
         n, k = data.dims
         block, bits = a.get("block_size", 128), a.get("bits", 4)
@@ -162,8 +182,11 @@ def _lookup_table(node: onnx.NodeProto, consumers: dict, inits: dict,
         scales = arr(node.input[2]).astype(np.float32).reshape(n, blocks)
         if len(node.input) > 3 and node.input[3]:
             zp = arr(node.input[3])
-            zp = (_unpack4(zp, blocks) if data.data_type == TensorProto.UINT8 and bits == 4
-                  else zp.astype(np.float32).reshape(n, blocks))
+            zp = (
+                _unpack4(zp, blocks)
+                if data.data_type == TensorProto.UINT8 and bits == 4
+                else zp.astype(np.float32).reshape(n, blocks)
+            )
         else:
             zp = np.full((n, blocks), (1 << (bits - 1)) if data.data_type == TensorProto.UINT8 else 0.0, np.float32)
         w = (q.reshape(n, blocks, block) - zp[..., None]) * scales[..., None]
@@ -171,8 +194,12 @@ def _lookup_table(node: onnx.NodeProto, consumers: dict, inits: dict,
     if node.op_type == "Gather" and node.input[0] in inits and _attrs(node).get("axis", 0) == 0:
         dq = consumers.get(node.output[0])
         data = inits[node.input[0]]
-        if (dq is None or dq.op_type != "DequantizeLinear" or len(data.dims) != 2
-                or not all(i in inits and _numel(inits[i]) == 1 for i in dq.input[1:] if i)):
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or len(data.dims) != 2
+            or not all(i in inits and _numel(inits[i]) == 1 for i in dq.input[1:] if i)
+        ):
             return None  # quantize_dynamic writes one scale per table; anything else is not this pattern
         scale = float(arr(dq.input[1]).reshape(-1)[0])
         zero = float(arr(dq.input[2]).reshape(-1)[0]) if len(dq.input) > 2 and dq.input[2] else 0.0
@@ -193,51 +220,104 @@ def _rewire(graph: onnx.GraphProto, node: onnx.NodeProto, consumers: dict, head:
     if head.int4:
         blocks = head.k // head.block
         b, scales = head.node.input[1], head.node.input[2]
-        new = [] if any(f"{b}_rows" in n.output for n in graph.node) else [  # a second lookup of one table
-            helper.make_node("Reshape", [b, _const(graph, f"{b}_rows_shape", np.array([head.n, head.k * head.bits // 8]))],
-                             [f"{b}_rows"], name=f"{base}_shared_rows")]
+        new = (
+            []
+            if any(f"{b}_rows" in n.output for n in graph.node)
+            else [  # a second lookup of one table
+                helper.make_node(
+                    "Reshape",
+                    [b, _const(graph, f"{b}_rows_shape", np.array([head.n, head.k * head.bits // 8]))],
+                    [f"{b}_rows"],
+                    name=f"{base}_shared_rows",
+                )
+            ]
+        )
         inputs = [f"{b}_rows", ids, scales]
         if list(head.arr(scales).shape) != [head.n, blocks]:
-            new.append(helper.make_node("Reshape", [scales, _const(graph, f"{scales}_rows_shape", np.array([head.n, blocks]))],
-                                        [f"{scales}_rows"], name=f"{base}_shared_scales"))
+            new.append(
+                helper.make_node(
+                    "Reshape",
+                    [scales, _const(graph, f"{scales}_rows_shape", np.array([head.n, blocks]))],
+                    [f"{scales}_rows"],
+                    name=f"{base}_shared_scales",
+                )
+            )
             inputs[2] = f"{scales}_rows"
         if len(head.node.input) > 3 and head.node.input[3]:
             zp, width = head.node.input[3], (blocks + 1) // 2 if head.bits == 4 else blocks
             if list(head.arr(zp).shape) != [head.n, width]:
-                new.append(helper.make_node("Reshape", [zp, _const(graph, f"{zp}_rows_shape", np.array([head.n, width]))],
-                                            [f"{zp}_rows"], name=f"{base}_shared_zp"))
+                new.append(
+                    helper.make_node(
+                        "Reshape",
+                        [zp, _const(graph, f"{zp}_rows_shape", np.array([head.n, width]))],
+                        [f"{zp}_rows"],
+                        name=f"{base}_shared_zp",
+                    )
+                )
                 zp = f"{zp}_rows"
             inputs.append(zp)
-        new.append(helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{base}_shared", domain="com.microsoft",
-                                    bits=head.bits, block_size=head.block, gather_axis=0, quantize_axis=1))
+        new.append(
+            helper.make_node(
+                "GatherBlockQuantized",
+                inputs,
+                list(node.output),
+                name=f"{base}_shared",
+                domain="com.microsoft",
+                bits=head.bits,
+                block_size=head.block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+        )
         old = [node]
     else:  # B is [K, N]: gather columns, then transpose only the gathered [K, tokens] slice
         dq = consumers[node.output[0]]
         out, p = dq.output[0], f"{base}_shared"
         flat = _const(graph, "shira_shared_flat_shape", np.array([-1]))
-        new = [helper.make_node("Reshape", [ids, flat], [f"{p}_ids"], name=f"{p}_ids"),
-               helper.make_node("Gather", [head.node.input[1], f"{p}_ids"], [f"{p}_cols"], name=f"{p}_gather", axis=1),
-               helper.make_node("Transpose", [f"{p}_cols"], [f"{p}_rows_q"], name=f"{p}_transpose", perm=[1, 0]),
-               helper.make_node("Cast", [f"{p}_rows_q"], [f"{p}_rows_f"], name=f"{p}_cast", to=TensorProto.FLOAT)]
+        new = [
+            helper.make_node("Reshape", [ids, flat], [f"{p}_ids"], name=f"{p}_ids"),
+            helper.make_node("Gather", [head.node.input[1], f"{p}_ids"], [f"{p}_cols"], name=f"{p}_gather", axis=1),
+            helper.make_node("Transpose", [f"{p}_cols"], [f"{p}_rows_q"], name=f"{p}_transpose", perm=[1, 0]),
+            helper.make_node("Cast", [f"{p}_rows_q"], [f"{p}_rows_f"], name=f"{p}_cast", to=TensorProto.FLOAT),
+        ]
         rows = f"{p}_rows_f"
         if np.any(head.arr(head.node.input[3])):
-            new += [helper.make_node("Gather", [head.node.input[3], f"{p}_ids"], [f"{p}_zp_q"], name=f"{p}_zp_gather"),
-                    helper.make_node("Cast", [f"{p}_zp_q"], [f"{p}_zp"], name=f"{p}_zp_cast", to=TensorProto.FLOAT),
-                    helper.make_node("Unsqueeze", [f"{p}_zp", _const(graph, "shira_shared_axis1", np.array([1]))],
-                                     [f"{p}_zp_col"], name=f"{p}_zp_col"),
-                    helper.make_node("Sub", [rows, f"{p}_zp_col"], [f"{p}_centered"], name=f"{p}_sub")]
+            new += [
+                helper.make_node("Gather", [head.node.input[3], f"{p}_ids"], [f"{p}_zp_q"], name=f"{p}_zp_gather"),
+                helper.make_node("Cast", [f"{p}_zp_q"], [f"{p}_zp"], name=f"{p}_zp_cast", to=TensorProto.FLOAT),
+                helper.make_node(
+                    "Unsqueeze",
+                    [f"{p}_zp", _const(graph, "shira_shared_axis1", np.array([1]))],
+                    [f"{p}_zp_col"],
+                    name=f"{p}_zp_col",
+                ),
+                helper.make_node("Sub", [rows, f"{p}_zp_col"], [f"{p}_centered"], name=f"{p}_sub"),
+            ]
             rows = f"{p}_centered"
         scale = str(head.scale)
         if _numel(next(i for i in graph.initializer if i.name == scale)) > 1:
-            new += [helper.make_node("Gather", [scale, f"{p}_ids"], [f"{p}_scale"], name=f"{p}_scale_gather"),
-                    helper.make_node("Unsqueeze", [f"{p}_scale", _const(graph, "shira_shared_axis1", np.array([1]))],
-                                     [f"{p}_scale_col"], name=f"{p}_scale_col")]
+            new += [
+                helper.make_node("Gather", [scale, f"{p}_ids"], [f"{p}_scale"], name=f"{p}_scale_gather"),
+                helper.make_node(
+                    "Unsqueeze",
+                    [f"{p}_scale", _const(graph, "shira_shared_axis1", np.array([1]))],
+                    [f"{p}_scale_col"],
+                    name=f"{p}_scale_col",
+                ),
+            ]
             scale = f"{p}_scale_col"
-        new += [helper.make_node("Mul", [rows, scale], [f"{p}_values"], name=f"{p}_mul"),
-                helper.make_node("Shape", [ids], [f"{p}_ids_shape"], name=f"{p}_ids_shape"),
-                helper.make_node("Concat", [f"{p}_ids_shape", _const(graph, f"{p}_k", np.array([head.k]))], [f"{p}_shape"],
-                                 name=f"{p}_shape", axis=0),
-                helper.make_node("Reshape", [f"{p}_values", f"{p}_shape"], [out], name=f"{p}_reshape")]
+        new += [
+            helper.make_node("Mul", [rows, scale], [f"{p}_values"], name=f"{p}_mul"),
+            helper.make_node("Shape", [ids], [f"{p}_ids_shape"], name=f"{p}_ids_shape"),
+            helper.make_node(
+                "Concat",
+                [f"{p}_ids_shape", _const(graph, f"{p}_k", np.array([head.k]))],
+                [f"{p}_shape"],
+                name=f"{p}_shape",
+                axis=0,
+            ),
+            helper.make_node("Reshape", [f"{p}_values", f"{p}_shape"], [out], name=f"{p}_reshape"),
+        ]
         old = [node, dq]
     at = min(list(graph.node).index(o) for o in old)
     for o in old:
