@@ -35,7 +35,7 @@ def share_tied_embeddings(model: onnx.ModelProto) -> int:
             arrays[name] = numpy_helper.to_array(inits[name])
         return arrays[name]
 
-    consumers = {i: n for n in model.graph.node for i in n.input}
+    consumers = _sole_consumers(model.graph)
     producers = {o: n for n in model.graph.node for o in n.output}
     heads = [_Head(n, arr, _int8_scale(n, consumers, producers, inits)) for n in model.graph.node if _is_head(n, inits)]
     heads = [h for h in heads if h.int4 or h.scale]
@@ -132,6 +132,17 @@ class _Head:
         mine, my_step = self.table()
         # two roundings of one table differ by at most half a step each; untied tables by far more
         return bool(np.all(np.abs(values - mine).max(axis=1) <= 0.51 * (step + my_step) + 1e-6))
+
+
+def _sole_consumers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """{tensor: the node reading it} for tensors exactly one node reads and no graph output is:
+    the patterns below rewire or remove a tensor's consumer, so they must be its only reader."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    return {name: nodes[0] for name, nodes in readers.items() if len(nodes) == 1 and name not in outputs}
 
 
 def _int8_scale(node: onnx.NodeProto, consumers: dict, producers: dict, inits: dict) -> Optional[str]:
