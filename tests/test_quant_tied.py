@@ -189,3 +189,22 @@ def test_fp32_lookup_is_not_quantized_by_sharing(exports, tmp_path):
         onnx.save(_quantized(exports["tied"], mode, embeddings=False), str(tmp_path / f"{mode}.onnx"))
         _, count = _shared(tmp_path / f"{mode}.onnx")
         assert count == 0
+
+
+def test_patterns_see_only_sole_consumers():
+    """A tensor read by two nodes (or a graph output) is no pattern's to rewire."""
+    from onnx import TensorProto, helper
+
+    from shira_export.export.quantize.tied import _sole_consumers
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="r"),
+        helper.make_node("Neg", ["a"], ["b"], name="n1"),
+        helper.make_node("Abs", ["a"], ["c"], name="n2"),
+        helper.make_node("Exp", ["b"], ["y"], name="e"),
+        helper.make_node("Identity", ["c"], ["z"], name="i"),
+    ]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [vi("x")], [vi("y"), vi("z"), vi("c")])
+    sole = {name: node.name for name, node in _sole_consumers(graph).items()}
+    assert sole == {"x": "r", "b": "e"}  # "a" has two readers, "c" is also a graph output
