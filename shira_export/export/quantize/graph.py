@@ -8,7 +8,9 @@
 - `run_int8_dynamic` / `run_nbits`: onnxruntime's dynamic int8 and MatMulNBits (4 or 8
   bits) quantizers, muted, each returning the counts of quantized vs asked-for ops.
 - `drop_unused_initializers`: the fp32 originals the quantizers leave behind.
-Nodes are found by op type and constant weights, never by exporter-specific names.
+Nodes are found by op type and constant weights, never by exporter-specific names. The
+rewrites run on onnx-ir, one conversion per pass (quantize.ir_edits); the checks and counts
+read the protobuf directly.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto
 
 from shira_export._quiet import quiet_loggers
 from shira_export.errors import ShiraInputError
+from shira_export.export.quantize.ir_edits import constant, edited, is_unused, op, replace
 
 __all__ = [
     "QUANTIZED_OPS",
@@ -69,6 +73,7 @@ QUANTIZED_OPS = frozenset(
 )
 _INT_WEIGHTS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
 _FLOAT = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_IR_FLOAT = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _MIN_WEIGHT = 256  # elements; smaller 2-D initializers are shapes/biases, not weights
 
 
@@ -155,32 +160,47 @@ def computed_weight_matmuls(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def _weights(graph: ir.Graph) -> dict[str, ir.Value]:
+    """`weight_initializers` on onnx-ir: the main graph's 2-D float initializers of at least
+    _MIN_WEIGHT elements."""
+    out = {}
+    for name, value in graph.initializers.items():
+        t = value.const_value
+        if t is not None and t.dtype in _IR_FLOAT and len(t.shape) == 2 and t.size >= _MIN_WEIGHT:
+            out[name] = value
+    return out
+
+
+def _weight(value: Optional[ir.Value], weights: dict[str, ir.Value]) -> Optional[ir.Value]:
+    return value if value is not None and weights.get(value.name or "") is value else None
+
+
+def _transposed(graph: ir.Graph, weight: ir.Value) -> ir.Value:
+    """`{weight}_transposed`: the weight's transposed copy, made once per weight."""
+    tensor = weight.const_value
+    assert tensor is not None  # _weights holds initializers with values only
+    return constant(graph, f"{weight.name}_transposed", lambda: tensor.numpy().T.copy())
+
+
 def fold_transposed_weights(model: onnx.ModelProto) -> list[str]:
     """Give MatMuls that read `Transpose(weight)` (tied LM heads, e.g. OPT's lm_head) their
     own transposed initializer, in place, so the quantizer sees a constant B. Returns the nodes."""
-    from onnx import numpy_helper
-
-    weights = weight_initializers(model)
-    producers = {out: n for n in model.graph.node for out in n.output}
     folded: list[str] = []
-    for node in model.graph.node:
-        src = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if src is None or src.op_type != "Transpose" or src.input[0] not in weights:
-            continue
-        perm = [list(a.ints) for a in src.attribute if a.name == "perm"]
-        if perm not in ([], [[1, 0]]):
-            continue
-        name = f"{src.input[0]}_transposed"
-        if name not in {i.name for i in model.graph.initializer}:
-            model.graph.initializer.append(
-                numpy_helper.from_array(numpy_helper.to_array(weights[src.input[0]]).T.copy(), name)
-            )
-        node.input[1] = name
-        folded.append(node.name)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    dead = [n for n in model.graph.node if n.op_type == "Transpose" and n.output[0] not in used]
-    for n in dead:  # else the fp32 table stays in the file through the unused Transpose
-        model.graph.node.remove(n)
+    with edited(model) as view:
+        graph = view.graph
+        weights = _weights(graph)
+        for node in graph:
+            b = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+            src = b.producer() if b is not None else None
+            if src is None or src.op_type != "Transpose" or _weight(src.inputs[0], weights) is None:
+                continue
+            if list(src.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+                continue
+            node.replace_input_with(1, _transposed(graph, src.inputs[0]))  # type: ignore[arg-type]
+            folded.append(node.name or "")
+        for node in list(graph):  # else the fp32 table stays in the file through the unused Transpose
+            if node.op_type == "Transpose" and is_unused(node.outputs[0]):
+                graph.remove(node, safe=True)
     return folded
 
 
@@ -188,42 +208,31 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> list[str]:
     """Rewrite `Gemm(A, W, C)` with a constant W (alpha = beta = 1, no transA) as
     `MatMul(A, W') + C`, in place, keeping the output name. MatMulNBits quantizes MatMul
     only: without this, the Gemm layers (e.g. OPT's fc1/fc2) would stay fp32."""
-    from onnx import helper, numpy_helper
-
-    weights = weight_initializers(model)
-    graph = model.graph
     rewritten: list[str] = []
-    new_nodes: list[onnx.NodeProto] = []
-    names = {i.name for i in graph.initializer}
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (
-            node.op_type != "Gemm"
-            or len(node.input) < 2
-            or node.input[1] not in weights
-            or attrs.get("alpha", 1.0) != 1.0
-            or attrs.get("beta", 1.0) != 1.0
-            or attrs.get("transA", 0)
-        ):
-            new_nodes.append(node)
-            continue
-        w = node.input[1]
-        if attrs.get("transB", 0):
-            name = f"{w}_transposed"
-            if name not in names:
-                graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[w]).T.copy(), name))
-                names.add(name)
-            w = name
-        has_bias = len(node.input) > 2 and node.input[2]
-        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        new_nodes.append(helper.make_node("MatMul", [node.input[0], w], [product], name=f"{node.name}_matmul"))
-        if has_bias:
-            new_nodes.append(
-                helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias")
-            )
-        rewritten.append(node.name)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    with edited(model) as view:
+        graph = view.graph
+        weights = _weights(graph)
+        for node in list(graph):
+            a = node.attributes
+            if (
+                node.op_type != "Gemm"
+                or len(node.inputs) < 2
+                or _weight(node.inputs[1], weights) is None
+                or a.get_float("alpha", 1.0) != 1.0
+                or a.get_float("beta", 1.0) != 1.0
+                or a.get_int("transA", 0) != 0
+            ):
+                continue
+            w = node.inputs[1]
+            if a.get_int("transB", 0):
+                w = _transposed(graph, w)  # type: ignore[arg-type]
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            out, base = node.outputs[0].name or "", node.name or ""
+            new = [op("MatMul", [node.inputs[0], w], f"{out}_matmul" if bias else out, name=f"{base}_matmul")]
+            if bias is not None:
+                new.append(op("Add", [new[0].outputs[0], bias], out, name=f"{base}_bias"))
+            replace(graph, [node], new, [node.outputs[0]], [new[-1].outputs[0]])
+            rewritten.append(node.name or "")
     return rewritten
 
 
@@ -337,34 +346,22 @@ def _ignore_invalid():
     return np.errstate(invalid="ignore", divide="ignore")
 
 
-def _referenced_names(graph: onnx.GraphProto, names: set) -> None:
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:  # If/Loop bodies read outer-scope values by name
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _referenced_names(attr.g, names)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _referenced_names(sub, names)
-
-
 def drop_unused_initializers(model: onnx.ModelProto) -> int:
     """Remove nodes whose outputs nothing reads, then initializers no node reads: the
     quantizers leave the fp32 originals (and e.g. a tied head's Transpose of the
     embedding table) behind, which would keep the file near fp32 size. ONNX ops have no
-    side effects, so a node with unread outputs is dead. Returns how many initializers went."""
-    graph = model.graph
-    while True:
-        used: set = {o.name for o in graph.output}
-        _referenced_names(graph, used)
-        live = [n for n in graph.node if any(o in used for o in n.output)]
-        if len(live) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(live)
-    keep = [t for t in graph.initializer if t.name in used]
-    dropped = len(graph.initializer) - len(keep)
-    if dropped:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return dropped
+    side effects, so a node with unread outputs is dead. A reader inside an If/Loop body
+    counts. Returns how many initializers went."""
+    with edited(model) as view:
+        graph = view.graph
+        removed = True
+        while removed:  # last node first: one sweep clears a chain; repeat for unsorted graphs
+            removed = False
+            for node in reversed(list(graph)):
+                if all(is_unused(o) for o in node.outputs):
+                    graph.remove(node, safe=True)
+                    removed = True
+        unused = [name for name, value in graph.initializers.items() if is_unused(value)]
+        for name in unused:
+            del graph.initializers[name]
+    return len(unused)
