@@ -27,7 +27,8 @@ __all__ = ["edited", "constant", "op", "replace", "sole_consumer", "is_unused"]
 @contextmanager
 def edited(model: onnx.ModelProto) -> Iterator[ir.Model]:
     """`model` as onnx-ir for one pass; written back into `model` on a normal exit (on an
-    exception `model` is left as it was)."""
+    exception `model` is left as it was). The view is spent after the block: the arrays of
+    new initializers are handed to the proto and released."""
     view = ir.serde.deserialize_model(model)
     original = {name: value.const_value for name, value in view.graph.initializers.items()}
     yield view
@@ -40,7 +41,7 @@ def _write_back(model: onnx.ModelProto, view: ir.Model, original: dict) -> None:
     for node in view.graph:
         ir.serde.serialize_node_into(graph.node.add(), node, model_ir_version=view.ir_version)
     kept: set[str] = set()
-    new: list[tuple[str, ir.TensorProtocol]] = []
+    new: list[ir.Value] = []
     for name, value in view.graph.initializers.items():
         tensor = value.const_value
         if tensor is None:
@@ -48,14 +49,15 @@ def _write_back(model: onnx.ModelProto, view: ir.Model, original: dict) -> None:
         if original.get(name) is tensor:
             kept.add(name)
         else:
-            new.append((name, tensor))
+            new.append(value)
     for i in reversed(range(len(graph.initializer))):  # by index: no copy of the kept ones
         if graph.initializer[i].name not in kept:
             del graph.initializer[i]
-    for name, tensor in new:
+    for value in new:
         proto = graph.initializer.add()
-        ir.serde.serialize_tensor_into(proto, tensor)
-        proto.name = name
+        ir.serde.serialize_tensor_into(proto, value.const_value)  # type: ignore[arg-type]
+        proto.name = value.name or ""
+        value.const_value = None  # the view ends here: its array goes as soon as the proto has the bytes
 
 
 def constant(graph: ir.Graph, name: str, value: Union[np.ndarray, Callable[[], np.ndarray]]) -> ir.Value:
