@@ -182,7 +182,7 @@ def test_int4_measured_plan_meets_its_target_with_the_real_kernels(exports, tmp_
     plan = _plan(report)
     measured = plan["measured"]
     assert plan["method"] == "measured" and report.options["plan"] == "measured"
-    assert min(measured["chosen_score"].values()) >= measured["target_cosine"] == 0.99
+    assert min(measured["chosen_score"].values()) >= measured["target_cosine"] == 0.995  # token states
     bits = {re.sub(r"_Q[48]$", "", n): b for n, b in _nbits(root / "merged_int4" / "model.onnx").items()}
     four = sorted(n for n, b in bits.items() if b == 4)
     assert four == sorted(measured["chosen_4bit"]) and len(four) == plan["matmuls_4bit"] == report.matmuls_4bit

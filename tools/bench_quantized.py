@@ -4,6 +4,7 @@ switching on the quantized sparse graph.
     python examples/train_minilm_classifier.py --out /tmp/minilm     # builds the MiniLM folders
     python tools/bench_quantized.py --minilm /tmp/minilm [--opt] [--rounds 7]
     python tools/bench_quantized.py --quality --out /tmp/qbench       # the quality table (docs/quantize.md)
+    python tools/bench_quantized.py --quality --only cls,emb --out /tmp/qbench  # the MiniLM rows only
 
 `--quality`: int8 / int4 x merged / sparse of the demo (`shira-export demo`), the MiniLM
 classifier (the adapter examples/train_minilm_classifier.py trains) and MiniLM feature
@@ -210,7 +211,10 @@ def _cli(*args: str) -> int:
     return subprocess.run([sys.executable, "-m", "shira_export.cli", *args], capture_output=True, text=True).returncode
 
 
-def bench_quality(out: Path) -> list[dict]:
+GROUPS = ("demo", "cls", "emb")  # --only: the demo, the MiniLM classifier, MiniLM embeddings
+
+
+def bench_quality(out: Path, only: tuple[str, ...] = GROUPS) -> list[dict]:
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -225,11 +229,13 @@ def bench_quality(out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     print(f"machine at start: {_machine()}", flush=True)
-    if not (out / "demo").is_dir():
+    if "demo" in only and not (out / "demo").is_dir():
         _cli("demo", "--output", str(out / "demo"))
     demo = out / "demo"
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
+            if "demo" not in only:
+                break
             folder = out / f"demo_{kind}_{mode}"
             args = (
                 ["merged", "--format", "onnx", "--adapter", str(demo / "adapters/poet")]
@@ -268,6 +274,8 @@ def bench_quality(out: Path) -> list[dict]:
         )
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
+            if "cls" not in only:
+                break
             folder = out / f"cls_{kind}_{mode}"
             args = (
                 ["merged", "--format", "onnx", "--adapter", str(adapter)]
@@ -315,6 +323,8 @@ def bench_quality(out: Path) -> list[dict]:
     mask = feeds["attention_mask"][..., None].astype(np.float32)
     for kind in ("merged", "sparse"):
         for mode in ("int8", "int4"):
+            if "emb" not in only:
+                break
             folder = out / f"emb_{kind}_{mode}"
             args = (
                 ["merged", "--format", "onnx", "--adapter", str(out / "fa")]
@@ -401,8 +411,12 @@ def _verdict(folder: Path) -> dict:
         out["plan"] = plan["method"]
         out["matmuls_4bit"] = f"{plan['matmuls_4bit']}/{plan['matmuls_4bit'] + plan['matmuls_8bit']}"
         out["weights_4bit"] = plan["weight_fraction_4bit"]
-        if "chosen_score" in plan.get("measured", {}):
-            out["calibration_cosine"] = min(plan["measured"]["chosen_score"].values())
+        score = plan.get("measured", {}).get("chosen_score")
+        if score:
+            out["calibration_cosine"] = min(v for k, v in score.items() if k != "labels_predicted")
+            out["target_cosine"] = plan["measured"]["target_cosine"]
+            if "labels_predicted" in score:  # classifiers: agreement the plan predicts on unseen rows
+                out["predicted_agreement"] = score["labels_predicted"]
     return out
 
 
@@ -430,10 +444,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="greedy tokens per prompt in the OPT quality check")
     parser.add_argument("--quality", action="store_true", help="the quality table (demo and MiniLM, every variant)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "shira_qbench")
+    parser.add_argument(
+        "--only",
+        default=",".join(GROUPS),
+        help=f"--quality: comma-separated subset of {','.join(GROUPS)} (default: all)",
+    )
     args = parser.parse_args()
     rows = []
+    only = tuple(g.strip() for g in args.only.split(",") if g.strip())
+    if set(only) - set(GROUPS):
+        parser.error(f"--only: expected some of {','.join(GROUPS)}, found {args.only!r}")
     if args.quality:
-        rows += bench_quality(args.out)
+        rows += bench_quality(args.out, only)
     if args.minilm:
         rows += bench_minilm(args.minilm, args.rounds)
     if args.opt:

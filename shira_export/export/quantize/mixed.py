@@ -31,9 +31,15 @@ from typing import Optional
 import onnx
 
 from shira_export.export.quantize import graph as qgraph
-from shira_export.export.quantize.options import PlanMethod, QuantizeOptions, QuantMode
+from shira_export.export.quantize.options import (
+    DEFAULT_PLAN_COSINE,
+    EMBEDDING_PLAN_COSINE,
+    PlanMethod,
+    QuantizeOptions,
+    QuantMode,
+)
 
-__all__ = ["BitPlan", "plan_bits"]
+__all__ = ["BitPlan", "plan_bits", "plan_target", "label_outputs"]
 
 
 @dataclass(frozen=True)
@@ -75,23 +81,56 @@ class BitPlan:
         m = self.measured or {}
         if "target_cosine" in m:
             line += (
-                f"; calibration worst cosine {min(m['chosen_score'].values()):.4f} >= {m['target_cosine']} "
-                f"(all 4-bit: {min(m['all_4bit_score'].values()):.4f})"
+                f"; calibration worst cosine {_worst(m['chosen_score']):.4f} >= {m['target_cosine']} "
+                f"(all 4-bit: {_worst(m['all_4bit_score']):.4f})"
             )
-        if "labels" in m.get("chosen_score", {}):  # classifiers: what the calibration rows cannot promise
+        predicted = m.get("chosen_score", {}).get("labels_predicted")
+        if predicted is not None:  # classifiers: what the calibration rows predict for unseen ones
             line += (
-                "; no calibration label flipped, but labels of near-tie inputs can (MiniLM classifier: "
-                "93.75 % of verify's 48 out-of-domain sentences kept, 100 % of 42 in-domain; docs/quantize.md)"
+                f"; predicted label agreement on unseen rows {predicted:.3f} >= {m['target_agreement']} "
+                f"(from the calibration margins; near-ties can still flip, docs/quantize.md)"
             )
         if m.get("reason"):
             line += f"; {m['reason']}"
         return line
 
 
+def _worst(score: dict) -> float:
+    """Worst cosine / agreement of a plan score (the predicted agreement has its own target)."""
+    return min((v for k, v in score.items() if k != "labels_predicted"), default=1.0)
+
+
 def _sizes(model: onnx.ModelProto, names: list[str]) -> dict[str, int]:
     inits = {i.name: i for i in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
     return {n: math.prod(inits[by_name[n].input[1]].dims) for n in names}
+
+
+def label_outputs(model: onnx.ModelProto) -> list[str]:
+    """Graph outputs of shape [batch, labels]: a classifier's logits."""
+    return [
+        o.name
+        for o in model.graph.output
+        if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and len(o.type.tensor_type.shape.dim) == 2
+    ]
+
+
+def plan_target(model: onnx.ModelProto, heads: tuple[str, ...], options: QuantizeOptions) -> tuple[float, str]:
+    """The measured plan's worst-cosine target and why: the option when given, else by output kind.
+    Token states that no head MatMul writes (feature extraction: every token judged, and mean-pooled)
+    get EMBEDDING_PLAN_COSINE; logits (LM heads, classifiers) DEFAULT_PLAN_COSINE."""
+    if options.plan_min_cosine is not None:
+        return options.plan_min_cosine, "plan_min_cosine given"
+    by_name = {n.name: n for n in model.graph.node}
+    from_heads = {o for h in heads for o in by_name[h].output}
+    states = [
+        o.name
+        for o in model.graph.output
+        if not o.name.startswith("present") and o.name not in from_heads and len(o.type.tensor_type.shape.dim) == 3
+    ]
+    if states:
+        return EMBEDDING_PLAN_COSINE, f"token states {states[:2]} not written by a head: embedding target"
+    return DEFAULT_PLAN_COSINE, "logits: default target"
 
 
 def plan_bits(model: onnx.ModelProto, options: QuantizeOptions, folder: Optional[Path] = None) -> BitPlan:
@@ -111,14 +150,16 @@ def plan_bits(model: onnx.ModelProto, options: QuantizeOptions, folder: Optional
     except UnsupportedInputs as exc:
         return _with(fixed, model, measured={"reason": f"fixed plan used: {exc}"})
     heads8 = [h for h in fixed.heads if h in fixed.eight]
+    target, why = plan_target(model, fixed.heads, options)
     probe = WeightProbe(model, body + list(fixed.heads), feeds)
     found = measure_plan(
         probe,
         body,
-        target=options.plan_min_cosine,
+        target=target,
         block_size=options.block_size,
         symmetric=options.symmetric,
         eight_bit=heads8,
+        agreement=options.plan_min_agreement,
     )
     found.calibration = {
         "batches": len(feeds),
@@ -128,10 +169,10 @@ def plan_bits(model: onnx.ModelProto, options: QuantizeOptions, folder: Optional
     }
     found.reason = (
         "each layer's RTN 4-bit weights simulated in fp32 on calibration inputs (weights only, so "
-        "the same plan on every CPU)"
+        f"the same plan on every CPU); target {target} ({why})"
     )
     if not found.four:
-        found.reason += f"; no body MatMul meets worst cosine {options.plan_min_cosine} at 4 bits: all at 8 bits"
+        found.reason += f"; no body MatMul meets worst cosine {target} at 4 bits: all at 8 bits"
     four = set(found.four) | {h for h in fixed.heads if h in fixed.four}
     names = list(fixed.four + fixed.eight)
     order = qgraph.count_quantizable(model, gemm=False)[0]
