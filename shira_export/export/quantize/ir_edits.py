@@ -39,7 +39,7 @@ def _write_back(model: onnx.ModelProto, view: ir.Model, original: dict) -> None:
     graph = model.graph
     del graph.node[:]
     for node in view.graph:
-        ir.serde.serialize_node_into(graph.node.add(), node, model_ir_version=view.ir_version)
+        ir.serde.serialize_node_into(graph.node.add(), node)
     kept: set[str] = set()
     new: list[ir.Value] = []
     for name, value in view.graph.initializers.items():

@@ -5,7 +5,9 @@
 embedding table so the quantizers can read a constant B; the lookup is quantized apart, so
 the file holds the table twice. `share_tied_embeddings` points the lookup at the head's
 quantized weights. Tiedness is decided by content (the two dequantized tables agree within
-their rounding), not by names.
+their rounding), not by names. The edit runs on onnx-ir (quantize.ir_edits): a pattern
+rewires a tensor's consumer only when `Value.uses()` says it is the sole reader (readers
+inside If/Loop bodies count), and new nodes take the removed lookup's place.
 """
 
 from __future__ import annotations
