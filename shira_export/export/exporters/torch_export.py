@@ -19,10 +19,10 @@ of 4 (all different, so no two axes are unified); parity is checked at other sha
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import onnx_ir as ir
 import torch
 
 from shira_export.artifacts.tasks import spec_for
@@ -231,81 +231,115 @@ def _program_for(model: "PreTrainedModel", task: str, opset: int) -> tuple[torch
     return wrapper, args, shapes, (graph_input_names(model, task), [output])
 
 
-# Traced graphs by structure (model class, config, task, opset, parameter names and shapes):
-# tracing is most of an export's time and depends only on the structure, so exporting the
-# same architecture again (another adapter merged into the same base, a test suite) only
-# swaps the weights in. The programs hold no weights between uses.
-_TRACED: "OrderedDict[tuple, Any]" = OrderedDict()
-_TRACED_MAX = 4
+def _structure_key(wrapper: torch.nn.Module, model: "PreTrainedModel", task: str, opset: int) -> str:
+    """The trace cache's key: everything the traced graph depends on (see trace_cache)."""
+    import hashlib
+    import json
 
+    import onnx
+    import onnx_ir
+    import onnxscript
+    import transformers
 
-def _structure_key(wrapper: torch.nn.Module, model: "PreTrainedModel", task: str, opset: int) -> tuple:
-    state = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in wrapper.state_dict().items())
-    return (
-        type(model).__module__,
-        type(model).__qualname__,
-        model.config.to_json_string(use_diff=False),
-        task,
-        opset,
-        state,
+    from shira_export.export.exporters.trace_cache import cache_key
+
+    def source_hash(path: Optional[str]) -> str:
+        try:
+            return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+        except OSError:
+            return ""
+
+    state = [[name, list(t.shape), str(t.dtype)] for name, t in wrapper.state_dict().items()]
+    config = model.config.to_dict()
+    for where in ("_name_or_path", "_commit_hash"):  # where it came from, not what it is
+        config.pop(where, None)
+    return cache_key(
+        {
+            "versions": [
+                torch.__version__,
+                transformers.__version__,
+                onnxscript.__version__,
+                onnx_ir.__version__,
+                onnx.__version__,
+            ],
+            "exporter": source_hash(__file__),
+            "class": [
+                type(model).__module__,
+                type(model).__qualname__,
+                source_hash(inspect.getsourcefile(type(model))),
+            ],
+            "config": json.dumps(config, sort_keys=True, default=str),
+            "attention": str(getattr(model.config, "_attn_implementation", None)),
+            "task": task,
+            "opset": opset,
+            "state": state,
+        }
     )
 
 
-def _traced_program(wrapper, model, task: str, opset: int, args, shapes, inputs, outputs):
+def _trace(wrapper, model, task: str, opset: int, args, shapes, inputs, outputs):
+    """torch.onnx.export (dynamo) of the wrapper, unoptimized: the ONNXProgram."""
+    try:
+        return torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            dynamic_shapes=shapes,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            optimize=False,
+            verbose=False,
+        )
+    except Exception as exc:  # torch.export's failures are many classes; each means "this model"
+        raise ShiraInputError(
+            f"model_type {model.config.model_type!r}: torch.onnx (dynamo) cannot export it for task {task!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); try --exporter optimum on "
+            f"transformers 4.x"
+        ) from None
+
+
+def _graph_with_weights(wrapper, model, task: str, opset: int, args, shapes, names) -> "ir.Model":
+    """The unoptimized graph with this model's weights: from the trace cache when the same
+    structure was traced before (any process, unless the disk cache is off), else traced
+    (and kept, without weights)."""
+    from shira_export.export.exporters import trace_cache
+
+    inputs, outputs = names
+    state = wrapper.state_dict()
     key = _structure_key(wrapper, model, task, opset)
-    program = _TRACED.pop(key, None)
-    if program is None:
-        try:
-            program = torch.onnx.export(
-                wrapper,
-                args,
-                dynamo=True,
-                dynamic_shapes=shapes,
-                input_names=inputs,
-                output_names=outputs,
-                opset_version=opset,
-                optimize=False,
-                verbose=False,
-            )
-        except Exception as exc:  # torch.export's failures are many classes; each means "this model"
-            raise ShiraInputError(
-                f"model_type {model.config.model_type!r}: torch.onnx (dynamo) cannot export it for task {task!r} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); try --exporter optimum on "
-                f"transformers 4.x"
-            ) from None
-    _TRACED[key] = program
-    while len(_TRACED) > _TRACED_MAX:
-        _TRACED.popitem(last=False)
-    return program
+    cached = trace_cache.lookup(key)
+    if cached is not None:
+        contract = [v.name for v in cached.graph.inputs] == inputs and [v.name for v in cached.graph.outputs] == outputs
+        if contract and trace_cache.fill_weights(cached, state):
+            return cached
+        trace_cache.discard(key)  # a graph that does not fit this model is never used
+    program = _trace(wrapper, model, task, opset, args, shapes, inputs, outputs)
+    graph = program.model
+    trace_cache.store(key, trace_cache.weightless_bytes(graph, {n for n in state if n in graph.graph.initializers}))
+    return graph
 
 
 def export_with_torch(model: "PreTrainedModel", output_dir: Path, *, task: str, opset: int = 18) -> Path:
     """Write `output_dir/model.onnx` for `task`; returns its path."""
     import onnx
-    import onnx_ir as ir
     from onnxscript.optimizer import remove_unused_nodes
 
     from shira_export.export.exporters.graph_rewrites import fuse_split_transposes
+    from shira_export.export.exporters.onnx_optimize import optimize_like_torch
     from shira_export.export.onnx_io import save_onnx
 
     model = model.eval()
-    wrapper, args, shapes, (inputs, outputs) = _program_for(model, task, opset)
+    wrapper, args, shapes, names = _program_for(model, task, opset)
+    inputs, outputs = names
     with quiet_loggers(*_LOGGERS), torch.no_grad():
-        program = _traced_program(wrapper, model, task, opset, args, shapes, inputs, outputs)
-        state = wrapper.state_dict()
-        program.apply_weights(state)
-        unoptimized = program.model_proto
-        for name in state:  # the cached program keeps the graph, not this model's weights
-            if name in program.model.graph.initializers:
-                program.model.graph.initializers[name].const_value = None
-        # constant folding (the weight transposes) and fusions, as torch.onnx's optimize=True
-        optimized = torch.onnx.ONNXProgram(ir.from_proto(unoptimized), None)
-        del unoptimized
-        optimized.optimize()
-        if fuse_split_transposes(optimized.model):
-            remove_unused_nodes(optimized.model)
-        proto = optimized.model_proto
-        del optimized
+        graph = _graph_with_weights(wrapper, model, task, opset, args, shapes, names)
+        # constant folding (the weight transposes) and fusions: torch.onnx's optimize(), same result
+        optimize_like_torch(graph)
+        if fuse_split_transposes(graph):
+            remove_unused_nodes(graph)
+        proto = ir.serde.serialize_model(graph)
+        del graph
     _check_contract(proto, inputs, outputs, model.config.model_type)
     path = Path(output_dir) / "model.onnx"
     save_onnx(proto, path)
