@@ -24,11 +24,14 @@ from shira_export.export.adapter_file import (  # noqa: E402
 )
 from shira_export.export.graph_delta import (  # noqa: E402
     TargetSite,
+    ell_indices_name,
+    ell_values_name,
     indices_name,
     insert_sparse_deltas,
     locate_targets,
     values_name,
 )
+from shira_export.export.site_layout import SiteArrays, split  # noqa: E402
 from shira_export.runtime.dense_variant import to_dense_variant  # noqa: E402
 from shira_export.export.manifest import read_sparse_manifest  # noqa: E402
 
@@ -76,14 +79,15 @@ def _synthetic() -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray]:
 
 def _random_adapter(seed: int, nnz: int, weights: dict[str, np.ndarray]) -> AdapterArrays:
     rng = np.random.default_rng(seed)
-    return AdapterArrays(
+    return AdapterArrays.from_flat(
         {
             m: (
                 np.sort(rng.choice(w.size, nnz, replace=False)).astype(np.int32),
                 rng.standard_normal(nnz).astype(np.float32),
             )
             for m, w in weights.items()
-        }
+        },
+        {m: w.shape for m, w in weights.items()},
     )
 
 
@@ -103,7 +107,11 @@ def test_synthetic_graph_r1_and_mixed_rows_match_numpy(tokens):
     insert_sparse_deltas(model, sites)
     inputs = {i.name: i for i in model.graph.input}
     assert [d.dim_value for d in inputs[indices_name("m")].type.tensor_type.shape.dim] == [0, 0]  # symbolic
-    assert {tuple(i.dims) for i in model.graph.initializer if i.name.startswith("shira.")} == {(1, 0)}
+    assert {tuple(i.dims) for i in model.graph.initializer if i.name.startswith("shira.")} == {
+        (1, 0),
+        (1, 0, HID),
+        (1, 0, OUT),
+    }
     session = _session(model)
     rows = [_random_adapter(1, 9, weights), _random_adapter(2, 4, weights), None]
     x = np.random.default_rng(3).standard_normal((3, tokens, IN)).astype(np.float32)
@@ -130,19 +138,25 @@ def test_wrong_row_count_is_an_error_not_a_result():
         _session(model).run(None, {"x": np.zeros((3, 1, IN), np.float32), **feeds})
 
 
-def test_batch_parameters_pads_with_noop_entries():
-    a = AdapterArrays({"m": (np.array([3, 7], np.int32), np.array([1.0, 2.0], np.float32))})
-    b = AdapterArrays(
-        {
-            "m": (np.array([5], np.int32), np.array([4.0], np.float32)),
-            "g": (np.array([1], np.int32), np.array([0.5], np.float32)),
-        }
-    )
+def test_batch_parameters_pads_both_parts_with_noop_entries():
+    def part(k_rows, flat, vals, out_f=3):  # ELL slots given as rows of [K, out]
+        ell_i = np.array(k_rows, np.int32).reshape(-1, out_f)
+        return SiteArrays(ell_i, (ell_i + 1).astype(np.float32), np.array(flat, np.int32), np.array(vals, np.float32))
+
+    a = AdapterArrays({"m": part([[1, 2, 0]], [3, 7], [1.0, 2.0])}, {"m": 4})
+    b = AdapterArrays({"m": part([[0, 1, 1], [2, 0, 3]], [5], [4.0]), "g": part([], [1], [0.5])}, {"m": 4, "g": 4})
     p = batch_parameters([a, None, b], ["m", "g", "other"])
     assert p[indices_name("m")].tolist() == [[3, 7], [0, 0], [5, 0]]
     assert p[values_name("m")].tolist() == [[1.0, 2.0], [0.0, 0.0], [4.0, 0.0]]
+    assert p[ell_indices_name("m")].tolist() == [
+        [[1, 2, 0], [0, 0, 0]],
+        [[0, 0, 0], [0, 0, 0]],
+        [[0, 1, 1], [2, 0, 3]],
+    ]
+    assert p[ell_values_name("m")][0].tolist() == [[2.0, 3.0, 1.0], [0.0, 0.0, 0.0]]
     assert p[indices_name("g")].tolist() == [[0], [0], [1]] and p[values_name("g")].tolist() == [[0.0], [0.0], [0.5]]
-    assert indices_name("other") not in p  # no row touches it: the graph's [1, 0] default
+    assert p[ell_indices_name("g")].shape == (3, 0, 3)
+    assert indices_name("other") not in p  # no row touches it: the graph's empty defaults
 
 
 def test_schema_1_adapter_is_refused_with_re_export(tmp_path):
@@ -158,7 +172,24 @@ def test_schema_1_adapter_is_refused_with_re_export(tmp_path):
     with pytest.raises(ShiraInputError) as err:
         read_adapter_file(path, [site], fingerprint=fingerprint)
     text = str(err.value)
-    assert "old.onnx_adapter" in text and "schema 1" in text and "expected 2" in text and "re-export" in text
+    assert (
+        "old.onnx_adapter" in text and "schema 1" in text and "expected one of [2, 3]" in text and "re-export" in text
+    )
+
+
+def test_schema_2_adapter_reads_as_the_scattered_part(tmp_path):
+    site = TargetSite("m", "mm", "w", 4, 4, False, "0" * 40)
+    fingerprint = "b" * 64
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(2)
+    fmt.set_model_version(short_fingerprint(fingerprint))
+    keep = {indices_name("m"): np.array([[1, 6]], np.int32), values_name("m"): np.array([[0.5, 1.5]], np.float32)}
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in keep.items()})
+    fmt.export_adapter(str(tmp_path / "v2.onnx_adapter"))
+    arrays = read_adapter_file(tmp_path / "v2.onnx_adapter", [site], fingerprint=fingerprint)
+    assert arrays.parts["m"].ell_indices.shape == (0, 4)
+    idx, vals = arrays.deltas["m"]
+    assert idx.tolist() == [1, 6] and vals.tolist() == [0.5, 1.5]
 
 
 # ---- tiny OPT exports: a mixed batch with padding and a KV cache equals each row alone ----
@@ -230,3 +261,38 @@ def test_opt_mixed_batch_with_padding_and_cache_equals_rows_alone(opt_folders, p
         base = _two_steps(session, ids[b : b + 1], mask[b : b + 1], {})
         differs = max(differs, float(np.abs(alone[1][0] - base[1][0]).max()))
     assert differs > 1e-3  # the adapters change the logits: the comparison above can fail
+
+
+def _laid_out(adapter: AdapterArrays, weights, k: int | None) -> AdapterArrays:
+    """The same adapter with K forced (None: the layout's own choice)."""
+    parts = {
+        m: split(idx, vals, weights[m].shape[1], weights[m].shape[0], k=k) for m, (idx, vals) in adapter.deltas.items()
+    }
+    return AdapterArrays(parts, {m: weights[m].shape[1] for m in parts})
+
+
+@pytest.mark.parametrize("tokens", [1, 9])  # the activation branch and the weight branch
+def test_both_parts_any_k_match_numpy_alone_and_mixed(tokens):
+    model, weights, bias = _synthetic()
+    sites, _ = locate_targets(model, weights)
+    insert_sparse_deltas(model, sites)
+    session = _session(model)
+    x = np.random.default_rng(4).standard_normal((4, tokens, IN)).astype(np.float32)
+    dense = _random_adapter(5, 20, weights)  # 20 of 48 / 40 positions: rows of 2-4 entries
+    full_k = max(int(np.bincount(idx // weights[m].shape[1]).max()) for m, (idx, _) in dense.deltas.items())
+    layouts = [_laid_out(dense, weights, k) for k in (0, 1, full_k, None)]
+    assert [sum(p.ell_indices.shape[0] > 0 for p in a.parts.values()) for a in layouts[:3]] == [0, 2, 2]
+    assert all(a.parts[m].indices.size == 0 for a in layouts[2:3] for m in a.parts)  # K = max: all ELL
+    want = _numpy(x, weights, bias, dense)
+    for adapter in layouts:
+        got = session.run(None, {"x": x, **adapter.parameters()})[0]
+        assert np.abs(got - want).max() < 1e-4
+    rows = [layouts[0], None, layouts[2], layouts[1]]  # rows with different K (0, -, max, 1) in one batch
+    mixed = session.run(None, {"x": x, **batch_parameters(rows, ["m", "g"])})[0]
+    for b, adapter in enumerate(rows):
+        alone = session.run(None, {"x": x[b : b + 1], **(adapter.parameters() if adapter else {})})[0]
+        assert np.abs(mixed[b] - alone[0]).max() <= 1e-5, (tokens, b)
+    # one part fed with R = B, the other left at its R = 1 empty default
+    ell_only = {k: v for k, v in batch_parameters(rows[2:3] * 4, ["m", "g"]).items() if ".ell_" in k}
+    got = session.run(None, {"x": x, **ell_only})[0]
+    assert np.abs(got - want).max() < 1e-4

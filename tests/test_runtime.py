@@ -81,12 +81,13 @@ def test_adapters_give_different_outputs_and_base_is_base(setup):
     for n in "abcd":
         assert np.abs(outs[n] - outs[None]).max() > 1e-3
     nnz = session.manifest.adapters["a"]["nnz"]
-    assert session.mode is Mode.LEAN and session.adapter_nbytes("a") == 8 * nnz  # the default holds its arrays only
+    held = session.adapter_nbytes("a")  # the default holds its arrays only: 8 bytes per slot or entry
+    assert session.mode is Mode.LEAN and held == session._get("a").arrays.nbytes and 8 * nnz <= held <= 10 * nnz
     dense = ShiraSession(folder, mode="dense", adapters=["a"])
     targeted = sum(
         s.out_features * s.in_features * 4 for s in dense.manifest.targets if s.module in dense._get("a").arrays.deltas
     )
-    assert dense.adapter_nbytes("a") == 8 * nnz + targeted  # plus a merged copy of every weight it touches
+    assert dense.adapter_nbytes("a") == held + targeted  # plus a merged copy of every weight it touches
 
 
 def test_greedy_generation_matches_pytorch_in_every_mode(setup):

@@ -50,7 +50,14 @@ def random_adapter(session: ShiraSession, path: Path, seed: int, nnz: int, modul
             continue
         flat = rng.choice(site.out_features * site.in_features, nnz, replace=False).astype(np.int32)
         deltas[site.module] = (flat, (rng.standard_normal(nnz) * 0.02).astype(np.float32))
-    return write_adapter_file(path, AdapterArrays(deltas, short_fingerprint(session.manifest.base_fingerprint)))
+    return write_adapter_file(
+        path,
+        AdapterArrays.from_flat(
+            deltas,
+            {s.module: (s.out_features, s.in_features) for s in session.manifest.targets},
+            short_fingerprint(session.manifest.base_fingerprint),
+        ),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,6 @@ def _steps(lm: ShiraORTModelForCausalLM, ids, mask, adapter, tokens) -> list[np.
 @pytest.mark.parametrize("mode", [Mode.LEAN, Mode.PORTABLE])
 def test_mixed_batch_equals_rows_alone_with_cache_and_padding(folder, mode):
     lm = ShiraORTModelForCausalLM(folder, mode=mode)
-    assert lm.session.per_row
     ids, mask = _padded(len(ROWS), 7)
     tokens = np.random.default_rng(1).integers(2, 100, (len(ROWS), 4), dtype=np.int64)
     mixed = _steps(lm, ids, mask, ROWS, tokens)

@@ -18,6 +18,7 @@ from shira_export.errors import ShiraInputError  # noqa: E402
 from shira_export.export.adapter_file import read_adapter_file  # noqa: E402
 from shira_export.export.manifest import read_sparse_manifest  # noqa: E402
 from shira_export.export.sparse import add_adapter_file  # noqa: E402
+from shira_export.export.site_layout import MAX_BYTES_PER_NONZERO  # noqa: E402
 from shira_export.pipeline import export_sparse  # noqa: E402
 from shira_export.verify.reference import merged_reference  # noqa: E402
 
@@ -110,12 +111,13 @@ def test_adapter_files_and_manifest(exported):
         entry = manifest["adapters"][name]
         assert entry["file"] == f"adapters/{name}.onnx_adapter"
         params = ort.AdapterFormat.read_adapter(str(result.output_dir / entry["file"])).get_parameters()
-        nnz = sum(v.numpy().size for k, v in params.items() if k.endswith(".values"))
-        assert nnz == entry["nnz"] > 0
-        assert {v.numpy().dtype for k, v in params.items() if k.endswith(".indices")} == {np.dtype(np.int32)}
-        # 8 bytes per nonzero + a fixed ~100-byte header + the parameter names
+        # both parts (export.site_layout): ELL slots (padding included) + scattered entries
+        stored = sum(v.numpy().size for k, v in params.items() if k.endswith("values"))
+        assert entry["nnz"] > 0 and entry["nnz"] <= stored <= MAX_BYTES_PER_NONZERO / 8 * entry["nnz"]
+        assert {v.numpy().dtype for k, v in params.items() if k.endswith("indices")} == {np.dtype(np.int32)}
+        # 8 bytes per slot or entry + a fixed ~100-byte header + the parameter names
         size = (result.output_dir / entry["file"]).stat().st_size
-        assert size <= 8 * nnz + 128 + sum(2 * len(k) + 64 for k in params)
+        assert size <= 8 * stored + 128 + sum(2 * len(k) + 64 for k in params)
         arrays = read_adapter_file(
             result.output_dir / entry["file"], parsed.targets, fingerprint=parsed.base_fingerprint
         )
@@ -178,6 +180,7 @@ def test_bad_input_leaves_folder_untouched(opt, tmp_path):
 
 def test_runtime_refuses_foreign_corrupt_and_out_of_range_files(opt, tmp_path):
     from shira_export.export.adapter_file import AdapterArrays, short_fingerprint, write_adapter_file
+    from shira_export.export.site_layout import SiteArrays
     from shira_export.runtime import ShiraSession
 
     _, _, _, result = opt
@@ -186,7 +189,8 @@ def test_runtime_refuses_foreign_corrupt_and_out_of_range_files(opt, tmp_path):
     site = manifest.targets[0]
     own = short_fingerprint(manifest.base_fingerprint)
     # same parameter names and shapes, made for another graph
-    foreign = AdapterArrays({site.module: (np.array([0], np.int32), np.ones(1, np.float32))}, model_version=own ^ 1)
+    shapes = {site.module: (site.out_features, site.in_features)}
+    foreign = AdapterArrays.from_flat({site.module: (np.array([0], np.int32), np.ones(1, np.float32))}, shapes, own ^ 1)
     write_adapter_file(tmp_path / "foreign.onnx_adapter", foreign)
     with pytest.raises(ShiraInputError, match="another graph"):
         session.load_adapter("foreign", tmp_path / "foreign.onnx_adapter")
@@ -196,13 +200,18 @@ def test_runtime_refuses_foreign_corrupt_and_out_of_range_files(opt, tmp_path):
         path.write_bytes(blob)
         with pytest.raises(ShiraInputError):
             session.load_adapter("bad", path)
-    arrays = AdapterArrays(
-        {site.module: (np.array([site.out_features * site.in_features], np.int32), np.ones(1, np.float32))},
-        model_version=own,
+    empty_ell = np.zeros((0, site.out_features), np.int32), np.zeros((0, site.out_features), np.float32)
+    flat_past_end = SiteArrays(
+        *empty_ell, np.array([site.out_features * site.in_features], np.int32), np.ones(1, np.float32)
     )
-    write_adapter_file(tmp_path / "range.onnx_adapter", arrays)
-    with pytest.raises(ShiraInputError, match="out of range"):
-        session.load_adapter("range", tmp_path / "range.onnx_adapter")
+    ell = np.zeros((1, site.out_features), np.int32)
+    ell[0, 3] = site.in_features  # slot of output 3 reads an input feature past the end
+    ell_past_end = SiteArrays(ell, np.ones(ell.shape, np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    for i, part in enumerate([flat_past_end, ell_past_end]):
+        arrays = AdapterArrays({site.module: part}, {site.module: site.in_features}, own)
+        write_adapter_file(tmp_path / f"range{i}.onnx_adapter", arrays)
+        with pytest.raises(ShiraInputError, match="out of range"):
+            session.load_adapter("range", tmp_path / f"range{i}.onnx_adapter")
     assert session.adapters == []
 
 

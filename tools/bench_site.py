@@ -14,7 +14,8 @@ tokens. nnz = r * (in + out) as PEFT's SHiRA budget. ORT CPU, 2 threads, spinnin
     act_if    act inside one If(nnz > 0)
     ws_nd     weight side: MatMul(x, ScatterND(W, (col, row), values, add)) (copy of W, not prepacked)
     ws_se     weight side through ScatterElements on the flat W^T
-    new       the package's current graph (graph_delta.insert_sparse_deltas)
+    new       the package's current graph (graph_delta.insert_sparse_deltas), fed as the package
+              lays an adapter out (export.site_layout: ELL slots per output row + scattered rest)
     int4      the bare chain with MatMulNBits int4 weights (block 32): the int4 merged model
     int4_new  int4 + the package's quantized site (quant_delta), ratio to int4
 
@@ -272,6 +273,14 @@ def adapter_feeds(dims, r: int, seed: int = 1) -> dict[str, np.ndarray]:
     return feeds
 
 
+def laid_out(dims, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same adapter as the package writes it (export.site_layout: ELL slots + scattered rest)."""
+    from shira_export.export.adapter_file import AdapterArrays
+
+    deltas = {str(i): (feeds[f"shira.{i}.indices"][0], feeds[f"shira.{i}.values"][0]) for i in range(len(dims))}
+    return AdapterArrays.from_flat(deltas, {str(i): (o, n) for i, (n, o) in enumerate(dims)}).parameters()
+
+
 THREADS = 2
 
 
@@ -356,9 +365,13 @@ def main(argv=None) -> dict:
         sessions = {n: session(m) for n, m in models.items()}
         for r in args.ranks:
             ad = adapter_feeds(dims, r)
+            ad_pkg = laid_out(dims, ad)  # what the package's graphs are fed
             for rows in args.rows:
                 x = np.random.default_rng(2).standard_normal((1, rows, dims[0][0])).astype(np.float32)
-                feeds = {n: dict(x=x, **({} if n in ("bare", "int4") else ad)) for n in names}
+                feeds = {
+                    n: dict(x=x, **({} if n in ("bare", "int4") else ad_pkg if n in ("new", "int4_new") else ad))
+                    for n in names
+                }
                 want = reference(dims, x, ad, models["bare"])
                 err = {}
                 for n in names:
@@ -415,7 +428,8 @@ def _profile(name: str, dims, r: int, rows_list) -> None:
     for rows in rows_list:
         s = session(model, profile=True)
         x = np.random.default_rng(2).standard_normal((1, rows, dims[0][0])).astype(np.float32)
-        f = dict(x=x, **adapter_feeds(dims, r))
+        ad = adapter_feeds(dims, r)
+        f = dict(x=x, **(laid_out(dims, ad) if name == "new" else ad))
         calls = 50
         for _ in range(calls):
             s.run(None, f)

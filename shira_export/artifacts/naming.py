@@ -2,8 +2,10 @@
 
 Per targeted module `m` (its PyTorch path):
 
-    shira.<m>.indices   int32 [nnz]   graph input + .onnx_adapter parameter (flat out * in_features + in)
-    shira.<m>.values    fp32  [nnz]   graph input + .onnx_adapter parameter
+    shira.<m>.indices       int32 [R, nnz]     graph input + .onnx_adapter parameter (flat out * in_features + in)
+    shira.<m>.values        fp32  [R, nnz]     graph input + .onnx_adapter parameter
+    shira.<m>.ell_indices   int32 [R, K, out]  graph input + .onnx_adapter parameter (input feature of slot k of
+    shira.<m>.ell_values    fp32  [R, K, out]  output j, and its value; export.site_layout splits an adapter)
     shira.<m>.weight                  the runtime's dense variant: the merged weight fed per call
 
 `TargetSite` says where `m` lives in the graph (node, initializer, layout); a sparse
@@ -21,6 +23,10 @@ from shira_export.export.graph_delta import (
     DEFAULT_TOKEN_THRESHOLD,
     PREFIX,
     TargetSite,
+    adapter_input_names,
+    check_graph_contract,
+    ell_indices_name,
+    ell_values_name,
     graph_fingerprint,
     indices_name,
     site_base_node,
@@ -38,6 +44,10 @@ __all__ = [
     "TargetSite",
     "indices_name",
     "values_name",
+    "ell_indices_name",
+    "ell_values_name",
+    "adapter_input_names",
+    "check_graph_contract",
     "weight_name",
     "graph_fingerprint",
     "site_base_node",

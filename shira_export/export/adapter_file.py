@@ -1,15 +1,19 @@
 """.onnx_adapter files (onnxruntime's AdapterFormat) for a sparse export.
 
-Parameters, per module `m` the adapter touches (modules it does not touch are left out:
-the graph's defaults are empty, i.e. no delta):
+Parameters, per module `m` the adapter touches (modules it does not touch, and empty parts,
+are left out: the graph's defaults are empty, i.e. no delta), in the two parts of
+export.site_layout:
 
-    shira.<m>.indices   int32 [1, nnz]   flat index out * in_features + in (PyTorch's (out, in) layout)
-    shira.<m>.values    fp32  [1, nnz]   the delta at that position (duplicates are summed)
+    shira.<m>.ell_indices  int32 [1, K, out]  slot k of output feature j: its input feature
+    shira.<m>.ell_values   fp32  [1, K, out]  ... and value (padding: index 0 / value 0.0)
+    shira.<m>.indices      int32 [1, nnz]     the rest: flat index out * in_features + in
+    shira.<m>.values       fp32  [1, nnz]     (PyTorch's (out, in) layout; repeats add up)
 
-8 bytes per nonzero. The leading 1 is the graph's adapter-row axis (R = 1: one adapter for
-the whole batch; a mixed batch feeds R = batch rows, see `batch_parameters`). Schema 1
-(the releases before #18) stored 1-D [nnz] arrays, which the R-row graph cannot take, and
-is refused on read: re-export the adapter. The file's model_version is the graph's short fingerprint
+8 bytes per slot or entry; the ELL padding is bounded (site_layout.MAX_BYTES_PER_NONZERO).
+The leading 1 is the graph's adapter-row axis (R = 1: one adapter for the whole batch; a
+mixed batch feeds R = batch rows, see `batch_parameters`). Schema 3 files have both parts;
+schema 2 (scattered part only) is still read; schema 1 (1-D [nnz] arrays, before #18) is
+refused: re-export the adapter. The file's model_version is the graph's short fingerprint
 (first 28 bits of the manifest's `base_fingerprint`), its adapter_version the format
 schema; plain-onnxruntime users can compare `get_model_version()` themselves.
 """
@@ -35,7 +39,8 @@ from shira_export._io import (
     stale_siblings,
 )
 from shira_export.errors import ShiraInputError
-from shira_export.export.graph_delta import TargetSite, indices_name, values_name
+from shira_export.export.graph_delta import TargetSite, adapter_input_names
+from shira_export.export.site_layout import MAX_BYTES_PER_NONZERO, SiteArrays, join, split
 
 __all__ = [
     "ADAPTER_SCHEMA",
@@ -51,19 +56,21 @@ __all__ = [
     "batch_parameters",
 ]
 
-ADAPTER_SCHEMA = 2  # 2: [1, nnz] arrays (graph inputs are [R, nnz]); 1: [nnz], refused
+ADAPTER_SCHEMA = 3  # 3: ELL + scattered parts; 2: scattered [1, nnz] only (read); 1: [nnz], refused
+_READABLE_SCHEMAS = (2, 3)
 SUFFIX = ".onnx_adapter"
 # Reports call the model without an adapter "base": an adapter may not take that name.
 RESERVED_NAMES = frozenset({"base"})
 _NAME_BYTES = 180  # adapters/<name>.onnx_adapter plus our temp-name tag stays under NAME_MAX (255)
-# Bytes a file of nnz nonzeros may take: 8 per nonzero, names and flatbuffer tables per parameter.
-_BYTES_PER_NNZ, _BYTES_PER_PARAM, _BYTES_FIXED = 8, 1024, 65536
+# Bytes a file of nnz nonzeros may take: the layout's bound per nonzero, names and flatbuffer
+# tables per parameter.
+_BYTES_PER_PARAM, _BYTES_FIXED = 1024, 65536
 
 
 def max_file_bytes(nnz: int, n_params: int) -> int:
     """Upper bound on the size of a valid .onnx_adapter holding `nnz` nonzeros in `n_params`
     parameters: a larger file is refused before it is read."""
-    return _BYTES_PER_NNZ * nnz + _BYTES_PER_PARAM * n_params + _BYTES_FIXED
+    return int(MAX_BYTES_PER_NONZERO * nnz) + _BYTES_PER_PARAM * n_params + _BYTES_FIXED
 
 
 def short_fingerprint(fingerprint: str) -> int:
@@ -73,44 +80,76 @@ def short_fingerprint(fingerprint: str) -> int:
 
 @dataclass
 class AdapterArrays:
-    """An adapter in the graph's terms: module -> (flat int32 indices, fp32 values)."""
+    """An adapter in the graph's terms: module -> its site's two parts (site_layout.SiteArrays),
+    with each module's in_features (to read the scattered part's flat indices)."""
 
-    deltas: dict[str, tuple[np.ndarray, np.ndarray]]
+    parts: dict[str, SiteArrays]
+    in_features: dict[str, int]
     model_version: int = 0
+
+    @classmethod
+    def from_flat(
+        cls,
+        deltas: Mapping[str, tuple[np.ndarray, np.ndarray]],
+        shapes: Mapping[str, tuple[int, int]],
+        model_version: int = 0,
+    ) -> "AdapterArrays":
+        """From {module: (flat int32 indices, fp32 values)} and {module: (out, in)}: laid out by site_layout.split."""
+        parts = {m: split(idx, vals, shapes[m][1], shapes[m][0]) for m, (idx, vals) in deltas.items()}
+        return cls(parts, {m: int(shapes[m][1]) for m in deltas}, model_version)
+
+    @property
+    def deltas(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{module: (flat int32 indices, fp32 values)}: both parts as one list (a new array each call)."""
+        return {m: join(part, self.in_features[m]) for m, part in self.parts.items()}
 
     @property
     def nnz(self) -> int:
         return int(sum(v.size for _, v in self.deltas.values()))
 
+    @property
+    def nbytes(self) -> int:
+        return int(sum(part.nbytes for part in self.parts.values()))
+
     def parameters(self) -> dict[str, np.ndarray]:
-        """The graph's inputs for this adapter alone: [1, nnz] arrays (views of `deltas`)."""
+        """The graph's inputs for this adapter alone, [1, ...] views of `parts`; an empty part is left out."""
         params: dict[str, np.ndarray] = {}
-        for module, (idx, vals) in sorted(self.deltas.items()):
-            params[indices_name(module)] = idx.reshape(1, -1)
-            params[values_name(module)] = vals.reshape(1, -1)
+        for module, part in sorted(self.parts.items()):
+            idx, vals, ell_idx, ell_vals = adapter_input_names(module)
+            if part.indices.size:
+                params[idx], params[vals] = part.indices.reshape(1, -1), part.values.reshape(1, -1)
+            if part.ell_indices.size:
+                params[ell_idx], params[ell_vals] = part.ell_indices[None], part.ell_values[None]
         return params
 
 
 def batch_parameters(rows: Sequence[Optional[AdapterArrays]], modules: Sequence[str]) -> dict[str, np.ndarray]:
     """Graph inputs for a mixed batch: row b of the batch uses `rows[b]` (None: the base model).
 
-    Returns {input name: [B, nnz_max] array} for every module in `modules` that some row
-    touches, padded with index 0 / value 0.0 (a padding entry adds 0 at position 0, a
-    no-op); modules no row touches are left out (the graph's [1, 0] default: no delta)."""
+    Returns {input name: [B, ...] array} for every module in `modules` that some row
+    touches, both parts with R = B, padded with index 0 / value 0.0 (a padding entry adds 0:
+    a no-op) to the longest row's nnz and K; modules no row touches are left out (the graph's
+    empty defaults: no delta)."""
     params: dict[str, np.ndarray] = {}
     for module in modules:
-        parts = [r.deltas.get(module) if r is not None else None for r in rows]
-        width = max((p[0].size for p in parts if p is not None), default=0)
-        if width == 0:
+        parts = [r.parts.get(module) if r is not None else None for r in rows]
+        present = [p for p in parts if p is not None]
+        if not present:
             continue
+        width = max(p.indices.size for p in present)
+        k = max(p.ell_indices.shape[0] for p in present)
+        out_f = present[0].ell_indices.shape[1]
         idx = np.zeros((len(rows), width), np.int32)
         vals = np.zeros((len(rows), width), np.float32)
+        ell_idx = np.zeros((len(rows), k, out_f), np.int32)
+        ell_vals = np.zeros((len(rows), k, out_f), np.float32)
         for b, part in enumerate(parts):
             if part is not None:
-                idx[b, : part[0].size] = part[0]
-                vals[b, : part[1].size] = part[1]
-        params[indices_name(module)] = idx
-        params[values_name(module)] = vals
+                idx[b, : part.indices.size], vals[b, : part.values.size] = part.indices, part.values
+                n = part.ell_indices.shape[0]
+                ell_idx[b, :n], ell_vals[b, :n] = part.ell_indices, part.ell_values
+        names = adapter_input_names(module)
+        params.update(zip(names, (idx, vals, ell_idx, ell_vals)))
     return params
 
 
@@ -170,7 +209,8 @@ def adapter_arrays(
         out[module] = (np.ascontiguousarray(flat), vals)
     if problems:
         raise ShiraInputError(f"{source}: adapter does not fit the exported graph:\n  " + "\n  ".join(problems))
-    return AdapterArrays(out, short_fingerprint(fingerprint))
+    shapes = {m: (by_module[m].out_features, by_module[m].in_features) for m in out}
+    return AdapterArrays.from_flat(out, shapes, short_fingerprint(fingerprint))
 
 
 def write_adapter_file(path: Union[str, os.PathLike], arrays: AdapterArrays) -> Path:
@@ -280,7 +320,7 @@ def read_adapter_file(
     if not path.is_file():
         raise ShiraInputError(f"{path}: adapter file {describe_path(path, want='file')}")
     bound = max_file_bytes(
-        nnz if nnz is not None else sum(s.out_features * s.in_features for s in sites), 2 * len(sites)
+        nnz if nnz is not None else sum(s.out_features * s.in_features for s in sites), 4 * len(sites)
     )
     size = path.stat().st_size
     if size > bound:
@@ -311,44 +351,80 @@ def read_adapter_file(
             f"{path}: made for another graph (model_version {model_version}, this graph's "
             f"fingerprint gives {expected}); convert the adapter for this graph with `shira-export adapter`"
         )
-    if version != ADAPTER_SCHEMA:
+    if version not in _READABLE_SCHEMAS:
         older = " (1-D arrays from a release before the mixed-batch graph)" if version == 1 else ""
         raise ShiraInputError(
-            f"{path}: adapter schema {version}{older}, expected {ADAPTER_SCHEMA}; re-export it "
+            f"{path}: adapter schema {version}{older}, expected one of {list(_READABLE_SCHEMAS)}; re-export it "
             f"(`shira-export sparse` again, or `shira-export adapter --graph <folder> --adapter "
             f"<adapter dir> --overwrite` with a graph of this release)"
         )
-    by_module = {s.module: s for s in sites}
-    deltas: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    parts: dict[str, SiteArrays] = {}
     problems: list[str] = []
-    for module, site in by_module.items():
-        iname, vname = indices_name(module), values_name(module)
-        if iname not in params and vname not in params:
+    for module, site in {s.module: s for s in sites}.items():
+        names = adapter_input_names(module)
+        if not any(n in params for n in names):
             continue
-        idx, vals = params.pop(iname, None), params.pop(vname, None)
-        if idx is None or vals is None:
-            problems.append(f"{iname if idx is None else vname}: missing (its pair is present)")
-        elif (
-            idx.dtype != np.int32
-            or vals.dtype != np.float32
-            or idx.ndim != 2
-            or idx.shape[0] != 1
-            or idx.shape != vals.shape
-        ):
-            problems.append(
-                f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
-                f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}"
-            )
-        elif idx.size and (idx.min() < 0 or int(idx.max()) >= site.out_features * site.in_features):
-            problems.append(
-                f"{iname}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range "
-                f"[0, {site.out_features * site.in_features})"
-            )
-        elif not np.isfinite(vals).all():
-            problems.append(f"{vname}: NaN/Inf values")
-        else:
-            deltas[module] = (idx.reshape(-1), vals.reshape(-1))  # Python callers get 1-D arrays
+        given = [params.pop(n, None) for n in names]
+        part = _checked_part(module, site, names, given, problems)
+        if part is not None:
+            parts[module] = part
     problems += [f"unexpected parameter {k!r} (not an input of this graph)" for k in sorted(params)]
     if problems:
         raise ShiraInputError(f"{path}: invalid adapter:\n  " + "\n  ".join(problems))
-    return AdapterArrays(deltas, model_version)
+    return AdapterArrays(parts, {m: next(s.in_features for s in sites if s.module == m) for m in parts}, model_version)
+
+
+def _checked_part(
+    module: str, site: TargetSite, names: Sequence[str], found: Sequence[Optional[np.ndarray]], problems: list[str]
+) -> Optional[SiteArrays]:
+    """One module's parameters as a SiteArrays, or None with what is wrong appended to `problems`."""
+    idx, vals, ell_idx, ell_vals = found
+    out_f, in_f = site.out_features, site.in_features
+    before = len(problems)
+    for (a, b), (na, nb) in (((idx, vals), names[:2]), ((ell_idx, ell_vals), names[2:])):
+        if (a is None) != (b is None):
+            problems.append(f"{na if a is None else nb}: missing (its pair is present)")
+    if len(problems) > before:
+        return None
+    if idx is None:
+        idx, vals = np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32)
+    if ell_idx is None:
+        ell_idx, ell_vals = np.zeros((1, 0, out_f), np.int32), np.zeros((1, 0, out_f), np.float32)
+    assert vals is not None and ell_vals is not None
+    if (
+        idx.dtype != np.int32
+        or vals.dtype != np.float32
+        or idx.ndim != 2
+        or idx.shape[0] != 1
+        or idx.shape != vals.shape
+    ):
+        problems.append(
+            f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
+            f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}"
+        )
+    elif (
+        ell_idx.dtype != np.int32
+        or ell_vals.dtype != np.float32
+        or ell_idx.ndim != 3
+        or ell_idx.shape[0] != 1
+        or ell_idx.shape[2] != out_f
+        or ell_idx.shape != ell_vals.shape
+    ):
+        problems.append(
+            f"{module}: expected int32 [1, K, {out_f}] ell_indices and fp32 [1, K, {out_f}] ell_values, found "
+            f"{ell_idx.dtype}{list(ell_idx.shape)} and {ell_vals.dtype}{list(ell_vals.shape)}"
+        )
+    elif idx.size and (idx.min() < 0 or int(idx.max()) >= out_f * in_f):
+        problems.append(
+            f"{names[0]}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range [0, {out_f * in_f})"
+        )
+    elif ell_idx.size and (ell_idx.min() < 0 or int(ell_idx.max()) >= in_f):
+        problems.append(
+            f"{names[2]}: input feature {int(ell_idx.max()) if ell_idx.min() >= 0 else int(ell_idx.min())} "
+            f"out of range [0, {in_f})"
+        )
+    elif not (np.isfinite(vals).all() and np.isfinite(ell_vals).all()):
+        problems.append(f"{names[1] if not np.isfinite(vals).all() else names[3]}: NaN/Inf values")
+    else:  # Python callers get the parts without the adapter-row axis
+        return SiteArrays(ell_idx[0], ell_vals[0], idx.reshape(-1), vals.reshape(-1))
+    return None

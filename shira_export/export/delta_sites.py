@@ -1,17 +1,28 @@
 """The nodes of one sparse-delta site, shared by the fp32 graph (graph_delta), the
 quantized graph (quant_delta) and genai builder graphs (genai_sites).
 
-Inputs per site: `idx` int32 [R, nnz] (flat out * in_features + in, PyTorch's (out, in)
-layout) and `vals` fp32 [R, nnz]; R = 1 applies one adapter to the whole batch, R = B
-gives batch row b the adapter of row b (padding: index 0 / value 0.0, a no-op). The
-defaults are [1, 0]: no delta. x is viewed as [R, n, in] (n = rows per adapter row), so a
-[B, S, in] input and a flattened [B*S, in] one (OPT's fc1, GPT-2's Conv1D Gemm) map alike.
+Inputs per site, two parts of one delta (export.site_layout splits an adapter between them):
+
+    ell_idx  int32 [R, K, out]  slot k of output feature j reads input feature ell_idx[r, k, j]
+    ell_vals fp32  [R, K, out]  ... with this value (ELLPACK: the output feature is the position)
+    idx      int32 [R, nnz]     the entries that do not fit K slots: flat out * in_features + in
+    vals     fp32  [R, nnz]     (PyTorch's (out, in) layout)
+
+R = 1 applies one adapter to the whole batch, R = B gives batch row b the adapter of row b.
+Padding anywhere is index 0 / value 0.0 (adds 0: a no-op); the defaults are [1, 0, out] and
+[1, 0]: no delta. Every slot says where it goes, so any order of entries is valid. x is
+viewed as [R, n, in] (n = rows per adapter row), so a [B, S, in] input and a flattened
+[B*S, in] one (OPT's fc1, GPT-2's Conv1D Gemm) map alike.
 
     row, col = idx / in, idx - row * in
-    y = If(n > threshold and nnz > 0,
-           then: MatMul(x3, W + scatter(col * out + row, vals))     # weight side: long inputs (ScatterND)
-                 (quantized: y_base + MatMul(x3, scatter(zeros, ...)))
-           else: base op(x, W) + scatter(row, x3[..., col] * vals))  # activation side: decode
+    y = If(n > threshold and nnz + K > 0,
+           then: MatMul(x3, W + scatter(ell) + scatter(col * out + row, vals))  # weight side: long inputs
+                 (quantized: y_base + MatMul(x3, the same scatters into zeros))
+           else: base op(x, W) + ReduceSum_k(x3[..., ell_idx] * ell_vals)       # activation side: decode
+                               + scatter(row, x3[..., col] * vals))
+
+The ELL part needs no scatter at decode (a gather, a product and a sum over K, about 2 ns
+per slot against ~9 ns per entry of the scattered part: docs/sparse_format.md).
 
 One If per site and none nested: an empty adapter takes the activation branch, where
 zero-size tensors make every op a no-op. The activation branch keeps the base op's
@@ -53,14 +64,17 @@ def copy_node(node: onnx.NodeProto, name: str, replace: Mapping[int, str], outpu
     return new
 
 
-def _views(p: str, x: str, idx: str, in_f: int) -> list[onnx.NodeProto]:
-    """row / col [R, nnz], R, and x as [R, n, in]: what both branches read."""
+def _views(p: str, x: str, idx: str, ell_idx: str, in_f: int) -> list[onnx.NodeProto]:
+    """row / col [R, nnz], R, and x as [R, n, in]: what both branches read. R is the larger
+    of the two parts' (a part with R = 1, e.g. its empty default, broadcasts)."""
     return [
         const(p + "in_f", np.array(in_f, np.int32)),
         _op("Div", [idx, p + "in_f"], p + "row"),  # output index
         _op("Mul", [p + "row", p + "in_f"], p + "row_start"),
         _op("Sub", [idx, p + "row_start"], p + "col"),  # input index
-        _op("Shape", [idx], p + "R", start=0, end=1),
+        _op("Shape", [idx], p + "R_coo", start=0, end=1),
+        _op("Shape", [ell_idx], p + "R_ell", start=0, end=1),
+        _op("Max", [p + "R_coo", p + "R_ell"], p + "R"),
         const(p + "m1_in", np.array([-1, in_f], np.int64)),
         _op("Concat", [p + "R", p + "m1_in"], p + "x3_shape", axis=0),
         _op("Reshape", [x, p + "x3_shape"], p + "x3"),  # [R, n, in]
@@ -68,9 +82,17 @@ def _views(p: str, x: str, idx: str, in_f: int) -> list[onnx.NodeProto]:
 
 
 def _activation_branch(
-    p: str, vals: str, out_f: int, y0: str, base: Optional[onnx.NodeProto]
+    p: str,
+    vals: str,
+    ell_idx: str,
+    ell_vals: str,
+    out_f: int,
+    y0: str,
+    base: Optional[onnx.NodeProto],
+    value_type: int,
 ) -> tuple[list[onnx.NodeProto], str]:
-    """y[r, n, row] += x[r, n, col] * value: nnz entries per row of x, no copy of W."""
+    """y[r, n, j] += sum_k x[r, n, ell_idx[r, k, j]] * ell_vals[r, k, j], then
+    y[r, n, row] += x[r, n, col] * value for the scattered entries: no copy of W."""
     nodes = [copy_node(base, p + BASE_NODE, {}, y0)] if base is not None else []
     nodes += [
         const(p + "ax1", np.array([1], np.int64)),
@@ -87,11 +109,61 @@ def _activation_branch(
         const(p + "m1_out", np.array([-1, out_f], np.int64)),
         _op("Concat", [p + "R", p + "m1_out"], p + "y3_shape", axis=0),
         _op("Reshape", [y0, p + "y3_shape"], p + "y3"),
-        _op("ScatterElements", [p + "y3", p + "rows", p + "u"], p + "ys", axis=2, reduction="add"),
+        const(p + "flat_k", np.array([0, 1, -1], np.int64)),  # [R, K, out] -> [R, 1, K * out]
+        _op("Reshape", [ell_idx, p + "flat_k"], p + "ek"),
+        _op("Reshape", [ell_vals, p + "flat_k"], p + "ev"),
+        _op("Expand", [p + "ek", p + "rn1"], p + "eks"),  # [R, n, K * out]
+        _op("GatherElements", [p + "x3", p + "eks"], p + "eg", axis=2),
+        _op("Mul", [p + "eg", p + "ev"], p + "eu"),
+        const(p + "k_out", np.array([0, 0, -1, out_f], np.int64)),
+        _op("Reshape", [p + "eu", p + "k_out"], p + "eu4"),  # [R, n, K, out]
+        # the sum over K as ones[1, K] @ [.., K, out]: a GEMV, ~10x cheaper than ReduceSum over
+        # a middle axis in onnxruntime 1.32 (docs/sparse_format.md)
+        _op("Shape", [ell_idx], p + "K", start=1, end=2),
+        const(p + "one_k", np.array([1], np.int64)),
+        _op("Concat", [p + "one_k", p + "K"], p + "ones_shape", axis=0),
+        helper.make_node(
+            "ConstantOfShape",
+            [p + "ones_shape"],
+            [p + "ones"],
+            name=p + "ones",
+            value=helper.make_tensor("one", value_type, [1], [1]),
+        ),
+        _op("MatMul", [p + "ones", p + "eu4"], p + "ed4"),  # [R, n, 1, out]; K = 0: zeros
+        const(p + "n_out", np.array([0, 0, out_f], np.int64)),
+        _op("Reshape", [p + "ed4", p + "n_out"], p + "ed"),
+        _op("Add", [p + "y3", p + "ed"], p + "y3e"),
+        _op("ScatterElements", [p + "y3e", p + "rows", p + "u"], p + "ys", axis=2, reduction="add"),
         _op("Shape", [y0], p + "y_shape"),
         _op("Reshape", [p + "ys", p + "y_shape"], p + "y_short"),
     ]
     return nodes, p + "y_short"
+
+
+def _ell_scatter(
+    q: str, w: str, ell_idx: str, ell_vals: str, transposed: bool, *, batched: bool
+) -> list[onnx.NodeProto]:
+    """`q + "w_ell"` = w with the ELL part added: W [in, out] takes the [K, out] slots along
+    axis 0 as they are (w[ell_idx[k, j], j] += ell_vals[k, j]); W [out, in] takes them
+    transposed along axis 1. `batched`: w is [R, *, *] and the slots [R, K, out]; else w is
+    2-D and the slots' R is 1."""
+    nodes: list[onnx.NodeProto] = []
+    ei, ev = ell_idx, ell_vals
+    if not batched:
+        nodes += [
+            const(q + "ax0", np.array([0], np.int64)),
+            _op("Squeeze", [ell_idx, q + "ax0"], q + "ei2"),  # [K, out]
+            _op("Squeeze", [ell_vals, q + "ax0"], q + "ev2"),
+        ]
+        ei, ev = q + "ei2", q + "ev2"
+    lead = [0] if batched else []
+    if transposed:
+        perm = lead + [x + len(lead) for x in (1, 0)]
+        nodes += [_op("Transpose", [ei], q + "eiT", perm=perm), _op("Transpose", [ev], q + "evT", perm=perm)]
+        ei, ev = q + "eiT", q + "evT"
+    axis = len(lead) + (1 if transposed else 0)
+    nodes.append(_op("ScatterElements", [w, ei, ev], q + "w_ell", axis=axis, reduction="add"))
+    return nodes
 
 
 def _weight_branch_rows(
@@ -99,6 +171,8 @@ def _weight_branch_rows(
     x: str,
     idx: str,
     vals: str,
+    ell_idx: str,
+    ell_vals: str,
     in_f: int,
     out_f: int,
     *,
@@ -136,11 +210,13 @@ def _weight_branch_rows(
         const(p + "ax2w", np.array([2], np.int64)),
         _op("Unsqueeze", [p + "t_all", p + "ax2w"], p + "t3"),  # [R, nnz, 1]
     ]
+    shape = [-1, out_f, in_f] if transposed else [-1, in_f, out_f]
     if base is not None:  # R copies of W; [R, 1, 1] is not a constant, so W is never folded into a second copy
-        nodes.append(_op("Expand", [base.input[1], p + "R11"], p + "w_r"))
+        nodes.append(_op("Expand", [base.input[1], p + "R11"], p + "w_r"))  # [R, in, out] or [R, out, in]
     else:
         nodes += [
-            _op("Mul", [p + "R", p + "wsize"], p + "z_shape"),
+            const(p + "w_dims", np.array(shape[1:], np.int64)),
+            _op("Concat", [p + "R", p + "w_dims"], p + "z_shape", axis=0),
             helper.make_node(
                 "ConstantOfShape",
                 [p + "z_shape"],
@@ -149,11 +225,18 @@ def _weight_branch_rows(
                 value=helper.make_tensor("zero", value_type, [1], [0]),
             ),
         ]
-    shape = [-1, out_f, in_f] if transposed else [-1, in_f, out_f]
+    # a part fed with R = 1 next to the other's R = B applies to every row, as at decode
+    nodes += [
+        _op("Expand", [ell_idx, p + "R11"], p + "ell_idx_r"),
+        _op("Expand", [ell_vals, p + "R11"], p + "ell_vals_r"),
+        _op("Shape", [p + "t_all"], p + "t_shape"),
+        _op("Expand", [vals, p + "t_shape"], p + "vals_r"),  # [R, nnz]
+    ]
+    nodes += _ell_scatter(p + "r_", p + "w_r", p + "ell_idx_r", p + "ell_vals_r", transposed, batched=True)
     nodes += [
         const(p + "flat", np.array([-1], np.int64)),
-        _op("Reshape", [p + "w_r", p + "flat"], p + "w_flat"),
-        _op("ScatterND", [p + "w_flat", p + "t3", vals], p + "w_flat2", reduction="add"),
+        _op("Reshape", [p + "r_w_ell", p + "flat"], p + "w_flat"),
+        _op("ScatterND", [p + "w_flat", p + "t3", p + "vals_r"], p + "w_flat2", reduction="add"),
         const(p + "w_shape", np.array(shape, np.int64)),
         _op("Reshape", [p + "w_flat2", p + "w_shape"], p + "w_3"),
     ]
@@ -181,6 +264,8 @@ def _weight_branch_one(
     p: str,
     x: str,
     vals: str,
+    ell_idx: str,
+    ell_vals: str,
     in_f: int,
     out_f: int,
     *,
@@ -202,8 +287,9 @@ def _weight_branch_one(
     ]
     if base is not None:
         nodes += [
-            _op("ScatterND", [base.input[1], q + "pairs", vals], q + "w_eff", reduction="add"),
-            copy_node(base, q + "op", {1: q + "w_eff"}, q + "y"),
+            _op("ScatterND", [base.input[1], q + "pairs", vals], q + "w_coo", reduction="add"),
+            *_ell_scatter(q, q + "w_coo", ell_idx, ell_vals, transposed, batched=False),
+            copy_node(base, q + "op", {1: q + "w_ell"}, q + "y"),
         ]
         return nodes, q + "y"
     assert y_base is not None
@@ -217,7 +303,9 @@ def _weight_branch_one(
             name=q + "z",
             value=helper.make_tensor("zero", value_type, [1], [0]),
         ),
-        _op("ScatterND", [q + "z", q + "pairs", vals], q + "d_w", reduction="add"),
+        _op("ScatterND", [q + "z", q + "pairs", vals], q + "w_coo", reduction="add"),
+        *_ell_scatter(q, q + "w_coo", ell_idx, ell_vals, transposed, batched=False),
+        _op("Identity", [q + "w_ell"], q + "d_w"),
         _op("MatMul", [x, q + "d_w"], q + "d"),
         _op("Add", [y_base, q + "d"], q + "y"),
     ]
@@ -229,6 +317,8 @@ def _weight_branch(
     x: str,
     idx: str,
     vals: str,
+    ell_idx: str,
+    ell_vals: str,
     in_f: int,
     out_f: int,
     *,
@@ -240,8 +330,8 @@ def _weight_branch(
     """If(R == 1, one copy of W and the base op, R copies and a batched MatMul): the If
     costs nothing next to a long input's MatMul."""
     kw = dict(base=base, y_base=y_base, transposed=transposed, value_type=value_type)
-    one, one_out = _weight_branch_one(p, x, vals, in_f, out_f, **kw)  # type: ignore[arg-type]
-    rows, rows_out = _weight_branch_rows(p, x, idx, vals, in_f, out_f, **kw)  # type: ignore[arg-type]
+    one, one_out = _weight_branch_one(p, x, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]
+    rows, rows_out = _weight_branch_rows(p, x, idx, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]
     info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
     return [
         const(p + "R_one", np.array([1], np.int64)),
@@ -263,6 +353,8 @@ def site_nodes(
     y: str,
     idx: str,
     vals: str,
+    ell_idx: str,
+    ell_vals: str,
     in_f: int,
     out_f: int,
     *,
@@ -278,15 +370,27 @@ def site_nodes(
     if (base is None) == (y_base is None):
         raise ValueError("site_nodes: pass exactly one of base (float weight) and y_base (quantized base output)")
     transposed = transposed and base is not None  # a quantized site's delta is built [in, out], whatever W was
-    nodes = _views(p, x, idx, in_f)
+    nodes = _views(p, x, idx, ell_idx, in_f)
     if value_type != TensorProto.FLOAT:
         nodes.append(_op("Cast", [vals], p + "vals", to=value_type))
-        vals = p + "vals"
+        nodes.append(_op("Cast", [ell_vals], p + "ell_vals", to=value_type))
+        vals, ell_vals = p + "vals", p + "ell_vals"
     y0 = p + "y0" if base is not None else y_base
     assert y0 is not None
-    short_nodes, short_out = _activation_branch(p, vals, out_f, y0, base)
+    short_nodes, short_out = _activation_branch(p, vals, ell_idx, ell_vals, out_f, y0, base, value_type)
     long_nodes, long_out = _weight_branch(
-        p, x, idx, vals, in_f, out_f, base=base, y_base=y_base, transposed=transposed, value_type=value_type
+        p,
+        x,
+        idx,
+        vals,
+        ell_idx,
+        ell_vals,
+        in_f,
+        out_f,
+        base=base,
+        y_base=y_base,
+        transposed=transposed,
+        value_type=value_type,
     )
     info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
     return nodes + [
@@ -294,8 +398,10 @@ def site_nodes(
         const(p + "limit", np.array(threshold, np.int64)),
         _op("Greater", [p + "n", p + "limit"], p + "long"),
         _op("Size", [vals], p + "nnz"),
+        _op("Size", [ell_vals], p + "slots"),
+        _op("Add", [p + "nnz", p + "slots"], p + "entries"),
         const(p + "zero", np.array(0, np.int64)),
-        _op("Greater", [p + "nnz", p + "zero"], p + "any"),
+        _op("Greater", [p + "entries", p + "zero"], p + "any"),
         _op("And", [p + "long", p + "any"], p + "use_weight"),
         helper.make_node(
             "If",

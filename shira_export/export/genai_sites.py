@@ -179,6 +179,32 @@ def _group_key(output: str) -> str:
     return "node." + output.strip("/").rsplit("/MatMul", 1)[0].replace("/", ".")
 
 
+def _as_scattered(p: str, module: str, out_f: int, in_f: int) -> list[onnx.NodeProto]:
+    """`p + "idx"` / `p + "vals"`: one module's two parts as one scattered list [R, nnz + K * out]
+    (an ELL slot (k, j) is the flat entry j * in + ell_indices[k, j]; its padding stays a
+    no-op), both parts broadcast to one R. The packed site then takes them as any other."""
+    idx, vals, ell_idx, ell_vals = graph_delta.adapter_input_names(module)
+    mk = helper.make_node
+    return [
+        const(p + "row_off", (np.arange(out_f, dtype=np.int64) * in_f).astype(np.int32)),
+        mk("Add", [ell_idx, p + "row_off"], [p + "eflat3"], name=p + "eflat3"),
+        const(p + "to2", np.array([0, -1], np.int64)),
+        mk("Reshape", [p + "eflat3", p + "to2"], [p + "eflat"], name=p + "eflat"),
+        mk("Reshape", [ell_vals, p + "to2"], [p + "evals"], name=p + "evals"),
+        mk("Shape", [idx], [p + "Rc"], name=p + "Rc", start=0, end=1),
+        mk("Shape", [ell_idx], [p + "Re"], name=p + "Re", start=0, end=1),
+        mk("Max", [p + "Rc", p + "Re"], [p + "R"], name=p + "R"),
+        const(p + "one", np.array([1], np.int64)),
+        mk("Concat", [p + "R", p + "one"], [p + "R1"], name=p + "R1", axis=0),
+        *(
+            mk("Expand", [name, p + "R1"], [p + tag], name=p + tag)
+            for name, tag in ((idx, "ci"), (vals, "cv"), (p + "eflat", "ei"), (p + "evals", "ev"))
+        ),
+        mk("Concat", [p + "ci", p + "ei"], [p + "idx"], name=p + "idx", axis=1),
+        mk("Concat", [p + "cv", p + "ev"], [p + "vals"], name=p + "vals", axis=1),
+    ]
+
+
 def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> list[onnx.NodeProto]:
     """Packed [R, nnz] indices and values of every piece of one node, as `shira.<key>.*`
     tensors: each piece's entries moved to the node's columns, entries of a split module
@@ -190,8 +216,12 @@ def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) 
         const(f"{p}zero_f", np.array(0, np.float32)),
     ]
     idx_parts, val_parts = [], []
+    merged: dict[str, tuple[str, str]] = {}
     for i, piece in enumerate(pieces):
-        idx, vals = indices_name(piece.module), values_name(piece.module)
+        if piece.module not in merged:
+            nodes += _as_scattered(f"{p}m{len(merged)}_", piece.module, module_rows[piece.module], piece.in_features)
+            merged[piece.module] = (f"{p}m{len(merged)}_idx", f"{p}m{len(merged)}_vals")
+        idx, vals = merged[piece.module]
         in_f = piece.in_features
         shift = (piece.offset - piece.row_start) * in_f  # row r of the module is column offset + r - row_start
         if shift:
@@ -218,7 +248,7 @@ def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) 
         rows = []
         for i, piece in enumerate(pieces):
             nodes.append(
-                helper.make_node("Shape", [indices_name(piece.module)], [f"{p}r{i}"], name=f"{p}r{i}", start=0, end=1)
+                helper.make_node("Shape", [merged[piece.module][0]], [f"{p}r{i}"], name=f"{p}r{i}", start=0, end=1)
             )
             rows.append(f"{p}r{i}")
         nodes += [
@@ -278,6 +308,9 @@ def insert_builder_deltas(
                 )
             new_nodes += _prelude(key, group, module_rows)
         groups[key] = {"node": node.name, "pieces": [asdict(g) for g in group]}
+        if not single:  # the packed site's ELL part is empty: _as_scattered moved every slot
+            new_nodes.append(const(graph_delta.ell_indices_name(key), np.zeros((1, 0, site.out_features), np.int32)))
+            new_nodes.append(const(graph_delta.ell_values_name(key), np.zeros((1, 0, site.out_features), np.float32)))
         if node.op_type == "MatMul":
             new_nodes += graph_delta._delta_nodes(site, node, threshold, dtypes[node.input[1]])
         else:  # MatMulNBits: the base op stays, the delta is added on the activations
@@ -288,6 +321,6 @@ def insert_builder_deltas(
             new_nodes += quant_delta._delta_nodes(site, node.input[0], y_base, y, threshold)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}))
+    graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}), module_rows)
     entry = model.metadata_props.add()
     entry.key, entry.value = GROUPS_KEY, json.dumps(groups)

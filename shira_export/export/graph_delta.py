@@ -34,6 +34,9 @@ __all__ = [
     "TargetSite",
     "indices_name",
     "values_name",
+    "ell_indices_name",
+    "ell_values_name",
+    "adapter_input_names",
     "weight_name",
     "locate_targets",
     "graph_fingerprint",
@@ -41,6 +44,7 @@ __all__ = [
     "DEFAULT_TOKEN_THRESHOLD",
     "site_base_node",
     "add_adapter_inputs",
+    "check_graph_contract",
 ]
 
 PREFIX = "shira"
@@ -56,6 +60,19 @@ def indices_name(module: str) -> str:
 
 def values_name(module: str) -> str:
     return f"{PREFIX}.{module}.values"
+
+
+def ell_indices_name(module: str) -> str:
+    return f"{PREFIX}.{module}.ell_indices"
+
+
+def ell_values_name(module: str) -> str:
+    return f"{PREFIX}.{module}.ell_values"
+
+
+def adapter_input_names(module: str) -> tuple[str, str, str, str]:
+    """Every graph input one module's delta takes (export.delta_sites: the scattered part, then the ELL part)."""
+    return indices_name(module), values_name(module), ell_indices_name(module), ell_values_name(module)
 
 
 def weight_name(module: str) -> str:
@@ -172,8 +189,7 @@ def _delta_nodes(site: TargetSite, base: onnx.NodeProto, threshold: int, value_t
         f"{PREFIX}/{site.module}/",
         base.input[0],
         base.output[0],
-        indices_name(site.module),
-        values_name(site.module),
+        *adapter_input_names(site.module),
         site.in_features,
         site.out_features,
         threshold=threshold,
@@ -220,17 +236,38 @@ def insert_sparse_deltas(
         new_nodes.extend(_delta_nodes(site, node, threshold, dtypes[site.initializer]))
     del graph.node[:]
     graph.node.extend(new_nodes)
-    add_adapter_inputs(graph, [s.module for s in sites])
+    add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
+
+
+def check_graph_contract(model_path: object, sites: Sequence[TargetSite], graph_inputs: set) -> None:
+    """Refuse a sparse graph of an earlier release, whose sites lack this release's inputs
+    (the two-part layout of export.site_layout): re-exporting is the fix."""
+    missing = [s.module for s in sites if not set(adapter_input_names(s.module)) <= graph_inputs]
+    if missing:
+        raise ShiraInputError(
+            f"{model_path}: sparse graph of an earlier release (module {missing[0]!r} lacks the inputs "
+            f"{list(adapter_input_names(missing[0]))}); re-export it with `shira-export sparse`"
+        )
 
 
 def _dim_key(module: str) -> str:
     return module.replace(".", "_")
 
 
-def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str]) -> None:
-    """`shira.<m>.indices` int32 / `.values` fp32 [R, nnz] inputs with [1, 0] defaults (no delta)."""
+def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str], out_features: Mapping[str, int]) -> None:
+    """Per module, `shira.<m>.indices` int32 / `.values` fp32 [R, nnz] inputs with [1, 0]
+    defaults and `.ell_indices` int32 / `.ell_values` fp32 [R, K, out] with [1, 0, out]
+    defaults: no delta."""
     for module in modules:
-        dims = [f"rows_{_dim_key(module)}", f"nnz_{_dim_key(module)}"]
-        for name, dtype in ((indices_name(module), TensorProto.INT32), (values_name(module), TensorProto.FLOAT)):
+        key, out_f = _dim_key(module), int(out_features[module])
+        idx, vals, ell_idx, ell_vals = adapter_input_names(module)
+        flat_dims: list[str | int] = [f"rows_{key}", f"nnz_{key}"]
+        ell_dims: list[str | int] = [f"rows_{key}", f"slots_{key}", out_f]
+        for name, dtype, dims, default in (
+            (idx, TensorProto.INT32, flat_dims, [1, 0]),
+            (vals, TensorProto.FLOAT, flat_dims, [1, 0]),
+            (ell_idx, TensorProto.INT32, ell_dims, [1, 0, out_f]),
+            (ell_vals, TensorProto.FLOAT, ell_dims, [1, 0, out_f]),
+        ):
             graph.input.append(helper.make_tensor_value_info(name, dtype, dims))
-            graph.initializer.append(helper.make_tensor(name, dtype, [1, 0], []))
+            graph.initializer.append(helper.make_tensor(name, dtype, default, []))

@@ -31,10 +31,9 @@ from shira_export.export.delta_sites import site_nodes
 from shira_export.export.graph_delta import (
     PREFIX,
     TargetSite,
+    adapter_input_names,
     add_adapter_inputs,
-    indices_name,
     site_base_node,
-    values_name,
 )
 
 __all__ = ["QPREFIX", "strip_sparse_deltas", "site_io", "attach_quantized_deltas"]
@@ -78,7 +77,7 @@ def strip_sparse_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite]) -> 
         raise ShiraInputError(
             f"sparse graph: no delta branch for targets {missing} (expected a graph written by `shira-export sparse`)"
         )
-    adapter_inputs = {indices_name(s.module) for s in sites} | {values_name(s.module) for s in sites}
+    adapter_inputs = {name for s in sites for name in adapter_input_names(s.module)}
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop(graph.input, adapter_inputs)
@@ -98,8 +97,7 @@ def _delta_nodes(site: TargetSite, x: str, y_base: str, y: str, threshold: int) 
         f"{QPREFIX}/{site.module}/",
         x,
         y,
-        indices_name(site.module),
-        values_name(site.module),
+        *adapter_input_names(site.module),
         site.in_features,
         site.out_features,
         threshold=threshold,
@@ -146,4 +144,4 @@ def attach_quantized_deltas(
     graph.node.extend(new_nodes)
     if model.ir_version < 4:
         model.ir_version = 4  # overridable initializers
-    add_adapter_inputs(graph, [s.module for s in sites])
+    add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})

@@ -1,11 +1,11 @@
 """Feeds for one call whose rows use different adapters (mixed batches).
 
-The sparse graph takes per site `shira.<m>.indices` int32 [R, nnz] and `shira.<m>.values`
-fp32 [R, nnz]: R == 1 applies one adapter to every row (what an `.onnx_adapter` feeds),
-R == batch applies row b of the arrays to row b of the batch. Rows are padded to the
-site's largest nnz with index 0 / value 0.0 (adds nothing); a base-model row (None) and a
-row whose adapter does not touch the site are all padding. A site no row touches is not
-fed at all (its default [1, 0] is "no adapter").
+The sparse graph takes per site two parts (export.site_layout): `shira.<m>.ell_indices` /
+`.ell_values` [R, K, out] and `shira.<m>.indices` / `.values` [R, nnz]: R == 1 applies one
+adapter to every row (what an `.onnx_adapter` feeds), R == batch applies row b of the arrays
+to row b of the batch. Rows are padded to the site's largest K and nnz with index 0 / value
+0.0 (adds nothing); a base-model row (None) and a row whose adapter does not touch the site
+are all padding. A site no row touches is not fed at all (its empty defaults are "no adapter").
 
 Stacking copies every row's arrays, so the stacked OrtValues are cached per adapter
 combination (a decode loop asks for the same one every step) in a small cache bounded by
@@ -23,8 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from shira_export.errors import ShiraInputError
-from shira_export.artifacts.adapter_io import AdapterArrays
-from shira_export.artifacts.naming import indices_name, values_name
+from shira_export.artifacts.adapter_io import AdapterArrays, batch_parameters
 
 __all__ = ["MixedFeeds", "MixedCache", "check_adapter_list", "stack_rows"]
 
@@ -64,28 +63,14 @@ def check_adapter_list(adapter: Sequence[Any], batch: Optional[int]) -> tuple:
 
 
 def stack_rows(rows: Sequence[Optional[AdapterArrays]]) -> tuple[dict[str, Any], list[np.ndarray], int]:
-    """({input name: OrtValue [batch, nnz_max]} for every site some row touches, padded with
-    0 / 0.0; the numpy arrays behind them; their bytes)."""
+    """({input name: OrtValue [batch, ...]} for every site some row touches, both parts padded
+    with 0 / 0.0 (adapter_io.batch_parameters); the numpy arrays behind them; their bytes)."""
     import onnxruntime as ort
 
-    modules = sorted({m for r in rows if r is not None for m in r.deltas})
-    feeds: dict[str, Any] = {}
-    keep: list[np.ndarray] = []
-    total = 0
-    for module in modules:
-        widths = [r.deltas[module][0].size if r is not None and module in r.deltas else 0 for r in rows]
-        width = max(widths)
-        idx = np.zeros((len(rows), width), np.int32)
-        vals = np.zeros((len(rows), width), np.float32)
-        for b, (r, w) in enumerate(zip(rows, widths)):
-            if w:
-                assert r is not None  # w > 0 only for rows whose adapter touches the module
-                idx[b, :w], vals[b, :w] = r.deltas[module]
-        keep += [idx, vals]
-        total += idx.nbytes + vals.nbytes
-        feeds[indices_name(module)] = ort.OrtValue.ortvalue_from_numpy(idx)
-        feeds[values_name(module)] = ort.OrtValue.ortvalue_from_numpy(vals)
-    return feeds, keep, total
+    modules = sorted({m for r in rows if r is not None for m in r.parts})
+    params = batch_parameters(rows, modules)
+    feeds = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in params.items()}
+    return feeds, list(params.values()), int(sum(a.nbytes for a in params.values()))
 
 
 class MixedCache:

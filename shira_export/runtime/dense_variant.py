@@ -16,9 +16,8 @@ from shira_export.artifacts.naming import (
     GENAI_GROUPS_KEY,
     PREFIX,
     TargetSite,
-    indices_name,
+    adapter_input_names,
     site_base_node,
-    values_name,
     weight_name,
 )
 from shira_export.errors import ShiraInputError
@@ -49,7 +48,7 @@ def to_dense_variant(
     dense.CopyFrom(model)
     graph = dense.graph
     prefixes = {f"{PREFIX}/{s.module}/": s for s in sites}
-    drop_inputs = {indices_name(s.module) for s in sites} | {values_name(s.module) for s in sites}
+    drop_inputs = {name for s in sites for name in adapter_input_names(s.module)}
     renames = {s.initializer: weight_name(s.module) for s in sites}
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -154,7 +153,7 @@ def _builder_dense_variant(
     del graph.node[:]
     graph.node.extend(new_nodes)
     arrays = {m: np.ascontiguousarray(np.concatenate([b[k] for k in sorted(b)], axis=1)) for m, b in blocks.items()}
-    drop = {indices_name(s.module) for s in sites} | {values_name(s.module) for s in sites}
+    drop = {name for s in sites for name in adapter_input_names(s.module)}
     used = {name for n in graph.node for name in n.input}
     kept = [i for i in graph.initializer if i.name not in drop and (i.name in used or i.name not in replaced)]
     del graph.initializer[:]

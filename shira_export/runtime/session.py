@@ -40,8 +40,7 @@ from shira_export.artifacts.manifest import SparseManifest, read_sparse_manifest
 from shira_export.artifacts.naming import (
     PREFIX,
     TargetSite,
-    indices_name,
-    values_name,
+    check_graph_contract,
     weight_name,
 )
 from shira_export.runtime.dense_variant import to_dense_variant
@@ -72,7 +71,7 @@ class _Loaded:
     @property
     def nbytes(self) -> int:
         """Bytes this adapter holds: its arrays, merged weights (dense), the mapped file (portable)."""
-        own = sum(i.nbytes + v.nbytes for i, v in self.arrays.deltas.values())
+        own = self.arrays.nbytes
         return int(own + sum(a.nbytes for a in self.keep) + (self.file_bytes if self.lora is not None else 0))
 
 
@@ -134,14 +133,9 @@ class ShiraSession:
         hidden = {i.name for i in graph_inputs if i.name.startswith(PREFIX + ".")}
         self.input_names = [i.name for i in graph_inputs if i.name not in hidden]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        # graphs of the per-row contract take [R, nnz] adapter inputs; older exports [nnz]
-        # (inputs with a default are onnxruntime's overridable initializers, not get_inputs())
-        ranks = {
-            len(i.shape)
-            for i in self.session.get_overridable_initializers()
-            if i.name.startswith(PREFIX + ".") and i.name.endswith(".indices")
-        }
-        self.per_row = ranks == {2}
+        if self.mode is not Mode.DENSE:  # inputs with a default are overridable initializers, not get_inputs()
+            overridable = {i.name for i in self.session.get_overridable_initializers()}
+            check_graph_contract(self.manifest.model_path, self.manifest.targets, overridable)
         self._lock = threading.RLock()
         self._mixed = MixedCache(mixed_cache, mixed_cache_bytes, lock=self._lock)
         self._loaded: dict[str, _Loaded] = {}
@@ -199,11 +193,8 @@ class ShiraSession:
             lora = ort.LoraAdapter()
             lora.Load(str(path))
             loaded.lora, loaded.file_bytes = lora, Path(path).stat().st_size
-        else:
-            for module, (idx, vals) in arrays.deltas.items():  # views: no copy ([1, nnz] for per-row graphs)
-                shape = (1, -1) if self.per_row else (-1,)
-                loaded.feeds[indices_name(module)] = ort.OrtValue.ortvalue_from_numpy(idx.reshape(shape))
-                loaded.feeds[values_name(module)] = ort.OrtValue.ortvalue_from_numpy(vals.reshape(shape))
+        else:  # views of the adapter's arrays: no copy
+            loaded.feeds.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.parameters().items()})
         with self._lock:
             self._loaded[name] = loaded
             self._mixed.forget(name)
@@ -265,11 +256,6 @@ class ShiraSession:
             raise ShiraInputError(
                 f"adapter list {list(names)}: mode 'dense' feeds one set of merged weights per call; "
                 f"mixed-adapter batches run in mode 'lean' (the default) or 'portable'"
-            )
-        if not self.per_row:
-            raise ShiraInputError(
-                f"{self.manifest.model_path}: this graph takes one adapter per call (its shira.* "
-                f"inputs are [nnz]); re-export it with this version for one adapter per row"
             )
         sources = tuple(None if n is None else self._get(n) for n in names)
 
