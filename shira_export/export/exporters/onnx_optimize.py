@@ -24,11 +24,13 @@ import onnx_ir as ir
 __all__ = ["optimize_like_torch", "plain_optimize"]
 
 
-def plain_optimize(model: ir.Model) -> None:
-    """Exactly torch.onnx's `ONNXProgram.optimize()` (onnxscript's torch API), in place."""
-    from onnxscript._framework_apis.torch_2_8 import optimize
+def plain_optimize(model: ir.Model) -> ir.Model:
+    """Exactly torch.onnx's `ONNXProgram.optimize()`; returns the optimized model."""
+    import torch
 
-    optimize(model)
+    program = torch.onnx.ONNXProgram(model, None)
+    program.optimize()
+    return program.model
 
 
 def _root_op(rule: Any) -> Optional[str]:
@@ -106,13 +108,14 @@ def _fast_passes() -> Optional[Any]:
         return None
 
 
-def optimize_like_torch(model: ir.Model) -> None:
-    """What `ONNXProgram.optimize()` does to `model` (in place), without the failed matches."""
+def optimize_like_torch(model: ir.Model) -> ir.Model:
+    """What `ONNXProgram.optimize()` does to `model`, without the failed matches; returns
+    the optimized model (`model` itself, changed in place, unless the fallback ran)."""
     passes = _fast_passes()
     if passes is None:
-        plain_optimize(model)
-        return
+        return plain_optimize(model)
     passes(model)
     from onnxscript.rewriter import onnx_fusions
 
     onnx_fusions.fuse(model)  # opset-23 fusions only; nothing at lower opsets, as in optimize()
+    return model

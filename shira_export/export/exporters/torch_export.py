@@ -335,7 +335,7 @@ def export_with_torch(model: "PreTrainedModel", output_dir: Path, *, task: str, 
     with quiet_loggers(*_LOGGERS), torch.no_grad():
         graph = _graph_with_weights(wrapper, model, task, opset, args, shapes, names)
         # constant folding (the weight transposes) and fusions: torch.onnx's optimize(), same result
-        optimize_like_torch(graph)
+        graph = optimize_like_torch(graph)
         if fuse_split_transposes(graph):
             remove_unused_nodes(graph)
         proto = ir.serde.serialize_model(graph)

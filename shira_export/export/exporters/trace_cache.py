@@ -93,8 +93,10 @@ def fill_weights(model: ir.Model, state: Mapping[str, Any]) -> bool:
     """Put `state`'s tensors (torch) into every weight slot of a cached graph; False (and
     the graph must not be used) when a slot has no tensor of its name, shape and dtype in
     `state`, or an external reference other than a slot is left."""
-    from torch.onnx._internal.exporter._core import TorchTensor
-
+    try:  # torch.onnx's own wrapper (what ONNXProgram.apply_weights uses): no copy, any dtype
+        from torch.onnx._internal.exporter._core import TorchTensor
+    except ImportError:  # another torch: the entry is not used, the model is traced
+        return False
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
