@@ -151,3 +151,26 @@ def test_classifier_8bit_matmuls_keep_fp32_activations(tmp_path, kind):
     assert ("classifier graph" in report.choices["reasons"]["accuracy_level_8bit"]) is (kind == "classifier")
     given = quantize_onnx_model(tmp_path / "m.onnx", tmp_path / "g.onnx", mode="int8", accuracy_level_8bit=4)
     assert given.choices["accuracy_level_8bit"] == 4
+
+
+def test_calibration_texts_are_not_the_quality_sentences():
+    """The MiniLM quality rows (docs/quantize.md) judge the plan on the example's sentences:
+    none of them, nor a 4-word span of one, is among the plan's calibration texts."""
+    import sys
+    from pathlib import Path
+
+    from shira_export.export.quantize.calib import CALIBRATION_TEXTS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        from minilm_data import HELD_OUT, TRAIN, split
+    finally:
+        sys.path.pop(0)
+
+    def spans(text: str) -> set:
+        words = text.lower().split()
+        return {" ".join(words[i : i + 4]) for i in range(len(words) - 3)} | {text}
+
+    quality = split(HELD_OUT)[0] + split(TRAIN)[0]
+    assert len(quality) >= 42 and len(CALIBRATION_TEXTS) == 32
+    assert not set().union(*map(spans, CALIBRATION_TEXTS)) & set().union(*map(spans, quality))

@@ -57,7 +57,7 @@ def _mb(folder: Path) -> float:
 
 
 def _median_ms(fns: dict, rounds: int, repeat: int) -> dict:
-    times = {k: [] for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):  # interleaved: every variant once per round
         for name, fn in fns.items():
             fn()

@@ -2,8 +2,9 @@
 
 int8: every constant-weight MatMul at 8 bits. int4 (default, `plan="measured"`): the MatMuls
 writing a graph output at `head_bits` (8), and of the body the largest set whose 4-bit
-error, measured on calibration inputs, keeps the outputs' worst cosine at or above
-`plan_min_cosine` (quantize.measure); the rest at 8 bits. When the graph's inputs cannot be
+error, measured on calibration inputs, keeps the outputs' worst cosine at or above the
+target (`plan_min_cosine`, else by output kind: `plan_target`) and a classifier's
+predicted label agreement at or above `plan_min_agreement` (quantize.measure); the rest at 8 bits. When the graph's inputs cannot be
 fed (quantize.calib) the fixed plan below is used and the reason recorded.
 
 int4 with `plan="fixed"`: 4 bits, except
