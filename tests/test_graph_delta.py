@@ -296,3 +296,52 @@ def test_both_parts_any_k_match_numpy_alone_and_mixed(tokens):
     ell_only = {k: v for k, v in batch_parameters(rows[2:3] * 4, ["m", "g"]).items() if ".ell_" in k}
     got = session.run(None, {"x": x, **ell_only})[0]
     assert np.abs(got - want).max() < 1e-4
+
+
+def _with_limit(model: onnx.ModelProto, limit: int) -> onnx.ModelProto:
+    """A copy whose sites all take the decode branch below `limit` rows (the `<site>/limit` constants)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    limits = [n for n in out.graph.node if n.op_type == "Constant" and n.name.endswith("/limit")]
+    assert len(limits) == len(_site_ifs(out))  # one per site: the copy really differs
+    for node in limits:
+        node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.array(limit, np.int64), node.name))
+    return out
+
+
+def _site_ifs(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "If" and n.name.endswith("/If")]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_long_inputs_prefill_branch_equals_decode_branch(opt_folders, precision):
+    """The weight branch (int4: MatMulNBits dequantized by GatherBlockQuantized) and the decode
+    branch, each forced through every site's limit, give the same logits on 40 tokens."""
+    folder = opt_folders[precision]
+    manifest = read_sparse_manifest(folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    if precision == "int4":
+        ops = {
+            n.op_type
+            for n in model.graph.node
+            for a in n.attribute
+            if a.type == onnx.AttributeProto.GRAPH
+            for n in a.g.node
+        }
+        assert "GatherBlockQuantized" in ops  # the packed sites dequantize in their prefill branch
+    prefill, decode = _session(_with_limit(model, 0)), _session(_with_limit(model, 10**15))  # every site forced
+    adapters = [
+        read_adapter_file(folder / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
+        for e in manifest.adapters.values()
+    ]
+    ids = np.random.default_rng(6).integers(3, 100, (2, 40)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    modules = [s.module for s in manifest.targets]
+    for feeds in (adapters[0].parameters(), batch_parameters([adapters[0], adapters[1]], modules)):
+        got = prefill.run(["logits"], {**_decoder_feeds(prefill, ids, mask), **feeds})[0]
+        want = decode.run(["logits"], {**_decoder_feeds(decode, ids, mask), **feeds})[0]
+        base = decode.run(["logits"], _decoder_feeds(decode, ids, mask))[0]
+        real = mask.astype(bool)
+        assert np.abs(got[real] - want[real]).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+        assert np.abs(want[real] - base[real]).max() > 1e-3  # the adapter changes the logits

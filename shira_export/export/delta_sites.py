@@ -363,10 +363,17 @@ def site_nodes(
     base: Optional[onnx.NodeProto] = None,
     y_base: Optional[str] = None,
     transposed: bool = False,
+    decode_base: Optional[onnx.NodeProto] = None,
+    weight_prelude: Sequence[onnx.NodeProto] = (),
+    work_threshold: Optional[int] = None,
 ) -> list[onnx.NodeProto]:
     """Nodes computing `y` for one site, all named under prefix `p`. Either `base` (the
     fp32/fp16 MatMul or Gemm they replace, its weight a constant) or `y_base` (the output
-    of a quantized base op left in the graph: the delta is added on the activations)."""
+    of a quantized base op left in the graph: the delta is added on the activations).
+    `decode_base` replaces `base` in the decode branch and `weight_prelude` runs first in the
+    prefill branch (export.packed_weight: a MatMulNBits op decodes, its dequantized weight
+    in fp32 prefills). The prefill branch runs above `threshold` rows per adapter row, or,
+    with `work_threshold`, above that many rows x entries (the decode branch's work)."""
     if (base is None) == (y_base is None):
         raise ValueError("site_nodes: pass exactly one of base (float weight) and y_base (quantized base output)")
     transposed = transposed and base is not None  # a quantized site's delta is built [in, out], whatever W was
@@ -377,7 +384,9 @@ def site_nodes(
         vals, ell_vals = p + "vals", p + "ell_vals"
     y0 = p + "y0" if base is not None else y_base
     assert y0 is not None
-    short_nodes, short_out = _activation_branch(p, vals, ell_idx, ell_vals, out_f, y0, base, value_type)
+    short_nodes, short_out = _activation_branch(
+        p, vals, ell_idx, ell_vals, out_f, y0, decode_base if decode_base is not None else base, value_type
+    )
     long_nodes, long_out = _weight_branch(
         p,
         x,
@@ -395,11 +404,18 @@ def site_nodes(
     info = lambda n: helper.make_tensor_value_info(n, value_type, None)  # noqa: E731
     return nodes + [
         _op("Shape", [p + "x3"], p + "n", start=1, end=2),  # rows of x per adapter row
-        const(p + "limit", np.array(threshold, np.int64)),
-        _op("Greater", [p + "n", p + "limit"], p + "long"),
         _op("Size", [vals], p + "nnz"),
         _op("Size", [ell_vals], p + "slots"),
         _op("Add", [p + "nnz", p + "slots"], p + "entries"),
+        const(p + "limit", np.array(threshold if work_threshold is None else work_threshold, np.int64)),
+        *(
+            [_op("Greater", [p + "n", p + "limit"], p + "long")]
+            if work_threshold is None  # rows, or rows x entries: the decode branch's work
+            else [
+                _op("Mul", [p + "n", p + "entries"], p + "work"),
+                _op("Greater", [p + "work", p + "limit"], p + "long"),
+            ]
+        ),
         const(p + "zero", np.array(0, np.int64)),
         _op("Greater", [p + "entries", p + "zero"], p + "any"),
         _op("And", [p + "long", p + "any"], p + "use_weight"),
@@ -408,7 +424,7 @@ def site_nodes(
             [p + "use_weight"],
             [y],
             name=p + "If",
-            then_branch=helper.make_graph(long_nodes, p + "weight_g", [], [info(long_out)]),
+            then_branch=helper.make_graph([*weight_prelude, *long_nodes], p + "weight_g", [], [info(long_out)]),
             else_branch=helper.make_graph(short_nodes, p + "act_g", [], [info(short_out)]),
         ),
     ]

@@ -284,6 +284,7 @@ def insert_builder_deltas(
     if model.ir_version < 4:
         model.ir_version = 4
     dtypes = {i.name: i.data_type for i in graph.initializer}
+    initializers = {i.name: i for i in graph.initializer}
     groups = {}
     new_nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -313,12 +314,9 @@ def insert_builder_deltas(
             new_nodes.append(const(graph_delta.ell_values_name(key), np.zeros((1, 0, site.out_features), np.float32)))
         if node.op_type == "MatMul":
             new_nodes += graph_delta._delta_nodes(site, node, threshold, dtypes[node.input[1]])
-        else:  # MatMulNBits: the base op stays, the delta is added on the activations
-            y = node.output[0]
-            y_base = f"{quant_delta.QPREFIX}/{key}/y_base"
-            node.output[0] = y_base
-            new_nodes.append(node)
-            new_nodes += quant_delta._delta_nodes(site, node.input[0], y_base, y, threshold)
+        else:  # MatMulNBits: decodes inside the site, its dequantized weight prefills (export.packed_weight)
+            keep, nodes = quant_delta.quantized_site(site, node, node.input[0], node.output[0], threshold, initializers)
+            new_nodes += ([node] if keep else []) + nodes
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}), module_rows)

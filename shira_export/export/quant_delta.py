@@ -25,9 +25,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import onnx
+from onnx import helper
 
 from shira_export.errors import ShiraInputError
 from shira_export.export.delta_sites import site_nodes
+from shira_export.export.packed_weight import PACKED_WORK_THRESHOLD, dequantized_nodes, packed_int4
 from shira_export.export.graph_delta import (
     PREFIX,
     TargetSite,
@@ -105,6 +107,40 @@ def _delta_nodes(site: TargetSite, x: str, y_base: str, y: str, threshold: int) 
     )
 
 
+def quantized_site(
+    site: TargetSite,
+    producer: onnx.NodeProto,
+    x: str,
+    y: str,
+    threshold: int,
+    initializers: Mapping[str, onnx.TensorProto],
+) -> tuple[bool, list[onnx.NodeProto]]:
+    """(keep the producer in the graph, the site's nodes) for the quantized op `producer`
+    writing `y`. A 4-bit MatMulNBits moves into the site (export.packed_weight: it decodes, its
+    dequantized weight prefills); any other quantized op stays and its output gets the
+    delta on the activations."""
+    info = packed_int4(producer, initializers)
+    p = f"{QPREFIX}/{site.module}/"
+    if info is None or info["N"] != site.out_features or info["K"] != site.in_features:
+        y_base = p + "y_base"
+        producer.output[list(producer.output).index(y)] = y_base
+        return True, _delta_nodes(site, x, y_base, y, threshold)
+    prelude, wt = dequantized_nodes(p + "deq/", producer, info, p + "R")
+    return False, site_nodes(
+        p,
+        x,
+        y,
+        *adapter_input_names(site.module),
+        site.in_features,
+        site.out_features,
+        threshold=threshold,
+        work_threshold=PACKED_WORK_THRESHOLD,
+        base=helper.make_node("MatMul", [x, wt], [y], name=p + "fp32"),
+        decode_base=producer,
+        weight_prelude=prelude,
+    )
+
+
 def attach_quantized_deltas(
     model: onnx.ModelProto, sites: Sequence[TargetSite], io: Mapping[str, tuple[str, str]], *, threshold: int
 ) -> None:
@@ -127,18 +163,22 @@ def attach_quantized_deltas(
             f"have replaced every targeted MatMul)"
         )
     position = {id(node): i for i, node in enumerate(graph.node)}
+    initializers = {i.name: i for i in graph.initializer}
     inserted: dict[int, list[onnx.NodeProto]] = {}
+    moved: set[int] = set()
     for site in sites:
         x, y = io[site.module]
         producer = producers.get(y)
         if producer is None:
             raise ShiraInputError(f"quantized graph: no node writes {y!r}, the output of target {site.module!r}")
-        y_base = f"{QPREFIX}/{site.module}/y_base"
-        producer.output[list(producer.output).index(y)] = y_base
-        inserted.setdefault(position[id(producer)], []).extend(_delta_nodes(site, x, y_base, y, threshold))
+        keep, nodes = quantized_site(site, producer, x, y, threshold, initializers)
+        if not keep:
+            moved.add(position[id(producer)])
+        inserted.setdefault(position[id(producer)], []).extend(nodes)
     new_nodes: list[onnx.NodeProto] = []
     for i, node in enumerate(graph.node):
-        new_nodes.append(node)
+        if i not in moved:
+            new_nodes.append(node)
         new_nodes.extend(inserted.get(i, []))
     del graph.node[:]
     graph.node.extend(new_nodes)
