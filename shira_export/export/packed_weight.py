@@ -1,6 +1,6 @@
-"""The fp32 weight of a 4-bit `MatMulNBits` site, dequantized inside the prefill branch.
+"""The fp32 weight of a 4- or 8-bit `MatMulNBits` site, dequantized inside the prefill branch.
 
-A packed int4 weight cannot take a scatter, so the prefill of a quantized site would pay
+A packed int4 / int8 weight cannot take a scatter, so the prefill of a quantized site would pay
 the int4 MatMul plus a second, fp32 MatMul against a dense delta (about 2.2x the int4
 site, docs/sparse_format.md). Instead the prefill branch dequantizes the packed weight
 with onnxruntime's `com.microsoft.GatherBlockQuantized` (all rows; exact: the same values
@@ -31,25 +31,30 @@ PACKED_WORK_THRESHOLD = 1_000_000
 
 
 def packed_int4(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> Optional[dict]:
-    """{N, K, block, blocks, zero_points} when `node` is a 4-bit MatMulNBits whose packed weight,
-    scales (and uint8 zero points) are initializers and that has no g_idx / bias; else None."""
+    """{N, K, bits, block, blocks, zero_points} when `node` is a 4- or 8-bit MatMulNBits computing
+    with fp32 activations whose packed weight, scales (and uint8 zero points) are initializers
+    and that has no g_idx / bias; else None."""
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     extra = [name for name in node.input[4:] if name]
     b, scales = initializers.get(node.input[1]), initializers.get(node.input[2])
     zp = initializers.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    if attrs.get("bits", 4) != 4 or extra or b is None or scales is None:
+    bits = int(attrs.get("bits", 4))
+    # accuracy_level 2-4 computes in fp16/bf16/int8 activations: a fp32 prefill would then not
+    # equal the decode branch's op, so those sites keep the base op in both branches
+    if bits not in (4, 8) or int(attrs.get("accuracy_level", 0)) > 1 or extra or b is None or scales is None:
         return None
     if b.data_type != TensorProto.UINT8 or len(b.dims) != 3 or scales.data_type != TensorProto.FLOAT:
         return None
     n, blocks, blob = (int(d) for d in b.dims)
     block = int(attrs["block_size"])
-    if blob * 2 != block or int(np.prod(scales.dims)) != n * blocks:
+    if blob * 8 // bits != block or int(np.prod(scales.dims)) != n * blocks:
         return None
-    if zp is not None and (zp.data_type != TensorProto.UINT8 or int(np.prod(zp.dims)) != n * ((blocks + 1) // 2)):
+    per_byte = 8 // bits  # zero points packed like the weight, along the blocks
+    if zp is not None and (zp.data_type != TensorProto.UINT8 or int(np.prod(zp.dims)) != n * -(-blocks // per_byte)):
         return None
-    return {"N": n, "K": int(attrs["K"]), "block": block, "blocks": blocks, "zero_points": zp is not None}
+    return {"N": n, "K": int(attrs["K"]), "bits": bits, "block": block, "blocks": blocks, "zero_points": zp is not None}
 
 
 def dequantized_nodes(p: str, node: onnx.NodeProto, info: dict, runtime_value: str) -> tuple[list[onnx.NodeProto], str]:
@@ -72,7 +77,14 @@ def dequantized_nodes(p: str, node: onnx.NodeProto, info: dict, runtime_value: s
         mk("Reshape", [p + "scales_rt", p + "s3"], [p + "scales3"], name=p + "scales3"),
     ]
     inputs = [node.input[1], p + "ids", p + "scales3"]
-    if info["zero_points"]:  # MatMulNBits packs two 4-bit zero points per byte along the blocks
+    if info["zero_points"] and info["bits"] == 8:
+        nodes += [
+            mk("Cast", [rt], [p + "rt_u8"], name=p + "rt_u8", to=TensorProto.UINT8),
+            mk("BitwiseOr", [node.input[3], p + "rt_u8"], [p + "zp_rt"], name=p + "zp_rt"),
+            mk("Reshape", [p + "zp_rt", p + "s3"], [p + "zp3"], name=p + "zp3"),
+        ]
+        inputs.append(p + "zp3")
+    elif info["zero_points"]:  # MatMulNBits packs two 4-bit zero points per byte along the blocks
         nodes += [
             mk("Cast", [rt], [p + "rt_u8"], name=p + "rt_u8", to=TensorProto.UINT8),
             const(p + "lo_mask0", np.array([15], np.uint8)),
@@ -101,7 +113,7 @@ def dequantized_nodes(p: str, node: onnx.NodeProto, info: dict, runtime_value: s
             [p + "deq"],
             name=p + "deq",
             domain="com.microsoft",
-            bits=4,
+            bits=info["bits"],
             block_size=block,
             gather_axis=0,
             quantize_axis=2,
