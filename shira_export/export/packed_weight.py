@@ -7,8 +7,9 @@ with onnxruntime's `com.microsoft.GatherBlockQuantized` (all rows; exact: the sa
 MatMulNBits computes with), adds the delta to it and runs one fp32 MatMul, while the decode
 branch keeps the MatMulNBits op itself. GatherBlockQuantized reads MatMulNBits' packed
 [N, blocks, blob] bytes as they are (quantize_axis 2), so no second copy of the weight is
-kept; its row ids are made from a runtime value so that onnxruntime does not fold the
-dequantized weight into an fp32 constant at load time.
+kept; its row ids, scales and zero points are run-time values (x + 0), so that no graph
+optimizer can fold the dequantized weight into an fp32 constant (onnxruntime 1.32 does not
+fold it even without this, measured; other runtimes and versions might).
 """
 
 from __future__ import annotations
