@@ -78,9 +78,11 @@ def build_adapters(work: Path, model_dir: Path, ranks) -> dict[str, Path]:
 
 
 def like_adapter(session, name: str, path: Path, seed: int) -> Path:
-    """An adapter file with the nnz of `name` per site at random positions (more adapters of a rank)."""
-    from shira_export.export.adapter_file import AdapterArrays, short_fingerprint, write_adapter_file
+    """An adapter file with the nnz of `name` per site at random positions (more adapters of a rank),
+    kept in `--work` under a name with the format's schema (a file of an older layout is not reused)."""
+    from shira_export.export.adapter_file import ADAPTER_SCHEMA, AdapterArrays, short_fingerprint, write_adapter_file
 
+    path = path.with_name(f"{path.stem}.v{ADAPTER_SCHEMA}{path.suffix}")
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
