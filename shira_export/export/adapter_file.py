@@ -40,7 +40,7 @@ from shira_export._io import (
 )
 from shira_export.errors import ShiraInputError
 from shira_export.export.graph_delta import TargetSite, adapter_input_names
-from shira_export.export.site_layout import MAX_BYTES_PER_NONZERO, SiteArrays, join, split
+from shira_export.export.site_layout import MAX_BYTES_PER_NONZERO, SiteArrays, checked_part, join, split
 
 __all__ = [
     "ADAPTER_SCHEMA",
@@ -365,66 +365,10 @@ def read_adapter_file(
         if not any(n in params for n in names):
             continue
         given = [params.pop(n, None) for n in names]
-        part = _checked_part(module, site, names, given, problems)
+        part = checked_part(module, site.out_features, site.in_features, names, given, problems)
         if part is not None:
             parts[module] = part
     problems += [f"unexpected parameter {k!r} (not an input of this graph)" for k in sorted(params)]
     if problems:
         raise ShiraInputError(f"{path}: invalid adapter:\n  " + "\n  ".join(problems))
     return AdapterArrays(parts, {m: next(s.in_features for s in sites if s.module == m) for m in parts}, model_version)
-
-
-def _checked_part(
-    module: str, site: TargetSite, names: Sequence[str], found: Sequence[Optional[np.ndarray]], problems: list[str]
-) -> Optional[SiteArrays]:
-    """One module's parameters as a SiteArrays, or None with what is wrong appended to `problems`."""
-    idx, vals, ell_idx, ell_vals = found
-    out_f, in_f = site.out_features, site.in_features
-    before = len(problems)
-    for (a, b), (na, nb) in (((idx, vals), names[:2]), ((ell_idx, ell_vals), names[2:])):
-        if (a is None) != (b is None):
-            problems.append(f"{na if a is None else nb}: missing (its pair is present)")
-    if len(problems) > before:
-        return None
-    if idx is None:
-        idx, vals = np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32)
-    if ell_idx is None:
-        ell_idx, ell_vals = np.zeros((1, 0, out_f), np.int32), np.zeros((1, 0, out_f), np.float32)
-    assert vals is not None and ell_vals is not None
-    if (
-        idx.dtype != np.int32
-        or vals.dtype != np.float32
-        or idx.ndim != 2
-        or idx.shape[0] != 1
-        or idx.shape != vals.shape
-    ):
-        problems.append(
-            f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
-            f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}"
-        )
-    elif (
-        ell_idx.dtype != np.int32
-        or ell_vals.dtype != np.float32
-        or ell_idx.ndim != 3
-        or ell_idx.shape[0] != 1
-        or ell_idx.shape[2] != out_f
-        or ell_idx.shape != ell_vals.shape
-    ):
-        problems.append(
-            f"{module}: expected int32 [1, K, {out_f}] ell_indices and fp32 [1, K, {out_f}] ell_values, found "
-            f"{ell_idx.dtype}{list(ell_idx.shape)} and {ell_vals.dtype}{list(ell_vals.shape)}"
-        )
-    elif idx.size and (idx.min() < 0 or int(idx.max()) >= out_f * in_f):
-        problems.append(
-            f"{names[0]}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range [0, {out_f * in_f})"
-        )
-    elif ell_idx.size and (ell_idx.min() < 0 or int(ell_idx.max()) >= in_f):
-        problems.append(
-            f"{names[2]}: input feature {int(ell_idx.max()) if ell_idx.min() >= 0 else int(ell_idx.min())} "
-            f"out of range [0, {in_f})"
-        )
-    elif not (np.isfinite(vals).all() and np.isfinite(ell_vals).all()):
-        problems.append(f"{names[1] if not np.isfinite(vals).all() else names[3]}: NaN/Inf values")
-    else:  # Python callers get the parts without the adapter-row axis
-        return SiteArrays(ell_idx[0], ell_vals[0], idx.reshape(-1), vals.reshape(-1))
-    return None

@@ -19,10 +19,11 @@ valid: every slot names its row by its position and its column by its value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["SiteArrays", "split", "join", "MAX_BYTES_PER_NONZERO"]
+__all__ = ["SiteArrays", "split", "join", "checked_part", "MAX_BYTES_PER_NONZERO"]
 
 MAX_BYTES_PER_NONZERO = 10.0
 # Decode cost per ELL slot and per scattered entry, ns, onnxruntime 1.32 CPU (tools/bench_site.py
@@ -104,3 +105,64 @@ def join(site: SiteArrays, in_features: int) -> tuple[np.ndarray, np.ndarray]:
     flat = np.concatenate([rows.astype(np.int64) * in_features + cols, site.indices.astype(np.int64)])
     vals = np.concatenate([site.ell_values.T[keep_t], site.values]).astype(np.float32)
     return flat.astype(np.int32), vals
+
+
+def checked_part(
+    module: str,
+    out_f: int,
+    in_f: int,
+    names: Sequence[str],
+    found: Sequence[Optional[np.ndarray]],
+    problems: list[str],
+) -> Optional[SiteArrays]:
+    """One module's four parameters as read from a file ([1, ...] arrays, None where absent)
+    as a SiteArrays, or None with what is wrong appended to `problems`."""
+    idx, vals, ell_idx, ell_vals = found
+    before = len(problems)
+    for (a, b), (na, nb) in (((idx, vals), names[:2]), ((ell_idx, ell_vals), names[2:])):
+        if (a is None) != (b is None):
+            problems.append(f"{na if a is None else nb}: missing (its pair is present)")
+    if len(problems) > before:
+        return None
+    if idx is None:
+        idx, vals = np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32)
+    if ell_idx is None:
+        ell_idx, ell_vals = np.zeros((1, 0, out_f), np.int32), np.zeros((1, 0, out_f), np.float32)
+    assert vals is not None and ell_vals is not None
+    if (
+        idx.dtype != np.int32
+        or vals.dtype != np.float32
+        or idx.ndim != 2
+        or idx.shape[0] != 1
+        or idx.shape != vals.shape
+    ):
+        problems.append(
+            f"{module}: expected int32 [1, nnz] indices and fp32 [1, nnz] values, found "
+            f"{idx.dtype}{list(idx.shape)} and {vals.dtype}{list(vals.shape)}"
+        )
+    elif (
+        ell_idx.dtype != np.int32
+        or ell_vals.dtype != np.float32
+        or ell_idx.ndim != 3
+        or ell_idx.shape[0] != 1
+        or ell_idx.shape[2] != out_f
+        or ell_idx.shape != ell_vals.shape
+    ):
+        problems.append(
+            f"{module}: expected int32 [1, K, {out_f}] ell_indices and fp32 [1, K, {out_f}] ell_values, found "
+            f"{ell_idx.dtype}{list(ell_idx.shape)} and {ell_vals.dtype}{list(ell_vals.shape)}"
+        )
+    elif idx.size and (idx.min() < 0 or int(idx.max()) >= out_f * in_f):
+        problems.append(
+            f"{names[0]}: index {int(idx.max()) if idx.min() >= 0 else int(idx.min())} out of range [0, {out_f * in_f})"
+        )
+    elif ell_idx.size and (ell_idx.min() < 0 or int(ell_idx.max()) >= in_f):
+        problems.append(
+            f"{names[2]}: input feature {int(ell_idx.max()) if ell_idx.min() >= 0 else int(ell_idx.min())} "
+            f"out of range [0, {in_f})"
+        )
+    elif not (np.isfinite(vals).all() and np.isfinite(ell_vals).all()):
+        problems.append(f"{names[1] if not np.isfinite(vals).all() else names[3]}: NaN/Inf values")
+    else:  # Python callers get the parts without the adapter-row axis
+        return SiteArrays(ell_idx[0], ell_vals[0], idx.reshape(-1), vals.reshape(-1))
+    return None
