@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from shira_export.export.onnx_nodes import const, copy_node
+from shira_export.export.onnx_nodes import const, copy_node, filled
 from shira_export.export.onnx_nodes import op as _op
 
 __all__ = ["weight_branch"]
@@ -93,13 +93,7 @@ def _weight_branch_rows(
         nodes += [
             const(p + "w_dims", np.array(shape[1:], np.int64)),
             _op("Concat", [p + "R", p + "w_dims"], p + "z_shape", axis=0),
-            helper.make_node(
-                "ConstantOfShape",
-                [p + "z_shape"],
-                [p + "w_r"],
-                name=p + "w_r",
-                value=helper.make_tensor("zero", value_type, [1], [0]),
-            ),
+            filled(p + "w_r", p + "z_shape", value_type, 0),
         ]
     # a part fed with R = 1 next to the other's R = B applies to every row, as at decode
     nodes += [
@@ -172,13 +166,7 @@ def _weight_branch_one(
     shape = [out_f, in_f] if transposed else [in_f, out_f]
     nodes += [
         const(q + "z_shape", np.array(shape, np.int64)),
-        helper.make_node(
-            "ConstantOfShape",
-            [q + "z_shape"],
-            [q + "z"],
-            name=q + "z",
-            value=helper.make_tensor("zero", value_type, [1], [0]),
-        ),
+        filled(q + "z", q + "z_shape", value_type, 0),
         _op("ScatterND", [q + "z", q + "pairs", vals], q + "w_coo", reduction="add"),
         *_ell_scatter(q, q + "w_coo", ell_idx, ell_vals, transposed, batched=False),
         _op("Identity", [q + "w_ell"], q + "d_w"),

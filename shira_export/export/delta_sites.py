@@ -39,7 +39,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from shira_export.export.delta_prefill import weight_branch
-from shira_export.export.onnx_nodes import const, copy_node
+from shira_export.export.onnx_nodes import const, copy_node, filled
 from shira_export.export.onnx_nodes import op as _op
 
 __all__ = ["const", "copy_node", "site_nodes", "BASE_NODE"]
@@ -105,13 +105,7 @@ def _activation_branch(
         _op("Shape", [ell_idx], p + "K", start=1, end=2),
         const(p + "one_k", np.array([1], np.int64)),
         _op("Concat", [p + "one_k", p + "K"], p + "ones_shape", axis=0),
-        helper.make_node(
-            "ConstantOfShape",
-            [p + "ones_shape"],
-            [p + "ones"],
-            name=p + "ones",
-            value=helper.make_tensor("one", value_type, [1], [1]),
-        ),
+        filled(p + "ones", p + "ones_shape", value_type, 1),
         _op("MatMul", [p + "ones", p + "eu4"], p + "ed4"),  # [R, n, 1, out]; K = 0: zeros
         const(p + "n_out", np.array([0, 0, out_f], np.int64)),
         _op("Reshape", [p + "ed4", p + "n_out"], p + "ed"),

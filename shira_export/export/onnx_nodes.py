@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["const", "op", "copy_node"]
+__all__ = ["const", "op", "copy_node", "filled"]
 
 
 def const(name: str, value: object) -> onnx.NodeProto:
@@ -30,3 +30,10 @@ def copy_node(node: onnx.NodeProto, name: str, replace: Mapping[int, str], outpu
     del new.output[:]
     new.output.append(output)
     return new
+
+
+def filled(output: str, shape: str, value_type: int, value: float) -> onnx.NodeProto:
+    """ConstantOfShape: a tensor of run-time `shape` (an int64 tensor's name) filled with `value`."""
+    return helper.make_node(
+        "ConstantOfShape", [shape], [output], name=output, value=helper.make_tensor("fill", value_type, [1], [value])
+    )
