@@ -15,19 +15,21 @@ viewed as [R, n, in] (n = rows per adapter row), so a [B, S, in] input and a fla
 [B*S, in] one (OPT's fc1, GPT-2's Conv1D Gemm) map alike.
 
     row, col = idx / in, idx - row * in
-    y = If(n > threshold and nnz + K > 0,
+    y = If(n > threshold and nnz + K > 0,                                         # or rows x entries
            then: MatMul(x3, W + scatter(ell) + scatter(col * out + row, vals))  # weight side: long inputs
-                 (quantized: y_base + MatMul(x3, the same scatters into zeros))
-           else: base op(x, W) + ReduceSum_k(x3[..., ell_idx] * ell_vals)       # activation side: decode
+                 (quantized: y_base + MatMul(x3, the same scatters into zeros); a MatMulNBits
+                  site dequantizes W first: export.packed_weight)
+           else: base op(x, W) + sum_k(x3[..., ell_idx] * ell_vals)             # activation side: decode
                                + scatter(row, x3[..., col] * vals))
 
 The ELL part needs no scatter at decode (a gather, a product and a sum over K, about 2 ns
 per slot against ~9 ns per entry of the scattered part: docs/sparse_format.md).
 
-One If per site and none nested: an empty adapter takes the activation branch, where
-zero-size tensors make every op a no-op. The activation branch keeps the base op's
-constant weight, which onnxruntime prepacks; the weight branch copies W once per adapter
-row, cheap next to the MatMul of many rows. Measured per op: docs/sparse_format.md.
+An empty adapter takes the activation branch, where zero-size tensors make every op a
+no-op. The activation branch keeps the base op's constant weight, which onnxruntime
+prepacks; the weight branch (export.delta_prefill, with a second If on R == 1) copies W
+once per adapter row, cheap next to the MatMul of many rows. Measured per op:
+docs/sparse_format.md.
 """
 
 from __future__ import annotations
