@@ -4,17 +4,19 @@ sparse-delta site fed by overridable inputs, and derive the runtime's dense vari
 Per targeted module `m`, the base node `Y = MatMul(X, W)` (or `Gemm(X, W, C)`) becomes one
 site (export.delta_sites):
 
-    row, col = idx / in, idx - row * in                     # flat = out * in_features + in
-    Y = If(n > threshold and nnz > 0,
-           then: MatMul(X3, W + scatter(values)) per adapter row   # long inputs (prefill)
-           else: base op(X, W) + scatter(row, X3[..., col] * values))  # decode; no adapter: no-op
+    Y = If(n > threshold and the adapter is not empty,
+           then: MatMul(X3, W + both parts scattered) per adapter row  # long inputs (prefill)
+           else: base op(X, W) + sum_k(X3[..., ell_indices] * ell_values)  # decode; no adapter: no-op
+                               + scatter(row, X3[..., col] * values))
 
-`shira.<m>.indices` (int32 [R, nnz]) and `shira.<m>.values` (fp32 [R, nnz]) are graph
-inputs with [1, 0] initializers of the same name, so with no adapter the graph is the base
-model. R = 1: one adapter for the whole batch (an `.onnx_adapter` file, LoraAdapter,
-genai); R = batch: row b of the batch uses row b of the arrays (a mixed batch, padded with
-index 0 / value 0.0). Short inputs never copy W, whose copy would dominate a decode step
-(ANCHORS 4b), and keep its prepacked constant; long inputs pay one copy per adapter row.
+`shira.<m>.ell_indices` / `.ell_values` (int32 / fp32 [R, K, out], defaults [1, 0, out]) and
+`shira.<m>.indices` / `.values` (int32 / fp32 [R, nnz], defaults [1, 0]) are graph inputs
+with initializers of the same name (export.site_layout: the two parts of one adapter), so
+with no adapter the graph is the base model. R = 1: one adapter for the whole batch (an
+`.onnx_adapter` file, LoraAdapter, genai); R = batch: row b of the batch uses row b of the
+arrays (a mixed batch, padded with index 0 / value 0.0). Short inputs never copy W, whose
+copy would dominate a decode step (ANCHORS 4b), and keep its prepacked constant; long
+inputs pay one copy per adapter row.
 """
 
 from __future__ import annotations
