@@ -6,14 +6,16 @@ its node, and in int4 replaces the MatMul by `MatMulNBits` writing the same outp
 So a targeted module is one or more *pieces*: a block of its output rows that lands at a
 column offset of one builder node.
 
-Per builder node with pieces, the module's flat indices (row * in + col, in the module's
-own (out, in) space, exactly as in every `.onnx_adapter` this package writes) are moved
-into the node's packed space by one Add (+ offset * in), concatenated along nnz ([R, nnz]
-each, broadcast to one R), and fed to the same site as any other (export.delta_sites):
-the weight branch on a float MatMul, the `y_base` form after a MatMulNBits. The adapter
-inputs stay `shira.<module>.indices` / `.values`, so the files of an optimum/torch-route
-export of the same base load here unchanged (same fingerprint: it covers modules, not
-nodes), and mixed batches work here too.
+Per builder node with pieces, each module's two parts (export.site_layout) are first made
+one flat list (its ELL slots as flat entries: `_as_scattered`), whose indices (row * in +
+col, in the module's own (out, in) space, exactly as in every `.onnx_adapter` this package
+writes) are moved into the node's packed space by one Add (+ offset * in), concatenated
+along nnz ([R, nnz] each, broadcast to one R), and fed to the same site as any other
+(export.delta_sites) with an empty ELL part: a packed site decodes through the scattered
+path. A node with one whole module keeps both parts. The adapter inputs stay the module's
+`shira.<module>.*`, so the files of an optimum/torch-route export of the same base load
+here unchanged (same fingerprint: it covers modules, not nodes), and mixed batches work
+here too.
 """
 
 from __future__ import annotations
