@@ -360,7 +360,8 @@ def read_adapter_file(
         )
     parts: dict[str, SiteArrays] = {}
     problems: list[str] = []
-    for module, site in {s.module: s for s in sites}.items():
+    by_module = {s.module: s for s in sites}
+    for module, site in by_module.items():
         names = adapter_input_names(module)
         if not any(n in params for n in names):
             continue
@@ -371,4 +372,4 @@ def read_adapter_file(
     problems += [f"unexpected parameter {k!r} (not an input of this graph)" for k in sorted(params)]
     if problems:
         raise ShiraInputError(f"{path}: invalid adapter:\n  " + "\n  ".join(problems))
-    return AdapterArrays(parts, {m: next(s.in_features for s in sites if s.module == m) for m in parts}, model_version)
+    return AdapterArrays(parts, {m: by_module[m].in_features for m in parts}, model_version)

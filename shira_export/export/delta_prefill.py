@@ -169,8 +169,7 @@ def _weight_branch_one(
         filled(q + "z", q + "z_shape", value_type, 0),
         _op("ScatterND", [q + "z", q + "pairs", vals], q + "w_coo", reduction="add"),
         *_ell_scatter(q, q + "w_coo", ell_idx, ell_vals, transposed, batched=False),
-        _op("Identity", [q + "w_ell"], q + "d_w"),
-        _op("MatMul", [x, q + "d_w"], q + "d"),
+        _op("MatMul", [x, q + "w_ell"], q + "d"),
         _op("Add", [y_base, q + "d"], q + "y"),
     ]
     return nodes, q + "y"
