@@ -1,12 +1,14 @@
-"""The quantizer's graph edits on onnx-ir, written back into the ModelProto in place.
+"""Graph edits on onnx-ir (the sparse-delta sites, the quantizer's passes), written back
+into the ModelProto in place.
 
 `edited(model)` gives one pass the model as an `ir.Model` (converted once per pass) and, when
-the pass returns without raising, writes the nodes and the initializers back into the same
-ModelProto. It does not go through `ir.to_proto`: that copies every initializer, and the
+the pass returns without raising, writes the nodes, the initializers and (when the pass
+changed them) the graph inputs back into the same ModelProto. It does not go through `ir.to_proto`: that copies every initializer, and the
 quantizer runs on models of several GB. onnx-ir wraps each initializer's TensorProto without
 copying its data, so an initializer the pass did not replace stays where it is, untouched;
-only removed ones are deleted and new ones serialized. Graph inputs, outputs, value_info,
-opsets and metadata are not edited by these passes and stay as they were.
+only removed ones are deleted and new ones serialized. Graph inputs that stay keep their
+proto as it was; outputs, value_info, opsets and metadata are not written back (a pass that
+renames a graph output keeps its name on the new producer: `replace`).
 
 Subgraphs (If / Loop bodies) are graph attributes in onnx-ir and read outer values directly,
 so `Value.uses()` counts a reader inside a subgraph as a reader.
@@ -15,13 +17,13 @@ so `Value.uses()` counts a reader inside a subgraph as a reader.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["edited", "constant", "op", "replace", "sole_consumer", "is_unused"]
+__all__ = ["edited", "constant", "op", "replace", "redirect", "detach", "graph_values", "sole_consumer", "is_unused"]
 
 
 @contextmanager
@@ -31,8 +33,26 @@ def edited(model: onnx.ModelProto) -> Iterator[ir.Model]:
     new initializers are handed to the proto and released."""
     view = ir.serde.deserialize_model(model)
     original = {name: value.const_value for name, value in view.graph.initializers.items()}
+    inputs = [value.name for value in view.graph.inputs]
     yield view
     _write_back(model, view, original)
+    if [value.name for value in view.graph.inputs] != inputs:
+        _write_inputs(model.graph, view.graph)
+
+
+def _write_inputs(graph: onnx.GraphProto, view: ir.Graph) -> None:
+    """The view's graph inputs: the protos of those that stay as they were, new ones serialized."""
+    old = {proto.name: proto for proto in graph.input}
+    protos = []
+    for value in view.inputs:
+        proto = onnx.ValueInfoProto()
+        if value.name in old:
+            proto.CopyFrom(old[value.name])
+        else:
+            ir.serde.serialize_value_into(proto, value)
+        protos.append(proto)
+    del graph.input[:]
+    graph.input.extend(protos)
 
 
 def _write_back(model: onnx.ModelProto, view: ir.Model, original: dict) -> None:
@@ -42,11 +62,12 @@ def _write_back(model: onnx.ModelProto, view: ir.Model, original: dict) -> None:
         ir.serde.serialize_node_into(graph.node.add(), node)
     kept: set[str] = set()
     new: list[ir.Value] = []
+    originals = {id(tensor) for tensor in original.values() if tensor is not None}
     for name, value in view.graph.initializers.items():
         tensor = value.const_value
         if tensor is None:
             continue
-        if original.get(name) is tensor:
+        if id(tensor) in originals:  # renamed or not: onnx-ir renames the wrapped proto itself
             kept.add(name)
         else:
             new.append(value)
@@ -110,6 +131,38 @@ def replace(
         before.name = None
         after.name = name
     graph.remove(old, safe=True)
+
+
+def redirect(graph: ir.Graph, old: ir.Value, new: ir.Value, uses: Iterable[tuple[ir.Node, int]]) -> None:
+    """The readers `uses` of `old` (taken before the nodes that write `new` read `old`) and,
+    where `old` is a graph output, that output now read `new`; names are the caller's."""
+    for node, slot in uses:  # Value.uses(): (node, input index)
+        node.replace_input_with(slot, new)
+    for i, output in enumerate(graph.outputs):
+        if output is old:
+            graph.outputs[i] = new
+
+
+def detach(nodes: Iterable[ir.Node]) -> None:
+    """Each node, and each node of its subgraphs, stops reading its inputs: before a removal,
+    a removed If's branches would otherwise still count as readers of outer values."""
+    for node in nodes:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                detach(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for graph in attr.as_graphs():
+                    detach(graph)
+        for i in range(len(node.inputs)):
+            node.replace_input_with(i, None)
+
+
+def graph_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every named value of `graph` (inputs, initializers, node outputs; not subgraphs')."""
+    values = {value.name: value for value in graph.inputs if value.name}
+    values.update((name, value) for name, value in graph.initializers.items())
+    values.update((value.name, value) for node in graph for value in node.outputs if value.name)
+    return values
 
 
 def is_unused(value: ir.Value) -> bool:
