@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from shira_export.export.ir_edits import graph_values
+from shira_export.export.onnx_nodes import Nodes, Op
 from shira_export.export.packed_weight import dequantized_nodes, packed_int4
 
 
@@ -31,16 +34,28 @@ def _quantized(k: int, n: int, bits: int, symmetric: bool) -> onnx.ModelProto:
     return quant.model.model
 
 
+def _nbits(model: onnx.ModelProto, edit=None) -> tuple[ir.Graph, ir.Node]:
+    """The MatMulNBits node of `model` in onnx-ir (its proto changed by `edit` first)."""
+    if edit is not None:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        edit(next(n for n in copy.graph.node if n.op_type == "MatMulNBits"))
+        model = copy
+    graph = ir.serde.deserialize_model(model).graph
+    return graph, next(n for n in graph if n.op_type == "MatMulNBits")
+
+
 @pytest.mark.parametrize("bits,symmetric,k", [(4, True, 96), (4, False, 96), (4, False, 80), (8, False, 64)])
 def test_dequantized_weight_equals_matmulnbits(bits, symmetric, k):
     model = _quantized(k, 24, bits, symmetric)
-    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
-    inits = {i.name: i for i in model.graph.initializer}
-    info = packed_int4(node, inits)
+    view, node = _nbits(model)
+    info = packed_int4(node)
     assert info is not None and info["bits"] == bits and info["zero_points"] == (not symmetric)
-    nodes, wt = dequantized_nodes("d/", node, info, "r")
+    b = Nodes(graph_values(view))
+    b.op("Shape", ["x"], "r", start=0, end=1)
+    wt = dequantized_nodes(b, "d/", Op.of(node).inputs, info, "r")
     graph = helper.make_graph(
-        [helper.make_node("Shape", ["x"], ["r"], start=0, end=1), *nodes],
+        [ir.serde.serialize_node(n) for n in b.nodes],
         "deq",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
         [helper.make_tensor_value_info(wt, TensorProto.FLOAT, None)],
@@ -59,14 +74,10 @@ def test_dequantized_weight_equals_matmulnbits(bits, symmetric, k):
 
 def test_other_quantized_ops_are_not_taken():
     model = _quantized(64, 8, 4, True)
-    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
-    inits = {i.name: i for i in model.graph.initializer}
-    level4 = onnx.NodeProto()
-    level4.CopyFrom(node)
-    level4.attribute.append(helper.make_attribute("accuracy_level", 4))  # int8 activations: prefill would differ
-    assert packed_int4(level4, inits) is None
-    assert packed_int4(helper.make_node("MatMul", ["x", "w"], ["y"]), inits) is None
-    no_init = onnx.NodeProto()
-    no_init.CopyFrom(node)
-    no_init.input[1] = "computed"
-    assert packed_int4(no_init, inits) is None
+    assert packed_int4(_nbits(model)[1]) is not None
+    # int8 activations: prefill would differ
+    level4 = _nbits(model, lambda n: n.attribute.append(helper.make_attribute("accuracy_level", 4)))[1]
+    assert packed_int4(level4) is None
+    assert packed_int4(ir.node("MatMul", [None, None])) is None
+    no_init = _nbits(model, lambda n: n.input.__setitem__(1, "computed"))[1]
+    assert packed_int4(no_init) is None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -31,8 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 from shira_export.artifacts.naming import GENAI_GROUPS_KEY
 from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta, quant_delta
-from shira_export.export.delta_sites import const
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
+from shira_export.export.ir_edits import edited, graph_values
+from shira_export.export.onnx_nodes import Nodes, Op
 
 __all__ = [
     "Piece",
@@ -181,92 +183,74 @@ def _group_key(output: str) -> str:
     return "node." + output.strip("/").rsplit("/MatMul", 1)[0].replace("/", ".")
 
 
-def _as_scattered(p: str, module: str, out_f: int, in_f: int) -> list[onnx.NodeProto]:
+def _as_scattered(b: Nodes, p: str, module: str, out_f: int, in_f: int) -> None:
     """`p + "idx"` / `p + "vals"`: one module's two parts as one scattered list [R, nnz + K * out]
     (an ELL slot (k, j) is the flat entry j * in + ell_indices[k, j]; its padding stays a
     no-op), both parts broadcast to one R. The packed site then takes them as any other."""
     idx, vals, ell_idx, ell_vals = graph_delta.adapter_input_names(module)
-    mk = helper.make_node
-    return [
-        const(p + "row_off", (np.arange(out_f, dtype=np.int64) * in_f).astype(np.int32)),
-        mk("Add", [ell_idx, p + "row_off"], [p + "eflat3"], name=p + "eflat3"),
-        const(p + "to2", np.array([0, -1], np.int64)),
-        mk("Reshape", [p + "eflat3", p + "to2"], [p + "eflat"], name=p + "eflat"),
-        mk("Reshape", [ell_vals, p + "to2"], [p + "evals"], name=p + "evals"),
-        mk("Shape", [idx], [p + "Rc"], name=p + "Rc", start=0, end=1),
-        mk("Shape", [ell_idx], [p + "Re"], name=p + "Re", start=0, end=1),
-        mk("Max", [p + "Rc", p + "Re"], [p + "R"], name=p + "R"),
-        const(p + "one", np.array([1], np.int64)),
-        mk("Concat", [p + "R", p + "one"], [p + "R1"], name=p + "R1", axis=0),
-        *(
-            mk("Expand", [name, p + "R1"], [p + tag], name=p + tag)
-            for name, tag in ((idx, "ci"), (vals, "cv"), (p + "eflat", "ei"), (p + "evals", "ev"))
-        ),
-        mk("Concat", [p + "ci", p + "ei"], [p + "idx"], name=p + "idx", axis=1),
-        mk("Concat", [p + "cv", p + "ev"], [p + "vals"], name=p + "vals", axis=1),
-    ]
+    b.const(p + "row_off", (np.arange(out_f, dtype=np.int64) * in_f).astype(np.int32))
+    b.op("Add", [ell_idx, p + "row_off"], p + "eflat3")
+    b.const(p + "to2", np.array([0, -1], np.int64))
+    b.op("Reshape", [p + "eflat3", p + "to2"], p + "eflat")
+    b.op("Reshape", [ell_vals, p + "to2"], p + "evals")
+    b.op("Shape", [idx], p + "Rc", start=0, end=1)
+    b.op("Shape", [ell_idx], p + "Re", start=0, end=1)
+    b.op("Max", [p + "Rc", p + "Re"], p + "R")
+    b.const(p + "one", np.array([1], np.int64))
+    b.op("Concat", [p + "R", p + "one"], p + "R1", axis=0)
+    for name, tag in ((idx, "ci"), (vals, "cv"), (p + "eflat", "ei"), (p + "evals", "ev")):
+        b.op("Expand", [name, p + "R1"], p + tag)
+    b.op("Concat", [p + "ci", p + "ei"], p + "idx", axis=1)
+    b.op("Concat", [p + "cv", p + "ev"], p + "vals", axis=1)
 
 
-def _prelude(key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> list[onnx.NodeProto]:
+def _prelude(b: Nodes, key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> None:
     """Packed [R, nnz] indices and values of every piece of one node, as `shira.<key>.*`
     tensors: each piece's entries moved to the node's columns, entries of a split module
     that belong to another piece turned into padding (index 0, value 0: a no-op), modules
     fed with different R ([1, 0] defaults next to a mixed batch's [B, nnz]) broadcast to one R."""
     p = f"{graph_delta.PREFIX}/{key}/pk_"  # apart from the site's own names (delta_sites)
-    nodes: list[onnx.NodeProto] = [
-        const(f"{p}zero_i", np.array(0, np.int32)),
-        const(f"{p}zero_f", np.array(0, np.float32)),
-    ]
+    b.const(f"{p}zero_i", np.array(0, np.int32))
+    b.const(f"{p}zero_f", np.array(0, np.float32))
     idx_parts, val_parts = [], []
     merged: dict[str, tuple[str, str]] = {}
     for i, piece in enumerate(pieces):
         if piece.module not in merged:
-            nodes += _as_scattered(f"{p}m{len(merged)}_", piece.module, module_rows[piece.module], piece.in_features)
+            _as_scattered(b, f"{p}m{len(merged)}_", piece.module, module_rows[piece.module], piece.in_features)
             merged[piece.module] = (f"{p}m{len(merged)}_idx", f"{p}m{len(merged)}_vals")
         idx, vals = merged[piece.module]
         in_f = piece.in_features
         shift = (piece.offset - piece.row_start) * in_f  # row r of the module is column offset + r - row_start
+        shifted = idx
         if shift:
-            nodes += [
-                const(f"{p}shift{i}", np.array(shift, np.int32)),
-                helper.make_node("Add", [idx, f"{p}shift{i}"], [f"{p}flat{i}"], name=f"{p}flat{i}"),
-            ]
-        shifted = f"{p}flat{i}" if shift else idx
+            b.const(f"{p}shift{i}", np.array(shift, np.int32))
+            shifted = b.op("Add", [idx, f"{p}shift{i}"], f"{p}flat{i}")
         if piece.row_start or piece.rows != module_rows[piece.module]:  # part of a split module
             lo, hi = piece.row_start * in_f, (piece.row_start + piece.rows) * in_f
-            nodes += [
-                const(f"{p}lo{i}", np.array(lo, np.int32)),
-                const(f"{p}hi{i}", np.array(hi, np.int32)),
-                helper.make_node("GreaterOrEqual", [idx, f"{p}lo{i}"], [f"{p}ge{i}"], name=f"{p}ge{i}"),
-                helper.make_node("Less", [idx, f"{p}hi{i}"], [f"{p}lt{i}"], name=f"{p}lt{i}"),
-                helper.make_node("And", [f"{p}ge{i}", f"{p}lt{i}"], [f"{p}in{i}"], name=f"{p}in{i}"),
-                helper.make_node("Where", [f"{p}in{i}", shifted, f"{p}zero_i"], [f"{p}idx{i}"], name=f"{p}idx{i}"),
-                helper.make_node("Where", [f"{p}in{i}", vals, f"{p}zero_f"], [f"{p}val{i}"], name=f"{p}val{i}"),
-            ]
-            shifted, vals = f"{p}idx{i}", f"{p}val{i}"
+            b.const(f"{p}lo{i}", np.array(lo, np.int32))
+            b.const(f"{p}hi{i}", np.array(hi, np.int32))
+            b.op("GreaterOrEqual", [idx, f"{p}lo{i}"], f"{p}ge{i}")
+            b.op("Less", [idx, f"{p}hi{i}"], f"{p}lt{i}")
+            b.op("And", [f"{p}ge{i}", f"{p}lt{i}"], f"{p}in{i}")
+            shifted = b.op("Where", [f"{p}in{i}", shifted, f"{p}zero_i"], f"{p}idx{i}")
+            vals = b.op("Where", [f"{p}in{i}", vals, f"{p}zero_f"], f"{p}val{i}")
         idx_parts.append(shifted)
         val_parts.append(vals)
     if len(pieces) > 1:  # one R for all: Concat along nnz needs equal rows
-        rows = []
-        for i, piece in enumerate(pieces):
-            nodes.append(
-                helper.make_node("Shape", [merged[piece.module][0]], [f"{p}r{i}"], name=f"{p}r{i}", start=0, end=1)
-            )
-            rows.append(f"{p}r{i}")
-        nodes += [
-            helper.make_node("Max", rows, [f"{p}R"], name=f"{p}R"),
-            const(f"{p}one", np.array([1], np.int64)),
-            helper.make_node("Concat", [f"{p}R", f"{p}one"], [f"{p}R1"], name=f"{p}R1", axis=0),
-        ]
+        rows = [b.op("Shape", [merged[piece.module][0]], f"{p}r{i}", start=0, end=1) for i, piece in enumerate(pieces)]
+        b.op("Max", rows, f"{p}R")
+        b.const(f"{p}one", np.array([1], np.int64))
+        b.op("Concat", [f"{p}R", f"{p}one"], f"{p}R1", axis=0)
         for parts, tag in ((idx_parts, "ie"), (val_parts, "ve")):
             for i, name in enumerate(list(parts)):
-                nodes.append(helper.make_node("Expand", [name, f"{p}R1"], [f"{p}{tag}{i}"], name=f"{p}{tag}{i}"))
-                parts[i] = f"{p}{tag}{i}"
-    nodes += [
-        helper.make_node("Concat", idx_parts, [indices_name(key)], name=f"{p}indices", axis=1),
-        helper.make_node("Concat", val_parts, [values_name(key)], name=f"{p}values", axis=1),
-    ]
-    return nodes
+                parts[i] = b.op("Expand", [name, f"{p}R1"], f"{p}{tag}{i}")
+    b.op("Concat", idx_parts, indices_name(key), name=f"{p}indices", axis=1)
+    b.op("Concat", val_parts, values_name(key), name=f"{p}values", axis=1)
+
+
+def _float_site(b: Nodes, site: TargetSite, base: Op, y: str, threshold: int, value_type: int) -> bool:
+    graph_delta._delta_nodes(b, site, base, y, threshold, value_type)
+    return False  # the site replaces the MatMul
 
 
 def insert_builder_deltas(
@@ -279,48 +263,49 @@ def insert_builder_deltas(
     """Rewrite a builder graph in place: a delta branch on every node with pieces, the
     adapter inputs `shira.<module>.indices/values` with empty defaults, and the packing
     recorded in the model's metadata (GROUPS_KEY)."""
-    graph = model.graph
     by_node: dict[str, list[Piece]] = {}
     for piece in pieces:
         by_node.setdefault(piece.node, []).append(piece)
     if model.ir_version < 4:
         model.ir_version = 4
-    dtypes = {i.name: i.data_type for i in graph.initializer}
-    initializers = {i.name: i for i in graph.initializer}
     groups = {}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        group = by_node.get(node.name)
-        if group is None:
-            new_nodes.append(node)
-            continue
-        group = sorted(group, key=lambda g: g.offset)
-        single = (
-            len(group) == 1
-            and group[0].offset == 0
-            and group[0].row_start == 0
-            and group[0].rows == module_rows[group[0].module] == group[0].node_out
-        )
-        key = group[0].module if single else _group_key(node.output[0])
-        site = TargetSite(key, node.name, node.input[1], group[0].node_out, group[0].in_features, False, "")
-        if not single:
-            if group[0].node_out * group[0].in_features >= 2**31:
-                raise ShiraInputError(
-                    f"builder node {node.name}: {group[0].in_features}x{group[0].node_out} is too "
-                    f"large for int32 indices"
-                )
-            new_nodes += _prelude(key, group, module_rows)
-        groups[key] = {"node": node.name, "pieces": [asdict(g) for g in group]}
-        if not single:  # the packed site's ELL part is empty: _as_scattered moved every slot
-            new_nodes.append(const(graph_delta.ell_indices_name(key), np.zeros((1, 0, site.out_features), np.int32)))
-            new_nodes.append(const(graph_delta.ell_values_name(key), np.zeros((1, 0, site.out_features), np.float32)))
-        if node.op_type == "MatMul":
-            new_nodes += graph_delta._delta_nodes(site, node, threshold, dtypes[node.input[1]])
-        else:  # MatMulNBits: decodes inside the site, its dequantized weight prefills (export.packed_weight)
-            keep, nodes = quant_delta.quantized_site(site, node, node.input[0], node.output[0], threshold, initializers)
-            new_nodes += ([node] if keep else []) + nodes
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}), module_rows)
+    with edited(model) as view:
+        graph = view.graph
+        graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}), module_rows)
+        values = graph_values(graph)
+        for node in list(graph):
+            group = by_node.get(node.name or "")
+            if group is None:
+                continue
+            group = sorted(group, key=lambda g: g.offset)
+            single = (
+                len(group) == 1
+                and group[0].offset == 0
+                and group[0].row_start == 0
+                and group[0].rows == module_rows[group[0].module] == group[0].node_out
+            )
+            x, w = (value.name or "" for value in node.inputs[:2])  # type: ignore[union-attr]
+            y = node.outputs[0].name or ""
+            key = group[0].module if single else _group_key(y)
+            site = TargetSite(key, node.name or "", w, group[0].node_out, group[0].in_features, False, "")
+            pre = Nodes(values)
+            if not single:
+                if group[0].node_out * group[0].in_features >= 2**31:
+                    raise ShiraInputError(
+                        f"builder node {node.name}: {group[0].in_features}x{group[0].node_out} is too "
+                        f"large for int32 indices"
+                    )
+                _prelude(pre, key, group, module_rows)
+                # the packed site's ELL part is empty: _as_scattered moved every slot
+                pre.const(graph_delta.ell_indices_name(key), np.zeros((1, 0, site.out_features), np.int32))
+                pre.const(graph_delta.ell_values_name(key), np.zeros((1, 0, site.out_features), np.float32))
+                graph.insert_before(node, pre.nodes)
+            groups[key] = {"node": node.name, "pieces": [asdict(g) for g in group]}
+            if node.op_type == "MatMul":
+                dtype = int(graph.initializers[w].const_value.dtype)  # type: ignore[union-attr]
+                build = partial(_float_site, site=site, base=Op.of(node), y=y, threshold=threshold, value_type=dtype)
+            else:  # MatMulNBits: decodes inside the site, its dequantized weight prefills (export.packed_weight)
+                build = partial(quant_delta.quantized_site, site=site, producer=node, x=x, y=y, threshold=threshold)
+            quant_delta.place_site(graph, node, y, values, build)
     entry = model.metadata_props.add()
     entry.key, entry.value = GROUPS_KEY, json.dumps(groups)

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, overload
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.errors import ShiraInputError
 from shira_export.export.delta_sites import site_nodes
+from shira_export.export.ir_edits import edited, graph_values, replace
+from shira_export.export.onnx_nodes import Nodes, Op
 
 __all__ = [
     "TargetSite",
@@ -185,12 +188,13 @@ def graph_fingerprint(sites: Sequence[TargetSite]) -> str:
     return h.hexdigest()
 
 
-def _delta_nodes(site: TargetSite, base: onnx.NodeProto, threshold: int, value_type: int) -> list[onnx.NodeProto]:
-    """One site's nodes (delta_sites.site_nodes), replacing `base`."""
+def _delta_nodes(b: Nodes, site: TargetSite, base: Op, y: str, threshold: int, value_type: int) -> str:
+    """One site's nodes (delta_sites.site_nodes) appended to `b`, replacing `base`, which writes `y`."""
     return site_nodes(
+        b,
         f"{PREFIX}/{site.module}/",
-        base.input[0],
-        base.output[0],
+        base.inputs[0],
+        y,
         *adapter_input_names(site.module),
         site.in_features,
         site.out_features,
@@ -201,14 +205,22 @@ def _delta_nodes(site: TargetSite, base: onnx.NodeProto, threshold: int, value_t
     )
 
 
-def site_base_node(if_node: onnx.NodeProto) -> onnx.NodeProto:
-    """The base MatMul/Gemm of a site's `shira/<m>/If` node (named `shira/<m>/base`)."""
-    prefix = if_node.name.rsplit("/", 1)[0] + "/"
-    for attr in if_node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            for node in attr.g.node:
-                if node.name == prefix + "base":
-                    return node
+@overload
+def site_base_node(if_node: ir.Node) -> ir.Node: ...
+@overload
+def site_base_node(if_node: onnx.NodeProto) -> onnx.NodeProto: ...
+def site_base_node(if_node):
+    """The base MatMul/Gemm of a site's `shira/<m>/If` node (named `shira/<m>/base`), in
+    onnx-ir (the graph edits) or protobuf (the runtime's dense variant reads protos)."""
+    prefix = (if_node.name or "").rsplit("/", 1)[0] + "/"
+    if isinstance(if_node, ir.Node):
+        branches = [a.as_graph() for a in if_node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+    else:
+        branches = [a.g.node for a in if_node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    for nodes in branches:
+        for node in nodes:
+            if node.name == prefix + "base":
+                return node
     raise ShiraInputError(
         f"node {if_node.name!r}: no base op {prefix + 'base'!r} in its branches (expected a graph "
         f"written by this release's `shira-export sparse`; re-export)"
@@ -219,7 +231,6 @@ def insert_sparse_deltas(
     model: onnx.ModelProto, sites: Sequence[TargetSite], *, threshold: int = DEFAULT_TOKEN_THRESHOLD
 ) -> None:
     """Rewrite `model` in place: one delta branch per site, adapter inputs with empty defaults."""
-    graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 16:
         raise ShiraInputError(
@@ -228,17 +239,19 @@ def insert_sparse_deltas(
     if model.ir_version < 4:
         model.ir_version = 4  # overridable initializers
     by_node = {s.node: s for s in sites}
-    dtypes = {i.name: i.data_type for i in graph.initializer}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        site = by_node.get(node.name)
-        if site is None:
-            new_nodes.append(node)
-            continue
-        new_nodes.extend(_delta_nodes(site, node, threshold, dtypes[site.initializer]))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
+    with edited(model) as view:
+        graph = view.graph
+        add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
+        values = graph_values(graph)
+        for node in list(graph):
+            site = by_node.get(node.name or "")
+            if site is None:
+                continue
+            b = Nodes(values)
+            y = node.outputs[0]
+            dtype = graph.initializers[site.initializer].const_value.dtype  # type: ignore[union-attr]
+            _delta_nodes(b, site, Op.of(node), y.name or "", threshold, int(dtype))
+            replace(graph, [node], b.nodes, [y], [b[y.name or ""]])
 
 
 def check_graph_contract(model_path: object, sites: Sequence[TargetSite], graph_inputs: set) -> None:
@@ -256,7 +269,7 @@ def _dim_key(module: str) -> str:
     return module.replace(".", "_")
 
 
-def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str], out_features: Mapping[str, int]) -> None:
+def add_adapter_inputs(graph: ir.Graph, modules: Sequence[str], out_features: Mapping[str, int]) -> None:
     """Per module, `shira.<m>.indices` int32 / `.values` fp32 [R, nnz] inputs with [1, 0]
     defaults and `.ell_indices` int32 / `.ell_values` fp32 [R, K, out] with [1, 0, out]
     defaults: no delta."""
@@ -271,5 +284,11 @@ def add_adapter_inputs(graph: onnx.GraphProto, modules: Sequence[str], out_featu
             (ell_idx, TensorProto.INT32, ell_dims, [1, 0, out_f]),
             (ell_vals, TensorProto.FLOAT, ell_dims, [1, 0, out_f]),
         ):
-            graph.input.append(helper.make_tensor_value_info(name, dtype, dims))
-            graph.initializer.append(helper.make_tensor(name, dtype, default, []))
+            value = ir.Value(
+                name=name,
+                type=ir.TensorType(ir.DataType(dtype)),
+                shape=ir.Shape(dims),
+                const_value=ir.serde.TensorProtoTensor(helper.make_tensor(name, dtype, default, [])),
+            )
+            graph.inputs.append(value)
+            graph.register_initializer(value)

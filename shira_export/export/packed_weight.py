@@ -14,13 +14,13 @@ fold it even without this, measured; other runtimes and versions might).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+import onnx_ir as ir
+from onnx import TensorProto
 
-from shira_export.export.delta_sites import const
+from shira_export.export.onnx_nodes import Nodes
 
 __all__ = ["PACKED_WORK_THRESHOLD", "packed_int4", "dequantized_nodes"]
 
@@ -31,105 +31,95 @@ __all__ = ["PACKED_WORK_THRESHOLD", "packed_int4", "dequantized_nodes"]
 PACKED_WORK_THRESHOLD = 1_000_000
 
 
-def packed_int4(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> Optional[dict]:
+def _constant(node: ir.Node, slot: int) -> Optional[ir.TensorProtocol]:
+    """The initializer `node` reads at `slot`, or None (absent, or computed)."""
+    value = node.inputs[slot] if slot < len(node.inputs) else None
+    return value.const_value if value is not None and value.is_initializer() else None
+
+
+def packed_int4(node: ir.Node) -> Optional[dict]:
     """{N, K, bits, block, blocks, zero_points} when `node` is a 4- or 8-bit MatMulNBits computing
     with fp32 activations whose packed weight, scales (and uint8 zero points) are initializers
     and that has no g_idx / bias; else None."""
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    extra = [name for name in node.input[4:] if name]
-    b, scales = initializers.get(node.input[1]), initializers.get(node.input[2])
-    zp = initializers.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    bits = int(attrs.get("bits", 4))
+    attrs = node.attributes
+    extra = [value for value in node.inputs[4:] if value is not None]
+    b, scales = _constant(node, 1), _constant(node, 2)
+    zp = _constant(node, 3) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    bits = attrs.get_int("bits", 4)
     # accuracy_level 2-4 computes in fp16/bf16/int8 activations: a fp32 prefill would then not
     # equal the decode branch's op, so those sites keep the base op in both branches
-    if bits not in (4, 8) or int(attrs.get("accuracy_level", 0)) > 1 or extra or b is None or scales is None:
+    if bits not in (4, 8) or attrs.get_int("accuracy_level", 0) > 1 or extra or b is None or scales is None:
         return None
-    if b.data_type != TensorProto.UINT8 or len(b.dims) != 3 or scales.data_type != TensorProto.FLOAT:
+    if b.dtype != ir.DataType.UINT8 or len(b.shape) != 3 or scales.dtype != ir.DataType.FLOAT:
         return None
-    n, blocks, blob = (int(d) for d in b.dims)
-    block = int(attrs["block_size"])
-    if blob * 8 // bits != block or int(np.prod(scales.dims)) != n * blocks:
+    n, blocks, blob = (int(d) for d in b.shape.numpy())
+    block = attrs.get_int("block_size")
+    if blob * 8 // bits != block or scales.size != n * blocks:
         return None
     per_byte = 8 // bits  # zero points packed like the weight, along the blocks
-    if zp is not None and (zp.data_type != TensorProto.UINT8 or int(np.prod(zp.dims)) != n * -(-blocks // per_byte)):
+    if zp is not None and (zp.dtype != ir.DataType.UINT8 or zp.size != n * -(-blocks // per_byte)):
         return None
-    return {"N": n, "K": int(attrs["K"]), "bits": bits, "block": block, "blocks": blocks, "zero_points": zp is not None}
+    k = attrs.get_int("K")
+    return {"N": n, "K": k, "bits": bits, "block": block, "blocks": blocks, "zero_points": zp is not None}
 
 
-def dequantized_nodes(p: str, node: onnx.NodeProto, info: dict, runtime_value: str) -> tuple[list[onnx.NodeProto], str]:
-    """Nodes writing `p + "wt"`: the site's fp32 weight [K, N] (MatMul layout) dequantized from
-    `node`'s packed inputs. `runtime_value` is any int64 [1] tensor computed at run time (its
+def dequantized_nodes(b: Nodes, p: str, inputs: tuple[str, ...], info: dict, runtime_value: str) -> str:
+    """Append the nodes writing `p + "wt"`, the site's fp32 weight [K, N] (MatMul layout)
+    dequantized from a MatMulNBits' packed `inputs` (names: x, B, scales, zero points), and
+    return that name. `runtime_value` is any int64 [1] tensor computed at run time (its
     product with 0 keeps the row ids, and so the dequantized weight, out of constant folding)."""
     n, k, blocks, block = info["N"], info["K"], info["blocks"], info["block"]
-    mk = helper.make_node
     # GatherBlockQuantized's shape inference needs static shapes for scales and zero points, so
     # only their values are made run-time (x + 0): no load-time copy of either is kept.
-    rt = p + "rt_zero"
-    nodes = [
-        const(p + "zero1", np.array([0], np.int64)),
-        mk("Mul", [runtime_value, p + "zero1"], [rt], name=rt),
-        const(p + "ids0", np.arange(n, dtype=np.int64)),
-        mk("Add", [p + "ids0", rt], [p + "ids"], name=p + "ids"),
-        mk("Cast", [rt], [p + "rt_f"], name=p + "rt_f", to=TensorProto.FLOAT),
-        mk("Add", [node.input[2], p + "rt_f"], [p + "scales_rt"], name=p + "scales_rt"),
-        const(p + "s3", np.array([n, blocks, 1], np.int64)),
-        mk("Reshape", [p + "scales_rt", p + "s3"], [p + "scales3"], name=p + "scales3"),
-    ]
-    inputs = [node.input[1], p + "ids", p + "scales3"]
+    b.const(p + "zero1", np.array([0], np.int64))
+    rt = b.op("Mul", [runtime_value, p + "zero1"], p + "rt_zero")
+    b.const(p + "ids0", np.arange(n, dtype=np.int64))
+    b.op("Add", [p + "ids0", rt], p + "ids")
+    b.op("Cast", [rt], p + "rt_f", to=TensorProto.FLOAT)
+    b.op("Add", [inputs[2], p + "rt_f"], p + "scales_rt")
+    b.const(p + "s3", np.array([n, blocks, 1], np.int64))
+    b.op("Reshape", [p + "scales_rt", p + "s3"], p + "scales3")
+    gather = [inputs[1], p + "ids", p + "scales3"]
     if info["zero_points"] and info["bits"] == 8:
-        nodes += [
-            mk("Cast", [rt], [p + "rt_u8"], name=p + "rt_u8", to=TensorProto.UINT8),
-            mk("BitwiseOr", [node.input[3], p + "rt_u8"], [p + "zp_rt"], name=p + "zp_rt"),
-            mk("Reshape", [p + "zp_rt", p + "s3"], [p + "zp3"], name=p + "zp3"),
-        ]
-        inputs.append(p + "zp3")
+        b.op("Cast", [rt], p + "rt_u8", to=TensorProto.UINT8)
+        b.op("BitwiseOr", [inputs[3], p + "rt_u8"], p + "zp_rt")
+        gather.append(b.op("Reshape", [p + "zp_rt", p + "s3"], p + "zp3"))
     elif info["zero_points"]:  # MatMulNBits packs two 4-bit zero points per byte along the blocks
-        nodes += [
-            mk("Cast", [rt], [p + "rt_u8"], name=p + "rt_u8", to=TensorProto.UINT8),
-            const(p + "lo_mask0", np.array([15], np.uint8)),
-            const(p + "four0", np.array([4], np.uint8)),
-            mk("BitwiseOr", [p + "rt_u8", p + "lo_mask0"], [p + "lo_mask"], name=p + "lo_mask"),
-            mk("BitwiseOr", [p + "rt_u8", p + "four0"], [p + "four"], name=p + "four"),
-            mk("BitwiseAnd", [node.input[3], p + "lo_mask"], [p + "zlo"], name=p + "zlo"),
-            mk("BitShift", [node.input[3], p + "four"], [p + "zhi"], name=p + "zhi", direction="RIGHT"),
-            const(p + "z_shape", np.array([n, -1, 1], np.int64)),
-            mk("Reshape", [p + "zlo", p + "z_shape"], [p + "zlo3"], name=p + "zlo3"),
-            mk("Reshape", [p + "zhi", p + "z_shape"], [p + "zhi3"], name=p + "zhi3"),
-            mk("Concat", [p + "zlo3", p + "zhi3"], [p + "zpairs"], name=p + "zpairs", axis=2),
-            const(p + "z_flat", np.array([n, -1], np.int64)),
-            mk("Reshape", [p + "zpairs", p + "z_flat"], [p + "zall"], name=p + "zall"),
-            const(p + "z_lo", np.array([0], np.int64)),
-            const(p + "z_hi", np.array([blocks], np.int64)),
-            const(p + "ax1", np.array([1], np.int64)),
-            mk("Slice", [p + "zall", p + "z_lo", p + "z_hi", p + "ax1"], [p + "zcut"], name=p + "zcut"),
-            mk("Reshape", [p + "zcut", p + "s3"], [p + "zp3"], name=p + "zp3"),
-        ]
-        inputs.append(p + "zp3")
-    nodes += [
-        mk(
-            "GatherBlockQuantized",
-            inputs,
-            [p + "deq"],
-            name=p + "deq",
-            domain="com.microsoft",
-            bits=info["bits"],
-            block_size=block,
-            gather_axis=0,
-            quantize_axis=2,
-        ),  # [N, blocks, block]
-        const(p + "w_shape", np.array([n, blocks * block], np.int64)),
-        mk("Reshape", [p + "deq", p + "w_shape"], [p + "w_pad"], name=p + "w_pad"),
-    ]
-    w = p + "w_pad"
+        b.op("Cast", [rt], p + "rt_u8", to=TensorProto.UINT8)
+        b.const(p + "lo_mask0", np.array([15], np.uint8))
+        b.const(p + "four0", np.array([4], np.uint8))
+        b.op("BitwiseOr", [p + "rt_u8", p + "lo_mask0"], p + "lo_mask")
+        b.op("BitwiseOr", [p + "rt_u8", p + "four0"], p + "four")
+        b.op("BitwiseAnd", [inputs[3], p + "lo_mask"], p + "zlo")
+        b.op("BitShift", [inputs[3], p + "four"], p + "zhi", direction="RIGHT")
+        b.const(p + "z_shape", np.array([n, -1, 1], np.int64))
+        b.op("Reshape", [p + "zlo", p + "z_shape"], p + "zlo3")
+        b.op("Reshape", [p + "zhi", p + "z_shape"], p + "zhi3")
+        b.op("Concat", [p + "zlo3", p + "zhi3"], p + "zpairs", axis=2)
+        b.const(p + "z_flat", np.array([n, -1], np.int64))
+        b.op("Reshape", [p + "zpairs", p + "z_flat"], p + "zall")
+        b.const(p + "z_lo", np.array([0], np.int64))
+        b.const(p + "z_hi", np.array([blocks], np.int64))
+        b.const(p + "ax1", np.array([1], np.int64))
+        b.op("Slice", [p + "zall", p + "z_lo", p + "z_hi", p + "ax1"], p + "zcut")
+        gather.append(b.op("Reshape", [p + "zcut", p + "s3"], p + "zp3"))
+    b.op(
+        "GatherBlockQuantized",
+        gather,
+        p + "deq",
+        domain="com.microsoft",
+        bits=info["bits"],
+        block_size=block,
+        gather_axis=0,
+        quantize_axis=2,
+    )  # [N, blocks, block]
+    b.const(p + "w_shape", np.array([n, blocks * block], np.int64))
+    w = b.op("Reshape", [p + "deq", p + "w_shape"], p + "w_pad")
     if blocks * block != k:  # K padded up to whole blocks
-        nodes += [
-            const(p + "k_lo", np.array([0], np.int64)),
-            const(p + "k_hi", np.array([k], np.int64)),
-            const(p + "k_ax", np.array([1], np.int64)),
-            mk("Slice", [w, p + "k_lo", p + "k_hi", p + "k_ax"], [p + "w"], name=p + "w"),
-        ]
-        w = p + "w"
-    nodes.append(mk("Transpose", [w], [p + "wt"], name=p + "wt", perm=[1, 0]))  # [K, N]
-    return nodes, p + "wt"
+        b.const(p + "k_lo", np.array([0], np.int64))
+        b.const(p + "k_hi", np.array([k], np.int64))
+        b.const(p + "k_ax", np.array([1], np.int64))
+        w = b.op("Slice", [w, p + "k_lo", p + "k_hi", p + "k_ax"], p + "w")
+    return b.op("Transpose", [w], p + "wt", perm=[1, 0])  # [K, N]

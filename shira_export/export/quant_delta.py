@@ -22,14 +22,14 @@ files and mixed batches work unchanged, the delta in full precision.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from functools import partial
+from typing import Callable, Mapping, MutableMapping, Sequence
 
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from shira_export.errors import ShiraInputError
 from shira_export.export.delta_sites import site_nodes
-from shira_export.export.packed_weight import PACKED_WORK_THRESHOLD, dequantized_nodes, packed_int4
 from shira_export.export.graph_delta import (
     PREFIX,
     TargetSite,
@@ -37,8 +37,11 @@ from shira_export.export.graph_delta import (
     add_adapter_inputs,
     site_base_node,
 )
+from shira_export.export.ir_edits import detach, edited, graph_values, redirect, replace
+from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.export.packed_weight import PACKED_WORK_THRESHOLD, dequantized_nodes, packed_int4
 
-__all__ = ["QPREFIX", "strip_sparse_deltas", "site_io", "attach_quantized_deltas"]
+__all__ = ["QPREFIX", "strip_sparse_deltas", "site_io", "attach_quantized_deltas", "quantized_site", "place_site"]
 
 QPREFIX = "shira_q"  # node-name prefix of the delta branches on a quantized graph
 
@@ -56,89 +59,107 @@ def site_io(model: onnx.ModelProto, sites: Sequence[TargetSite]) -> dict[str, tu
 
 def strip_sparse_deltas(model: onnx.ModelProto, sites: Sequence[TargetSite]) -> dict[str, tuple[str, str]]:
     """Rewrite a sparse export's graph (in place) into its base graph; returns site_io."""
-    graph = model.graph
     by_prefix = {f"{PREFIX}/{s.module}/": s for s in sites}
     io: dict[str, tuple[str, str]] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if not node.name.startswith(PREFIX + "/"):
-            new_nodes.append(node)
-            continue
-        site = by_prefix.get(node.name.rsplit("/", 1)[0] + "/")
-        if site is None:
-            raise ShiraInputError(f"sparse graph: node {node.name!r} belongs to no target in the manifest")
-        if node.op_type == "If" and node.name == f"{PREFIX}/{site.module}/If":
-            base = onnx.NodeProto()
-            base.CopyFrom(site_base_node(node))
-            base.name = site.node
-            base.output[0] = node.output[0]
-            new_nodes.append(base)
-            io[site.module] = (base.input[0], base.output[0])
-    missing = sorted(set(s.module for s in sites) - set(io))
-    if missing:
-        raise ShiraInputError(
-            f"sparse graph: no delta branch for targets {missing} (expected a graph written by `shira-export sparse`)"
-        )
-    adapter_inputs = {name for s in sites for name in adapter_input_names(s.module)}
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    _drop(graph.input, adapter_inputs)
-    _drop(graph.initializer, adapter_inputs)
+    with edited(model) as view:
+        graph = view.graph
+        b = Nodes(graph_values(graph))
+        drop: list[ir.Node] = []
+        for node in list(graph):
+            if not (node.name or "").startswith(PREFIX + "/"):
+                continue
+            site = by_prefix.get((node.name or "").rsplit("/", 1)[0] + "/")
+            if site is None:
+                raise ShiraInputError(f"sparse graph: node {node.name!r} belongs to no target in the manifest")
+            drop.append(node)
+            if node.op_type == "If" and node.name == f"{PREFIX}/{site.module}/If":
+                y = node.outputs[0]  # the base op comes back in the If's place, writing its output
+                base = Op.of(site_base_node(node))
+                b.copy(base, site.node, {}, y.name or "")
+                graph.insert_before(node, b.nodes[-1])
+                redirect(graph, y, b[y.name or ""], list(y.uses()))
+                io[site.module] = (base.inputs[0], y.name or "")
+        missing = sorted(set(s.module for s in sites) - set(io))
+        if missing:
+            raise ShiraInputError(
+                f"sparse graph: no delta branch for targets {missing} (expected a graph written by `shira-export sparse`)"
+            )
+        detach(drop)
+        graph.remove(drop, safe=True)
+        adapter_inputs = {name for s in sites for name in adapter_input_names(s.module)}
+        for value in [v for v in graph.inputs if v.name in adapter_inputs]:
+            graph.inputs.remove(value)
+        for name in adapter_inputs:
+            graph.initializers.pop(name, None)
     return io
 
 
-def _drop(container, names: set) -> None:
-    kept = [x for x in container if x.name not in names]
-    del container[:]
-    container.extend(kept)
-
-
-def _delta_nodes(site: TargetSite, x: str, y_base: str, y: str, threshold: int) -> list[onnx.NodeProto]:
-    """One site over a quantized base op that reads `x` and now writes `y_base`."""
-    return site_nodes(
-        f"{QPREFIX}/{site.module}/",
-        x,
-        y,
-        *adapter_input_names(site.module),
-        site.in_features,
-        site.out_features,
-        threshold=threshold,
-        y_base=y_base,
-    )
-
-
 def quantized_site(
+    b: Nodes,
     site: TargetSite,
-    producer: onnx.NodeProto,
+    producer: ir.Node,
     x: str,
     y: str,
     threshold: int,
-    initializers: Mapping[str, onnx.TensorProto],
-) -> tuple[bool, list[onnx.NodeProto]]:
-    """(keep the producer in the graph, the site's nodes) for the quantized op `producer`
-    writing `y`. A 4-bit MatMulNBits moves into the site (export.packed_weight: it decodes, its
-    dequantized weight prefills); any other quantized op stays and its output gets the
-    delta on the activations."""
-    info = packed_int4(producer, initializers)
+) -> bool:
+    """Append to `b` the site for the quantized op `producer` writing `y` (the If's output is
+    named `y`); returns whether the producer stays in the graph. A 4-bit MatMulNBits moves
+    into the site (export.packed_weight: it decodes, its dequantized weight prefills); any
+    other quantized op stays and its output, renamed `y_base`, gets the delta on the
+    activations."""
+    info = packed_int4(producer)
     p = f"{QPREFIX}/{site.module}/"
+    names = adapter_input_names(site.module)
     if info is None or info["N"] != site.out_features or info["K"] != site.in_features:
         y_base = p + "y_base"
-        producer.output[list(producer.output).index(y)] = y_base
-        return True, _delta_nodes(site, x, y_base, y, threshold)
-    prelude, wt = dequantized_nodes(p + "deq/", producer, info, p + "R")
-    return False, site_nodes(
+        output = next(v for v in producer.outputs if v.name == y)
+        output.name = y_base
+        b.define(output)
+        site_nodes(b, p, x, y, *names, site.in_features, site.out_features, threshold=threshold, y_base=y_base)
+        return True
+    decode = Op.of(producer)
+    wt = p + "deq/wt"
+
+    def prelude(branch: Nodes) -> None:
+        dequantized_nodes(branch, p + "deq/", decode.inputs, info, p + "R")
+
+    site_nodes(
+        b,
         p,
         x,
         y,
-        *adapter_input_names(site.module),
+        *names,
         site.in_features,
         site.out_features,
         threshold=threshold,
         work_threshold=PACKED_WORK_THRESHOLD,
-        base=helper.make_node("MatMul", [x, wt], [y], name=p + "fp32"),
-        decode_base=producer,
+        base=Op("MatMul", (x, wt)),
+        decode_base=decode,
         weight_prelude=prelude,
     )
+    return False
+
+
+def place_site(
+    graph: ir.Graph,
+    producer: ir.Node,
+    y: str,
+    values: MutableMapping[str, ir.Value],
+    build: Callable[[Nodes], bool],
+) -> None:
+    """Put the nodes `build(b)` appends (a site writing `y`, see quantized_site; True: the
+    producer stays) into `graph` after `producer`, or in its place; `y`'s readers and graph
+    output move to the site's If."""
+    old = next(v for v in producer.outputs if v.name == y)
+    uses = list(old.uses())
+    b = Nodes(values)
+    keep = build(b)
+    new = b[y]
+    if keep:
+        graph.insert_after(producer, b.nodes)
+        redirect(graph, old, new, uses)
+    else:
+        replace(graph, [producer], b.nodes, [old], [new])
 
 
 def attach_quantized_deltas(
@@ -148,40 +169,30 @@ def attach_quantized_deltas(
 
     `io` is {module: (x, y)} from before quantization; the quantizers keep both tensor
     names (the new op reads x and writes y). Adds the adapter inputs with empty defaults."""
-    graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    fp32_nodes = [
-        s.node
-        for s in sites
-        if producers.get(io[s.module][1]) is not None
-        and producers[io[s.module][1]].op_type in ("MatMul", "Gemm")
-        and producers[io[s.module][1]].name == s.node
-    ]
-    if fp32_nodes:
-        raise ShiraInputError(
-            f"quantized graph: target nodes {fp32_nodes} are still fp32 (expected the quantizer to "
-            f"have replaced every targeted MatMul)"
-        )
-    position = {id(node): i for i, node in enumerate(graph.node)}
-    initializers = {i.name: i for i in graph.initializer}
-    inserted: dict[int, list[onnx.NodeProto]] = {}
-    moved: set[int] = set()
-    for site in sites:
-        x, y = io[site.module]
-        producer = producers.get(y)
-        if producer is None:
-            raise ShiraInputError(f"quantized graph: no node writes {y!r}, the output of target {site.module!r}")
-        keep, nodes = quantized_site(site, producer, x, y, threshold, initializers)
-        if not keep:
-            moved.add(position[id(producer)])
-        inserted.setdefault(position[id(producer)], []).extend(nodes)
-    new_nodes: list[onnx.NodeProto] = []
-    for i, node in enumerate(graph.node):
-        if i not in moved:
-            new_nodes.append(node)
-        new_nodes.extend(inserted.get(i, []))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    with edited(model) as view:
+        graph = view.graph
+        producers = {value.name: node for node in graph for value in node.outputs}
+        fp32_nodes = [
+            s.node
+            for s in sites
+            if producers.get(io[s.module][1]) is not None
+            and producers[io[s.module][1]].op_type in ("MatMul", "Gemm")
+            and producers[io[s.module][1]].name == s.node
+        ]
+        if fp32_nodes:
+            raise ShiraInputError(
+                f"quantized graph: target nodes {fp32_nodes} are still fp32 (expected the quantizer to "
+                f"have replaced every targeted MatMul)"
+            )
+        missing = [(s.module, io[s.module][1]) for s in sites if io[s.module][1] not in producers]
+        if missing:
+            module, y = missing[0]
+            raise ShiraInputError(f"quantized graph: no node writes {y!r}, the output of target {module!r}")
+        add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
+        values = graph_values(graph)
+        for site in sites:
+            x, y = io[site.module]
+            build = partial(quantized_site, site=site, producer=producers[y], x=x, y=y, threshold=threshold)
+            place_site(graph, producers[y], y, values, build)
     if model.ir_version < 4:
         model.ir_version = 4  # overridable initializers
-    add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
