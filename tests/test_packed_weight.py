@@ -53,12 +53,12 @@ def test_dequantized_weight_equals_matmulnbits(bits, symmetric, k):
     assert info is not None and info["bits"] == bits and info["zero_points"] == (not symmetric)
     b = Nodes(graph_values(view))
     b.op("Shape", ["x"], "r", start=0, end=1)
-    wt = dequantized_nodes(b, "d/", Op.of(node).inputs, info, "r")
+    w_nk = dequantized_nodes(b, "d/", Op.of(node).inputs, info, "r")
     graph = helper.make_graph(
         [ir.serde.serialize_node(n) for n in b.nodes],
         "deq",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info(wt, TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(w_nk, TensorProto.FLOAT, None)],
         list(model.graph.initializer),
     )
     deq_model = helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -68,7 +68,7 @@ def test_dequantized_weight_equals_matmulnbits(bits, symmetric, k):
         0
     ]
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": eye})[0]
-    assert got.shape == (k, 24) and np.abs(got - want).max() <= 1e-6
+    assert got.shape == (24, k) and np.abs(got.T - want).max() <= 1e-6  # [out, in], as MatMulNBits packs it
     assert np.abs(got).max() > 0.01  # a real weight came out, not zeros
 
 

@@ -104,10 +104,39 @@ def _weight_branch_rows(
     return p + "y_long"
 
 
+def _flat_entries(
+    b: Nodes, p: str, q: str, idx: str, vals: str, ell_idx: str, ell_vals: str, in_f: int, out_f: int, transposed: bool
+) -> tuple[str, str]:
+    """(positions int32 [E], values [E]) of every entry of both parts (R = 1) in the flat W
+    (W [out, in]: row * in + col, the file's own index; W^T [in, out]: col * out + row), so
+    that one scatter writes them all: one copy of W, not one per part."""
+    if transposed:  # slot k of output feature j sits at j * in + ell_idx[k, j]
+        b.const(q + "j_in", (np.arange(out_f, dtype=np.int32) * in_f)[None, None, :])
+        b.op("Add", [ell_idx, q + "j_in"], q + "e_at")
+        coo = idx
+    else:  # ... at ell_idx[k, j] * out + j; a scattered entry at col * out + row
+        b.const(q + "out_f", np.array(out_f, np.int32))
+        b.const(q + "j", np.arange(out_f, dtype=np.int32)[None, None, :])
+        b.op("Mul", [ell_idx, q + "out_f"], q + "e_start")
+        b.op("Add", [q + "e_start", q + "j"], q + "e_at")
+        b.op("Mul", [p + "col", q + "out_f"], q + "c_start")
+        coo = b.op("Add", [q + "c_start", p + "row"], q + "c_at")
+    b.const(q + "flat", np.array([-1], np.int64))
+    b.op("Reshape", [q + "e_at", q + "flat"], q + "e_at1")
+    b.op("Reshape", [coo, q + "flat"], q + "c_at1")
+    b.op("Reshape", [ell_vals, q + "flat"], q + "e_v1")
+    b.op("Reshape", [vals, q + "flat"], q + "c_v1")
+    return (
+        b.op("Concat", [q + "e_at1", q + "c_at1"], q + "at", axis=0),
+        b.op("Concat", [q + "e_v1", q + "c_v1"], q + "av", axis=0),
+    )
+
+
 def _weight_branch_one(
     b: Nodes,
     p: str,
     x: str,
+    idx: str,
     vals: str,
     ell_idx: str,
     ell_vals: str,
@@ -119,25 +148,27 @@ def _weight_branch_one(
     transposed: bool,
     value_type: int,
 ) -> str:
-    """R = 1 (one adapter: files, LoraAdapter, genai): ScatterND into one copy of the 2-D W
-    (fp32) or zeros (quantized), then the base op itself: no batched MatMul, no reshapes."""
+    """R = 1 (one adapter: files, LoraAdapter, genai): one ScatterElements of every entry into
+    the flat W (fp32) or zeros (quantized), then the base op itself: no batched MatMul."""
     q = p + "one/"
-    a, c = (p + "row", p + "col") if transposed else (p + "col", p + "row")  # W [out, in] or W^T [in, out]
-    b.const(q + "ax2", np.array([2], np.int64))
-    b.op("Unsqueeze", [a, q + "ax2"], q + "a3")
-    b.op("Unsqueeze", [c, q + "ax2"], q + "b3")
-    b.op("Concat", [q + "a3", q + "b3"], q + "pairs32", axis=2)
-    b.op("Cast", [q + "pairs32"], q + "pairs", to=TensorProto.INT64)  # [1, nnz, 2]
+    at, av = _flat_entries(b, p, q, idx, vals, ell_idx, ell_vals, in_f, out_f, transposed)
+    b.const(q + "w_shape", np.array([out_f, in_f] if transposed else [in_f, out_f], np.int64))
     if base is not None:
-        b.op("ScatterND", [base.inputs[1], q + "pairs", vals], q + "w_coo", reduction="add")
-        _ell_scatter(b, q, q + "w_coo", ell_idx, ell_vals, transposed, batched=False)
+        # W viewed flat through a run-time shape ([-1] + 0 * entries): a constant one would let
+        # an optimizer fold a flat second copy of W into the model
+        b.op("Shape", [at], q + "n_at")
+        b.const(q + "zero", np.array([0], np.int64))
+        b.op("Mul", [q + "n_at", q + "zero"], q + "rt0")
+        b.op("Add", [q + "flat", q + "rt0"], q + "flat_rt")
+        b.op("Reshape", [base.inputs[1], q + "flat_rt"], q + "w_flat")
+        b.op("ScatterElements", [q + "w_flat", at, av], q + "w_flat2", axis=0, reduction="add")
+        b.op("Reshape", [q + "w_flat2", q + "w_shape"], q + "w_ell")
         return b.copy(base, q + "op", {1: q + "w_ell"}, q + "y")
     assert y_base is not None
-    shape = [out_f, in_f] if transposed else [in_f, out_f]
-    b.const(q + "z_shape", np.array(shape, np.int64))
-    b.filled(q + "z", q + "z_shape", value_type, 0)
-    b.op("ScatterND", [q + "z", q + "pairs", vals], q + "w_coo", reduction="add")
-    _ell_scatter(b, q, q + "w_coo", ell_idx, ell_vals, transposed, batched=False)
+    b.const(q + "z_size", np.array([in_f * out_f], np.int64))
+    b.filled(q + "z", q + "z_size", value_type, 0)
+    b.op("ScatterElements", [q + "z", at, av], q + "w_flat2", axis=0, reduction="add")
+    b.op("Reshape", [q + "w_flat2", q + "w_shape"], q + "w_ell")
     b.op("MatMul", [x, q + "w_ell"], q + "d")
     return b.op("Add", [y_base, q + "d"], q + "y")
 
@@ -162,7 +193,7 @@ def weight_branch(
     costs nothing next to a long input's MatMul."""
     kw = dict(base=base, y_base=y_base, transposed=transposed, value_type=value_type)
     one, rows = b.branch(), b.branch()
-    one_out = _weight_branch_one(one, p, x, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]
+    one_out = _weight_branch_one(one, p, x, idx, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]
     rows_out = _weight_branch_rows(rows, p, x, idx, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]
     b.const(p + "R_one", np.array([1], np.int64))
     b.op("Equal", [p + "R", p + "R_one"], p + "is_one")

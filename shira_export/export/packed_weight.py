@@ -66,7 +66,8 @@ def packed_int4(node: ir.Node) -> Optional[dict]:
 
 
 def dequantized_nodes(b: Nodes, p: str, inputs: tuple[str, ...], info: dict, runtime_value: str) -> str:
-    """Append the nodes writing `p + "wt"`, the site's fp32 weight [K, N] (MatMul layout)
+    """Append the nodes writing `p + "w_nk"`, the site's fp32 weight [N, K] (PyTorch's [out, in],
+    as MatMulNBits packs it: a MatMul with transB reads it without a transposed copy per call)
     dequantized from a MatMulNBits' packed `inputs` (names: x, B, scales, zero points), and
     return that name. `runtime_value` is any int64 [1] tensor computed at run time (its
     product with 0 keeps the row ids, and so the dequantized weight, out of constant folding)."""
@@ -116,10 +117,10 @@ def dequantized_nodes(b: Nodes, p: str, inputs: tuple[str, ...], info: dict, run
         quantize_axis=2,
     )  # [N, blocks, block]
     b.const(p + "w_shape", np.array([n, blocks * block], np.int64))
-    w = b.op("Reshape", [p + "deq", p + "w_shape"], p + "w_pad")
-    if blocks * block != k:  # K padded up to whole blocks
-        b.const(p + "k_lo", np.array([0], np.int64))
-        b.const(p + "k_hi", np.array([k], np.int64))
-        b.const(p + "k_ax", np.array([1], np.int64))
-        w = b.op("Slice", [w, p + "k_lo", p + "k_hi", p + "k_ax"], p + "w")
-    return b.op("Transpose", [w], p + "wt", perm=[1, 0])  # [K, N]
+    if blocks * block == k:
+        return b.op("Reshape", [p + "deq", p + "w_shape"], p + "w_nk")
+    w = b.op("Reshape", [p + "deq", p + "w_shape"], p + "w_pad")  # K padded up to whole blocks
+    b.const(p + "k_lo", np.array([0], np.int64))
+    b.const(p + "k_hi", np.array([k], np.int64))
+    b.const(p + "k_ax", np.array([1], np.int64))
+    return b.op("Slice", [w, p + "k_lo", p + "k_hi", p + "k_ax"], p + "w_nk")

@@ -118,7 +118,9 @@ def quantized_site(
         site_nodes(b, p, x, y, *names, site.in_features, site.out_features, threshold=threshold, y_base=y_base)
         return True
     decode = Op.of(producer)
-    wt = p + "deq/wt"
+    w_nk = p + "deq/w_nk"
+    # [out, in] read with transB: a Transpose of the dequantized weight would copy it per call
+    prefill = Op("FusedMatMul", (x, w_nk), "com.microsoft", (ir.Attr("transB", ir.AttributeType.INT, 1),))
 
     def prelude(branch: Nodes) -> None:
         dequantized_nodes(branch, p + "deq/", decode.inputs, info, p + "R")
@@ -133,7 +135,8 @@ def quantized_site(
         site.out_features,
         threshold=threshold,
         work_threshold=PACKED_WORK_THRESHOLD,
-        base=Op("MatMul", (x, wt)),
+        base=prefill,
+        transposed=True,
         decode_base=decode,
         weight_prelude=prelude,
     )
