@@ -3,7 +3,8 @@ memory per loaded adapter, all in one run (issue #18).
 
 OPT-125m-shaped decoder from OPTConfig() defaults (random weights, fp32), q/k/v/out
 targeted, r=8 and r=32 (PEFT SHiRA adapters, values at the weights' scale), CPU.
-Medians of interleaved rounds, ratio to merged:
+Medians of interleaved rounds, each mode's `--sessions` sessions taken in turn (two sessions of
+one graph can differ by ~12 % at decode: where their buffers land), ratio to merged:
 
     merged      the base graph with the adapter merged into constant weights (what
                 `shira-export merged` produces; built here from the same export)
@@ -12,13 +13,16 @@ Medians of interleaved rounds, ratio to merged:
                 exactly what a C#/C++/Java user runs (no shira_export code in the call)
     dense       ShiraSession(mode="dense"): merged copies of the targeted weights fed per call (opt-in)
 
-Then, per r: 8 decode streams (128-token caches) over 8 different adapters, one mixed batch
+Then the same adapters on the int4 graph (tools/bench_runtime_int4.py: plain onnxruntime +
+LoraAdapter against the merged int4 model, both quantized with one fixed plan; `--no-int4` skips
+it). Then, per r: 8 decode streams (128-token caches) over 8 different adapters, one mixed batch
 of 8 against 8 separate calls (lean mode), tokens/s; and memory: 64 adapters of r=8 loaded
 (resident set, VmRSS) per adapter against the file size, lean and portable.
 All sessions: intra-op threads = ORT's default, spinning off (sessions take turns on shared
 cores). Prints the table with the CPU's flags and load; writes tools/results/bench_runtime.json.
 
-Usage: python tools/bench_runtime.py [--rounds 7] [--layers 12] [--ranks 8 32] [--work DIR]
+Usage: python tools/bench_runtime.py [--rounds 7] [--sessions 3] [--layers 12] [--ranks 8 32] [--work DIR]
+       [--clock wall|cpu]
 
 `--genai` instead times onnxruntime-genai (tools/bench_genai.py).
 """
@@ -191,39 +195,56 @@ def bench_modes(r, folder, work, lean, dense, args, outs) -> dict:
     import onnx
     import onnxruntime as ort
 
+    from shira_export.runtime import Mode, ShiraSession
+
     a = f"r{r}a"
     merged_path = work / f"merged_{a}.onnx"
     if not merged_path.exists():
         onnx.save_model(merged_graph(folder, dense, a), str(merged_path))
     t = time.perf_counter()
-    merged = ort.InferenceSession(str(merged_path), session_options(), providers=["CPUExecutionProvider"])
+    merged_s = [ort.InferenceSession(str(merged_path), session_options(), providers=["CPUExecutionProvider"])]
     new_session_s = time.perf_counter() - t
     # portable: what a C#/C++ user writes, through the Python binding of the same C API
-    plain = ort.InferenceSession(str(folder / "model.onnx"), session_options(), providers=["CPUExecutionProvider"])
     lora = ort.LoraAdapter()
     lora.Load(str(folder / "adapters" / f"{a}.onnx_adapter"))
     plain_opts = ort.RunOptions()
     plain_opts.add_active_adapter(lora)
+    plain_s, lean_s, dense_s = [], [lean], [dense]
+    # Two sessions of one graph differ by up to ~12 % at decode (where their buffers land):
+    # every mode gets `--sessions` sessions, taken in turn, so a ratio compares modes, not placements
+    for i in range(args.sessions):
+        if i:
+            merged_s.append(
+                ort.InferenceSession(str(merged_path), session_options(), providers=["CPUExecutionProvider"])
+            )
+            lean_s.append(ShiraSession(folder, session_options=session_options()))
+            dense_s.append(ShiraSession(folder, mode=Mode.DENSE, session_options=session_options()))
+        plain_s.append(
+            ort.InferenceSession(str(folder / "model.onnx"), session_options(), providers=["CPUExecutionProvider"])
+        )
     runners = {
-        "merged": lambda f: merged.run_with_ort_values(outs, f),
-        "lean": lambda f: lean.run_ort_values(f, adapter=a, output_names=outs),
-        "portable": lambda f: plain.run_with_ort_values(outs, f, plain_opts),
-        "dense": lambda f: dense.run_ort_values(f, adapter=a, output_names=outs),
+        "merged": [lambda f, s=s: s.run_with_ort_values(outs, f) for s in merged_s],
+        "lean": [lambda f, s=s: s.run_ort_values(f, adapter=a, output_names=outs) for s in lean_s],
+        "portable": [lambda f, s=s: s.run_with_ort_values(outs, f, plain_opts) for s in plain_s],
+        "dense": [lambda f, s=s: s.run_ort_values(f, adapter=a, output_names=outs) for s in dense_s],
     }
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, VOCAB, (1, 128), dtype=np.int64)
     step = rng.integers(0, VOCAB, (1, 1), dtype=np.int64)
     caches, logits = {}, {}
-    for k, run in runners.items():
-        res = run(feeds(args.layers, prompt))
+    for k, runs in runners.items():
+        res = runs[0](feeds(args.layers, prompt))
         logits[k], caches[k] = res[0].numpy(), as_past(outs, res)
+        for other in runs[1:]:  # every session of a mode computes the same logits
+            assert np.array_equal(other(feeds(args.layers, prompt))[0].numpy(), logits[k]), k
     times: dict[str, list[float]] = {f"{k}_{p}": [] for k in runners for p in ("prefill", "decode")}
-    for _ in range(args.rounds):
-        for k, run in runners.items():
-            times[f"{k}_prefill"].append(timed(run, feeds(args.layers, prompt)))
+    for round_ in range(args.rounds * args.sessions):
+        i = round_ % args.sessions
+        for k, runs in runners.items():
+            times[f"{k}_prefill"].append(timed(runs[i], feeds(args.layers, prompt)))
         for _ in range(4):
-            for k, run in runners.items():
-                times[f"{k}_decode"].append(timed(run, feeds(args.layers, step, caches[k], 128)))
+            for k, runs in runners.items():
+                times[f"{k}_decode"].append(timed(runs[i], feeds(args.layers, step, caches[k], 128)))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     switch = {}
     for k, s in (("lean", lean), ("dense", dense)):
@@ -328,6 +349,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--sessions", type=int, default=3, help="sessions per mode, taken in turn (placement noise)")
+    ap.add_argument("--no-int4", action="store_true", help="skip the int4 rows (tools/bench_runtime_int4.py)")
     ap.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -348,6 +371,7 @@ def main() -> None:
         print(f"export: {time.perf_counter() - t:.1f} s")
     results: dict = {
         "rounds": args.rounds,
+        "sessions_per_mode": args.sessions,
         "clock": args.clock,
         "layers": args.layers,
         "machine": machine(),
@@ -365,8 +389,18 @@ def main() -> None:
     for r in args.ranks:
         results["mixed"][r] = bench_mixed(r, work, lean, args, outs)
     results["memory"] = bench_memory(folder, work, lean, f"r{args.ranks[0]}a", args.layers)
+    del lean
+    if not args.no_int4:  # the same adapters on the int4 graph (portable) against the merged int4 model
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_runtime_int4
+
+        results["int4"] = {r: bench_runtime_int4.bench_rank(r, folder, work, args) for r in args.ranks}
     results["machine"]["load_end"] = list(os.getloadavg())
     report(results)
+    if "int4" in results:
+        bench_runtime_int4.report(results["int4"], args)
     dest = Path(__file__).resolve().parent / "results" / "bench_runtime.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(results, indent=2) + "\n")
@@ -381,7 +415,7 @@ def report(results: dict) -> None:
         f"{results['ort_intra_op_threads']}; load {m['load_start'][0]:.1f} -> {m['load_end'][0]:.1f}"
     )
     print(
-        f"OPT-125m shape ({results['layers']} layers), q/k/v/out, fp32, medians of {results['rounds']} interleaved rounds, {results['clock']} time"
+        f"OPT-125m shape ({results['layers']} layers), q/k/v/out, fp32, medians of {results['rounds']} interleaved rounds x {results.get('sessions_per_mode', 1)} sessions per mode, {results['clock']} time"
     )
     print("| r | mode | prefill 1x128 ms | x merged | decode ms (128 cache) | x merged | memory per adapter |")
     print("|---|---|---|---|---|---|---|")

@@ -12,7 +12,8 @@ body MatMul at 4 bits, the LM head at 8), so they differ only in how the adapter
 Prefill 1x128 and decode with a 128-token cache, medians of interleaved rounds; prints a
 table with the CPU's flags and load and writes tools/results/bench_runtime_int4.json.
 
-Usage: python tools/bench_runtime_int4.py --work DIR [--ranks 8 32] [--rounds 5] [--clock cpu|wall]
+Usage: python tools/bench_runtime_int4.py --work DIR [--ranks 8 32] [--rounds 5] [--sessions 3] [--clock cpu|wall]
+(tools/bench_runtime.py runs it too, after its own table, unless given --no-int4.)
 """
 
 from __future__ import annotations
@@ -51,33 +52,39 @@ def bench_rank(r: int, folder: Path, work: Path, args) -> dict:
         )
     merged_int4 = _quantized(merged_fp32, work / f"merged_{a}_int4.onnx")
     sparse_int4 = _quantized(folder, work / "sparse_int4")
-    merged = ort.InferenceSession(str(merged_int4), br.session_options(), providers=["CPUExecutionProvider"])
-    plain = ort.InferenceSession(
-        str(sparse_int4 / "model.onnx"), br.session_options(), providers=["CPUExecutionProvider"]
-    )
     lora = ort.LoraAdapter()
     lora.Load(str(sparse_int4 / "adapters" / f"{a}.onnx_adapter"))
     options = ort.RunOptions()
     options.add_active_adapter(lora)
-    outs = [o.name for o in plain.get_outputs()]
+    sessions = getattr(args, "sessions", 1)  # taken in turn: two sessions of one graph differ by their placement
+    merged_s = [
+        ort.InferenceSession(str(merged_int4), br.session_options(), providers=["CPUExecutionProvider"])
+        for _ in range(sessions)
+    ]
+    plain_s = [
+        ort.InferenceSession(str(sparse_int4 / "model.onnx"), br.session_options(), providers=["CPUExecutionProvider"])
+        for _ in range(sessions)
+    ]
+    outs = [o.name for o in plain_s[0].get_outputs()]
     runners = {
-        "merged_int4": lambda f: merged.run_with_ort_values(outs, f),
-        "portable_int4": lambda f: plain.run_with_ort_values(outs, f, options),
+        "merged_int4": [lambda f, s=s: s.run_with_ort_values(outs, f) for s in merged_s],
+        "portable_int4": [lambda f, s=s: s.run_with_ort_values(outs, f, options) for s in plain_s],
     }
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, br.VOCAB, (1, 128), dtype=np.int64)
     step = rng.integers(0, br.VOCAB, (1, 1), dtype=np.int64)
     caches, logits = {}, {}
-    for k, run in runners.items():
-        res = run(br.feeds(args.layers, prompt))
+    for k, runs in runners.items():
+        res = runs[0](br.feeds(args.layers, prompt))
         logits[k], caches[k] = res[0].numpy(), br.as_past(outs, res)
     times: dict[str, list[float]] = {f"{k}_{p}": [] for k in runners for p in ("prefill", "decode")}
-    for _ in range(args.rounds):
-        for k, run in runners.items():
-            times[f"{k}_prefill"].append(br.timed(run, br.feeds(args.layers, prompt)))
+    for round_ in range(args.rounds * sessions):
+        i = round_ % sessions
+        for k, runs in runners.items():
+            times[f"{k}_prefill"].append(br.timed(runs[i], br.feeds(args.layers, prompt)))
         for _ in range(4):
-            for k, run in runners.items():
-                times[f"{k}_decode"].append(br.timed(run, br.feeds(args.layers, step, caches[k], 128)))
+            for k, runs in runners.items():
+                times[f"{k}_decode"].append(br.timed(runs[i], br.feeds(args.layers, step, caches[k], 128)))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     return {
         "median_ms": med,
@@ -95,6 +102,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sessions", type=int, default=3, help="sessions per side, taken in turn")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args()
@@ -110,7 +118,18 @@ def main() -> None:
     machine["load_end"] = list(os.getloadavg())
     flags = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in machine["flags"].items())
     print(f"\n{machine['cpu']} ({flags}); load {machine['load_start'][0]:.1f} -> {machine['load_end'][0]:.1f}")
-    print(f"OPT-125m shape, int4 fixed plan, medians of {args.rounds} interleaved rounds, {args.clock} time")
+    report(rows, args)
+    dest = Path(__file__).resolve().parent / "results" / "bench_runtime_int4.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps({"machine": machine, "clock": args.clock, "ranks": rows}, indent=2) + "\n")
+    print(f"wrote {dest}")
+
+
+def report(rows: dict, args) -> None:
+    print(
+        f"OPT-125m shape, int4 fixed plan, medians of {args.rounds} interleaved rounds x {getattr(args, 'sessions', 1)} "
+        f"sessions per side, {args.clock} time"
+    )
     print("| r | prefill 1x128 ms merged / sparse | x merged | decode ms merged / sparse | x merged |")
     print("|---|---|---|---|---|")
     for r, row in rows.items():
@@ -119,10 +138,6 @@ def main() -> None:
             f"| {r} | {m['merged_int4_prefill']:.1f} / {m['portable_int4_prefill']:.1f} | {row['prefill_ratio']:.3f} "
             f"| {m['merged_int4_decode']:.2f} / {m['portable_int4_decode']:.2f} | {row['decode_ratio']:.3f} |"
         )
-    dest = Path(__file__).resolve().parent / "results" / "bench_runtime_int4.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"machine": machine, "clock": args.clock, "ranks": rows}, indent=2) + "\n")
-    print(f"wrote {dest}")
 
 
 if __name__ == "__main__":
