@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from shira_export.export.ir_edits import graph_values
-from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.artifacts.ir_edits import graph_values
+from shira_export.artifacts.onnx_nodes import Nodes, Op
 from shira_export.export.packed_weight import dequantized_nodes, packed_int4
 
 

@@ -1,4 +1,4 @@
-"""The quantizer's graph edits on onnx-ir (export.ir_edits): results unchanged under ORT,
+"""The quantizer's graph edits on onnx-ir (artifacts.ir_edits): results unchanged under ORT,
 readers inside If branches count as readers, untouched initializers are not re-serialized,
 and a pass that raises leaves the ModelProto as it was."""
 
@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.export.quantize import graph as quant_graph
-from shira_export.export import ir_edits
+from shira_export.artifacts import ir_edits
 from shira_export.export.quantize.tied import _sole_consumers
 
 D = 16  # 16 x 16 = 256 elements: the smallest weight the passes treat as one

@@ -1,4 +1,4 @@
-"""The site insertion on onnx-ir (export.onnx_nodes, export.ir_edits): a sparse graph
+"""The site insertion on onnx-ir (artifacts.onnx_nodes, artifacts.ir_edits): a sparse graph
 stripped of its sites is the base graph again, proto for proto; graph inputs the edit keeps
 stay as they were; a site builder refuses a name read before it is made; an If branch
 built with it reads outer values and runs in onnxruntime."""
@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 from test_graph_delta import _synthetic
 
 from shira_export.export.graph_delta import adapter_input_names, insert_sparse_deltas, locate_targets
-from shira_export.export.ir_edits import edited
-from shira_export.export.onnx_nodes import Nodes
+from shira_export.artifacts.ir_edits import edited
+from shira_export.artifacts.onnx_nodes import Nodes
 from shira_export.export.quant_delta import strip_sparse_deltas
 
 

@@ -7,6 +7,8 @@ this package, never through each other's internals.
 - `adapter_io`: `.onnx_adapter` files
 - `onnx_io`: the one ONNX writer (external data past 2 GiB)
 - `hf_folder`: Hugging Face model folders, loaded so that nothing in them runs code
+- `ir_edits`, `onnx_nodes`: graph edits on onnx-ir written back in place, a node builder by
+  name (export's site insertion and quantizer, runtime's dense variant)
 
 Nothing is imported here: `import shira_export.artifacts.tasks` stays free of torch and onnx.
 """

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 from onnx import TensorProto
 
-from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.artifacts.onnx_nodes import Nodes, Op
 
 __all__ = ["weight_branch"]
 

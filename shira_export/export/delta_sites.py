@@ -40,7 +40,7 @@ import numpy as np
 from onnx import TensorProto
 
 from shira_export.export.delta_prefill import weight_branch
-from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.artifacts.onnx_nodes import Nodes, Op
 
 __all__ = ["site_nodes", "BASE_NODE"]
 

@@ -33,8 +33,8 @@ from shira_export.artifacts.naming import GENAI_GROUPS_KEY
 from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta, quant_delta
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
-from shira_export.export.ir_edits import edited, graph_values
-from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.artifacts.ir_edits import edited, graph_values
+from shira_export.artifacts.onnx_nodes import Nodes, Op
 
 __all__ = [
     "Piece",

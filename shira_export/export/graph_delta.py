@@ -32,8 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.errors import ShiraInputError
 from shira_export.export.delta_sites import site_nodes
-from shira_export.export.ir_edits import edited, graph_values, replace
-from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.artifacts.ir_edits import edited, graph_values, replace
+from shira_export.artifacts.onnx_nodes import Nodes, Op
 
 __all__ = [
     "TargetSite",

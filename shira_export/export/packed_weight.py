@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
 
-from shira_export.export.onnx_nodes import Nodes
+from shira_export.artifacts.onnx_nodes import Nodes
 
 __all__ = ["PACKED_WORK_THRESHOLD", "packed_int4", "dequantized_nodes"]
 

@@ -37,8 +37,8 @@ from shira_export.export.graph_delta import (
     add_adapter_inputs,
     site_base_node,
 )
-from shira_export.export.ir_edits import detach, edited, graph_values, redirect, replace
-from shira_export.export.onnx_nodes import Nodes, Op
+from shira_export.artifacts.ir_edits import detach, edited, graph_values, redirect, replace
+from shira_export.artifacts.onnx_nodes import Nodes, Op
 from shira_export.export.packed_weight import PACKED_WORK_THRESHOLD, dequantized_nodes, packed_int4
 
 __all__ = ["QPREFIX", "strip_sparse_deltas", "site_io", "attach_quantized_deltas", "quantized_site", "place_site"]

@@ -9,7 +9,7 @@
   bits) quantizers, muted, each returning the counts of quantized vs asked-for ops.
 - `drop_unused_initializers`: the fp32 originals the quantizers leave behind.
 Nodes are found by op type and constant weights, never by exporter-specific names. The
-rewrites run on onnx-ir, one conversion per pass (export.ir_edits); the checks and counts
+rewrites run on onnx-ir, one conversion per pass (artifacts.ir_edits); the checks and counts
 read the protobuf directly.
 """
 
@@ -27,7 +27,7 @@ from onnx import TensorProto
 
 from shira_export._quiet import quiet_loggers
 from shira_export.errors import ShiraInputError
-from shira_export.export.ir_edits import constant, edited, is_unused, op, replace
+from shira_export.artifacts.ir_edits import constant, edited, is_unused, op, replace
 
 __all__ = [
     "QUANTIZED_OPS",

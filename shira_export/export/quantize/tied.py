@@ -5,7 +5,7 @@
 embedding table so the quantizers can read a constant B; the lookup is quantized apart, so
 the file holds the table twice. `share_tied_embeddings` points the lookup at the head's
 quantized weights. Tiedness is decided by content (the two dequantized tables agree within
-their rounding), not by names. The edit runs on onnx-ir (export.ir_edits): a pattern
+their rounding), not by names. The edit runs on onnx-ir (artifacts.ir_edits): a pattern
 rewires a tensor's consumer only when `Value.uses()` says it is the sole reader (readers
 inside If/Loop bodies count), and new nodes take the removed lookup's place.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from shira_export.export.ir_edits import constant, edited, op, replace, sole_consumer
+from shira_export.artifacts.ir_edits import constant, edited, op, replace, sole_consumer
 
 __all__ = ["share_tied_embeddings"]
 

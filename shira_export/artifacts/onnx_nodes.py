@@ -1,4 +1,5 @@
-"""onnx-ir node builders for the sparse-delta site modules, called by name.
+"""onnx-ir node builders, called by name: the sparse-delta sites (export) and the dense
+variant (runtime) build their nodes with it.
 
 `Nodes` collects the nodes of one graph, the model's (an edit) or an If branch, in the order
 they are made: `b.op("Gather", [p + "x3", idx], p + "g", axis=2)` appends a node named after
@@ -18,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import helper
 
-from shira_export.export import ir_edits
+from shira_export.artifacts import ir_edits
 
 __all__ = ["Nodes", "Op"]
 

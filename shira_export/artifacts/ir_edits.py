@@ -1,5 +1,6 @@
-"""Graph edits on onnx-ir (the sparse-delta sites, the quantizer's passes), written back
-into the ModelProto in place.
+"""Graph edits on onnx-ir (the sparse-delta sites, the quantizer's passes, the runtime's dense
+variant), written back into the ModelProto in place. Stage-neutral, so it lives in the
+contract package: export and runtime both edit graphs with it.
 
 `edited(model)` gives one pass the model as an `ir.Model` (converted once per pass) and, when
 the pass returns without raising, writes the nodes, the initializers and (when the pass
