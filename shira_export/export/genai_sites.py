@@ -6,13 +6,14 @@ its node, and in int4 replaces the MatMul by `MatMulNBits` writing the same outp
 So a targeted module is one or more *pieces*: a block of its output rows that lands at a
 column offset of one builder node.
 
-Per builder node with pieces, each module's two parts (export.site_layout) are first made
-one flat list (its ELL slots as flat entries: `_as_scattered`), whose indices (row * in +
-col, in the module's own (out, in) space, exactly as in every `.onnx_adapter` this package
-writes) are moved into the node's packed space by one Add (+ offset * in), concatenated
-along nnz ([R, nnz] each, broadcast to one R), and fed to the same site as any other
-(export.delta_sites) with an empty ELL part: a packed site decodes through the scattered
-path. A node with one whole module keeps both parts. The adapter inputs stay the module's
+Per builder node with pieces, each module's two parts (export.site_layout) are packed into
+the node's space apart: the scattered entries' indices (row * in + col, in the module's own
+(out, in) space, exactly as in every `.onnx_adapter` this package writes) move by one Add
+(+ offset * in) and are concatenated along nnz (`_prelude`); the ELL slots, which name input
+features (shared by the pieces), are padded to one K and concatenated along the output
+axis (`_packed_ell`); both broadcast to one R and feed the same site as any other
+(export.delta_sites): a packed q|k|v site decodes its slots with one gather for all three.
+A node with one whole module keeps both parts as they are. The adapter inputs stay the module's
 `shira.<module>.*`, so the files of an optimum/torch-route export of the same base load
 here unchanged (same fingerprint: it covers modules, not nodes), and mixed batches work
 here too.
@@ -183,30 +184,58 @@ def _group_key(output: str) -> str:
     return "node." + output.strip("/").rsplit("/MatMul", 1)[0].replace("/", ".")
 
 
-def _as_scattered(b: Nodes, p: str, module: str, out_f: int, in_f: int) -> None:
-    """`p + "idx"` / `p + "vals"`: one module's two parts as one scattered list [R, nnz + K * out]
-    (an ELL slot (k, j) is the flat entry j * in + ell_indices[k, j]; its padding stays a
-    no-op), both parts broadcast to one R. The packed site then takes them as any other."""
-    idx, vals, ell_idx, ell_vals = graph_delta.adapter_input_names(module)
-    b.const(p + "row_off", (np.arange(out_f, dtype=np.int64) * in_f).astype(np.int32))
-    b.op("Add", [ell_idx, p + "row_off"], p + "eflat3")
-    b.const(p + "to2", np.array([0, -1], np.int64))
-    b.op("Reshape", [p + "eflat3", p + "to2"], p + "eflat")
-    b.op("Reshape", [ell_vals, p + "to2"], p + "evals")
-    b.op("Shape", [idx], p + "Rc", start=0, end=1)
-    b.op("Shape", [ell_idx], p + "Re", start=0, end=1)
-    b.op("Max", [p + "Rc", p + "Re"], p + "R")
-    b.const(p + "one", np.array([1], np.int64))
-    b.op("Concat", [p + "R", p + "one"], p + "R1", axis=0)
-    for name, tag in ((idx, "ci"), (vals, "cv"), (p + "eflat", "ei"), (p + "evals", "ev")):
-        b.op("Expand", [name, p + "R1"], p + tag)
-    b.op("Concat", [p + "ci", p + "ei"], p + "idx", axis=1)
-    b.op("Concat", [p + "cv", p + "ev"], p + "vals", axis=1)
+def _packed_ell(b: Nodes, p: str, key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> None:
+    """`shira.<key>.ell_indices` / `.ell_values` [R, K, node_out]: every piece's ELL slots at its
+    columns (a split module's slice of them; a slot names an input feature, which packing does not
+    move), each padded to the largest K and the columns no piece owns filled with no-op slots
+    (index 0, value 0), all broadcast to one R. So a packed site decodes its slots with one
+    gather for q|k|v together instead of scattering them."""
+    ells = []
+    for i, piece in enumerate(pieces):
+        _, _, ei, ev = graph_delta.adapter_input_names(piece.module)
+        if piece.row_start or piece.rows != module_rows[piece.module]:  # part of a split module
+            b.const(f"{p}es{i}", np.array([piece.row_start], np.int64))
+            b.const(f"{p}ee{i}", np.array([piece.row_start + piece.rows], np.int64))
+            b.const(f"{p}ea{i}", np.array([2], np.int64))
+            ei = b.op("Slice", [ei, f"{p}es{i}", f"{p}ee{i}", f"{p}ea{i}"], f"{p}eis{i}")
+            ev = b.op("Slice", [ev, f"{p}es{i}", f"{p}ee{i}", f"{p}ea{i}"], f"{p}evs{i}")
+        ells.append((ei, ev))
+    ks = [b.op("Shape", [ei], f"{p}ek{i}", start=1, end=2) for i, (ei, _) in enumerate(ells)]
+    rs = [b.op("Shape", [ei], f"{p}er{i}", start=0, end=1) for i, (ei, _) in enumerate(ells)]
+    k, r = b.op("Max", ks, f"{p}eK"), b.op("Max", rs, f"{p}eR")
+    b.const(f"{p}e11", np.array([1, 1], np.int64))
+    b.op("Concat", [r, f"{p}e11"], f"{p}eR11", axis=0)
+    b.const(f"{p}epad0", np.array([0, 0, 0, 0], np.int64))
+    b.const(f"{p}epad1", np.array([0], np.int64))
+    idx_parts: list[str] = []
+    val_parts: list[str] = []
+
+    def filler(start: int, stop: int) -> None:  # columns of the node no targeted module owns
+        b.const(f"{p}ew{start}", np.array([stop - start], np.int64))
+        b.op("Concat", [r, k, f"{p}ew{start}"], f"{p}efs{start}", axis=0)
+        idx_parts.append(b.filled(f"{p}efi{start}", f"{p}efs{start}", TensorProto.INT32, 0))
+        val_parts.append(b.filled(f"{p}efv{start}", f"{p}efs{start}", TensorProto.FLOAT, 0))
+
+    col = 0
+    for i, (piece, (ei, ev)) in enumerate(zip(pieces, ells)):
+        if piece.offset > col:
+            filler(col, piece.offset)
+        b.op("Sub", [k, ks[i]], f"{p}emiss{i}")
+        b.op("Concat", [f"{p}epad0", f"{p}emiss{i}", f"{p}epad1"], f"{p}epads{i}", axis=0)  # pad K at its end
+        b.op("Pad", [ei, f"{p}epads{i}"], f"{p}eip{i}")
+        b.op("Pad", [ev, f"{p}epads{i}"], f"{p}evp{i}")
+        idx_parts.append(b.op("Expand", [f"{p}eip{i}", f"{p}eR11"], f"{p}eie{i}"))
+        val_parts.append(b.op("Expand", [f"{p}evp{i}", f"{p}eR11"], f"{p}eve{i}"))
+        col = piece.offset + piece.rows
+    if col < pieces[0].node_out:
+        filler(col, pieces[0].node_out)
+    b.op("Concat", idx_parts, graph_delta.ell_indices_name(key), name=f"{p}ell_indices", axis=2)
+    b.op("Concat", val_parts, graph_delta.ell_values_name(key), name=f"{p}ell_values", axis=2)
 
 
 def _prelude(b: Nodes, key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> None:
-    """Packed [R, nnz] indices and values of every piece of one node, as `shira.<key>.*`
-    tensors: each piece's entries moved to the node's columns, entries of a split module
+    """Packed [R, nnz] indices and values of the scattered part of every piece of one node, as
+    `shira.<key>.indices / .values`: each piece's entries moved to the node's columns, entries of a split module
     that belong to another piece turned into padding (index 0, value 0: a no-op), modules
     fed with different R ([1, 0] defaults next to a mixed batch's [B, nnz]) broadcast to one R."""
     p = f"{graph_delta.PREFIX}/{key}/pk_"  # apart from the site's own names (delta_sites)
@@ -215,9 +244,7 @@ def _prelude(b: Nodes, key: str, pieces: Sequence[Piece], module_rows: Mapping[s
     idx_parts, val_parts = [], []
     merged: dict[str, tuple[str, str]] = {}
     for i, piece in enumerate(pieces):
-        if piece.module not in merged:
-            _as_scattered(b, f"{p}m{len(merged)}_", piece.module, module_rows[piece.module], piece.in_features)
-            merged[piece.module] = (f"{p}m{len(merged)}_idx", f"{p}m{len(merged)}_vals")
+        merged[piece.module] = (indices_name(piece.module), values_name(piece.module))
         idx, vals = merged[piece.module]
         in_f = piece.in_features
         shift = (piece.offset - piece.row_start) * in_f  # row r of the module is column offset + r - row_start
@@ -296,9 +323,7 @@ def insert_builder_deltas(
                         f"large for int32 indices"
                     )
                 _prelude(pre, key, group, module_rows)
-                # the packed site's ELL part is empty: _as_scattered moved every slot
-                pre.const(graph_delta.ell_indices_name(key), np.zeros((1, 0, site.out_features), np.int32))
-                pre.const(graph_delta.ell_values_name(key), np.zeros((1, 0, site.out_features), np.float32))
+                _packed_ell(pre, f"{graph_delta.PREFIX}/{key}/pk_", key, group, module_rows)
                 graph.insert_before(node, pre.nodes)
             groups[key] = {"node": node.name, "pieces": [asdict(g) for g in group]}
             if node.op_type == "MatMul":
