@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Mapping, Sequence, overload
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -205,18 +205,10 @@ def _delta_nodes(b: Nodes, site: TargetSite, base: Op, y: str, threshold: int, v
     )
 
 
-@overload
-def site_base_node(if_node: ir.Node) -> ir.Node: ...
-@overload
-def site_base_node(if_node: onnx.NodeProto) -> onnx.NodeProto: ...
-def site_base_node(if_node):
-    """The base MatMul/Gemm of a site's `shira/<m>/If` node (named `shira/<m>/base`), in
-    onnx-ir (the graph edits) or protobuf (the runtime's dense variant reads protos)."""
+def site_base_node(if_node: ir.Node) -> ir.Node:
+    """The base MatMul/Gemm of a site's `shira/<m>/If` node (named `shira/<m>/base`)."""
     prefix = (if_node.name or "").rsplit("/", 1)[0] + "/"
-    if isinstance(if_node, ir.Node):
-        branches = [a.as_graph() for a in if_node.attributes.values() if a.type == ir.AttributeType.GRAPH]
-    else:
-        branches = [a.g.node for a in if_node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    branches = [a.as_graph() for a in if_node.attributes.values() if a.type == ir.AttributeType.GRAPH]
     for nodes in branches:
         for node in nodes:
             if node.name == prefix + "base":
