@@ -15,8 +15,10 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
 
+from shira_export.artifacts.ir_edits import constant, edited, op, replace
 from shira_export.export.quantize.graph import weight_initializers
 
 __all__ = ["TableStats", "quantize_tables", "quantize_blocks", "pack4"]
@@ -64,53 +66,48 @@ def _block_for(k: int, wanted: int) -> int:
 
 def quantize_tables(model: onnx.ModelProto, *, bits: int, block_size: int, exclude: Sequence[str] = ()) -> TableStats:
     """Replace each `Gather(table, ids)` over a constant 2-D float table (axis 0) by a
-    `GatherBlockQuantized` over `bits`-bit blocks, in place. The fp32 table stays in the
-    graph's initializers until `drop_unused_initializers` (other readers may exist)."""
+    `GatherBlockQuantized` over `bits`-bit blocks, in place (through onnx-ir). The fp32 table
+    stays in the graph's initializers until `drop_unused_initializers` (other readers may exist)."""
     weights = weight_initializers(model)
-    graph = model.graph
-    done: dict[str, tuple[str, str, str, int]] = {}  # table -> (data, scales, zp, block)
+    done: dict[str, tuple[ir.Value, ir.Value, ir.Value, int]] = {}  # table -> (data, scales, zp, block)
     skipped: list[str] = []
     count = fp32_bytes = q_bytes = 0
-    new_nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if node.op_type != "Gather" or node.input[0] not in weights or axis != 0 or node.name in exclude:
-            new_nodes.append(node)
-            continue
-        table = node.input[0]
-        if table not in done:
-            arr = numpy_helper.to_array(weights[table])
-            block = _block_for(arr.shape[1], block_size)
-            if not block:
-                skipped.append(node.name)
-                new_nodes.append(node)
+    with edited(model) as view:
+        graph = view.graph
+        for node in list(graph):
+            table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" and node.inputs else None
+            axis = node.attributes.get_int("axis", 0)
+            if table is None or table.name not in weights or axis != 0 or node.name in exclude:
                 continue
-            codes, scales, zp = quantize_blocks(arr, bits, block)
-            if bits == 4:
-                codes, zp = pack4(codes), pack4(zp)
-            names = (f"{table}_q{bits}", f"{table}_q{bits}_scales", f"{table}_q{bits}_zp")
-            for name, value in zip(names, (codes, scales, zp)):
-                graph.initializer.append(numpy_helper.from_array(value, name))
-            done[table] = (*names, block)
-            fp32_bytes += arr.nbytes
-            q_bytes += codes.nbytes + scales.nbytes + zp.nbytes
-        data, scales_name, zp_name, block = done[table]
-        new_nodes.append(
-            helper.make_node(
+            name = table.name or ""
+            if name not in done:
+                arr = numpy_helper.to_array(weights[name])
+                block = _block_for(arr.shape[1], block_size)
+                if not block:
+                    skipped.append(node.name or "")
+                    continue
+                codes, scales, zp = quantize_blocks(arr, bits, block)
+                if bits == 4:
+                    codes, zp = pack4(codes), pack4(zp)
+                names = (f"{name}_q{bits}", f"{name}_q{bits}_scales", f"{name}_q{bits}_zp")
+                data, scales_v, zp_v = (constant(graph, n, v) for n, v in zip(names, (codes, scales, zp)))
+                done[name] = (data, scales_v, zp_v, block)
+                fp32_bytes += arr.nbytes
+                q_bytes += codes.nbytes + scales.nbytes + zp.nbytes
+            data, scales_v, zp_v, block = done[name]
+            quantized = op(
                 "GatherBlockQuantized",
-                [data, node.input[1], scales_name, zp_name],
-                list(node.output),
-                name=node.name or f"{table}_gather",
+                [data, node.inputs[1], scales_v, zp_v],
+                node.outputs[0].name or "",
+                name=node.name or f"{name}_gather",
                 domain="com.microsoft",
                 bits=bits,
                 block_size=block,
                 gather_axis=0,
                 quantize_axis=1,
             )
-        )
-        count += 1
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+            replace(graph, [node], [quantized], [node.outputs[0]], [quantized.outputs[0]])
+            count += 1
     if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return TableStats(bits, count, tuple(skipped), fp32_bytes, q_bytes)
