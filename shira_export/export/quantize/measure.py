@@ -37,7 +37,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
+
+from shira_export.artifacts.ir_edits import edited
 
 __all__ = ["fake_quant", "label_scores", "WeightProbe", "Measured", "measure_plan"]
 
@@ -128,17 +130,15 @@ class WeightProbe:
         wanted = set(self.weight_of.values())
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        keep, self.weights = [], {}
-        for init in probe.graph.initializer:
-            if init.name in wanted:
-                self.weights[init.name] = numpy_helper.to_array(init).astype(np.float32)
-                probe.graph.input.append(
-                    onnx.helper.make_tensor_value_info(init.name, onnx.TensorProto.FLOAT, list(init.dims))
-                )
-            else:
-                keep.append(init)
-        del probe.graph.initializer[:]
-        probe.graph.initializer.extend(keep)
+        self.weights = {}
+        with edited(probe) as view:  # each probed weight: an fp32 input instead of an initializer
+            for name in sorted(wanted):
+                value = view.graph.initializers.pop(name)
+                self.weights[name] = np.asarray(value.const_value.numpy(), np.float32)  # type: ignore[union-attr]
+                value.const_value = None
+                value.type = ir.TensorType(ir.DataType.FLOAT)
+                value.metadata_props.clear()
+                view.graph.inputs.append(value)
         self.outputs = [o.name for o in probe.graph.output if not o.name.startswith("present")]
         options = ort.SessionOptions()
         options.log_severity_level = 3
