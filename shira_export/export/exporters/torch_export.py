@@ -14,11 +14,16 @@ The KV cache crosses the graph boundary as flat tensors; inside, a transformers
 which torch.export refuses, so the layers are filled directly). torch.export specialises a
 dynamic axis whose sample size is 0 or 1, so the sample has batch 2, 3 new tokens and a past
 of 4 (all different, so no two axes are unified); parity is checked at other shapes.
+
+Tracing goes through `training_ir` (one torch.export trace, lowered in place, instead of the
+trace and re-trace of `torch.onnx.export`), else `torch.onnx.export` itself; the graph is the
+same either way, and its metadata (`shira_export.trace_route`) says which route traced it.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = ["export_with_torch", "graph_input_names"]
+
+logger = logging.getLogger(__name__)
 
 _SAMPLE_BATCH, _SAMPLE_NEW, _SAMPLE_PAST = 2, 3, 4
 _ENCODER_SAMPLE_LEN = 8
@@ -262,7 +269,7 @@ def _structure_key(wrapper: torch.nn.Module, model: "PreTrainedModel", task: str
                 onnx_ir.__version__,
                 onnx.__version__,
             ],
-            "exporter": source_hash(__file__),
+            "exporter": [source_hash(__file__), source_hash(str(Path(__file__).with_name("training_ir.py")))],
             "class": [
                 type(model).__module__,
                 type(model).__qualname__,
@@ -277,11 +284,36 @@ def _structure_key(wrapper: torch.nn.Module, model: "PreTrainedModel", task: str
     )
 
 
+ROUTE_KEY = "shira_export.trace_route"  # model metadata: which of the two routes below traced the graph
+ROUTE_TRAINING_IR = "torch.export training IR, lowered in place (export/exporters/training_ir.py)"
+ROUTE_TORCH_ONNX = "torch.onnx.export (dynamo, run_decompositions)"
+
+
 def _trace(wrapper, model, task: str, opset: int, args, shapes, inputs, outputs):
-    """torch.onnx.export (dynamo) of the wrapper, unoptimized: the ONNXProgram."""
+    """torch.onnx.export (dynamo) of the wrapper, unoptimized: the ONNXProgram. First by one
+    trace with the training IR lowered in place (training_ir: the same graph, without the
+    second trace of run_decompositions), else, where that route does not apply to this model
+    or this torch, by torch.onnx.export itself. The model's metadata says which ran."""
+    from shira_export.export.exporters import training_ir
+
+    try:
+        program = training_ir.export_training_ir(wrapper, args, shapes, inputs, outputs, opset)
+        route = ROUTE_TRAINING_IR
+    except training_ir.Unsupported as why:
+        logger.debug("torch route: %s; torch.onnx.export runs", why)
+        # torch.export's program where it was left untouched (torch.onnx.export takes one), else the wrapper again
+        traced = why.program if why.program is not None else wrapper
+        program = _trace_public(traced, model, task, opset, args, shapes, inputs, outputs)
+        route = ROUTE_TORCH_ONNX
+    program.model.metadata_props[ROUTE_KEY] = route
+    return program
+
+
+def _trace_public(traced, model, task: str, opset: int, args, shapes, inputs, outputs):
+    """torch.onnx.export of `traced` (the wrapper, or torch.export's program of it)."""
     try:
         return torch.onnx.export(
-            wrapper,
+            traced,
             args,
             dynamo=True,
             dynamic_shapes=shapes,
