@@ -17,7 +17,8 @@ merged. Every export timing is `export_merged(..., verify=False)` in a fresh Pyt
 The exporters' processes alternate (torch first in odd rounds, optimum first in even ones);
 medians over `--export-rounds`. Prefill = 1 x 128 tokens; decode = 1 token over a 128-token
 cache; graph-speed rounds are interleaved and medians reported. Prints a table (and the load
-average before and after), writes tools/results/bench_exporters.json.
+average before and after), writes tools/results/bench_exporters.json, and removes its
+temporary folder (`--keep` keeps it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -138,6 +140,7 @@ def main() -> int:
     parser.add_argument("--export-rounds", type=int, default=2, help="fresh-process export rounds per exporter")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (models, exports: ~1.5 GB)")
     args = parser.parse_args()
     exporters = ["torch", "optimum"] if optimum_available() else ["torch"]
     root = Path(tempfile.mkdtemp(prefix="bench_exporters."))
@@ -223,6 +226,11 @@ def main() -> int:
         + "\n"
     )
     print(f"wrote {RESULTS}")
+    del sessions
+    if args.keep:
+        print(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

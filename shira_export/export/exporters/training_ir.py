@@ -41,7 +41,8 @@ __all__ = ["Unsupported", "check_lowerable", "export_training_ir", "lower_in_pla
 
 _A = torch.ops.aten
 _LATE = 1 << 60  # the position of a node added after the order was taken
-_REGISTRIES: dict[int, Any] = {}  # torchlib's translations per opset
+_TORCHLIB: dict[str, Any] = {}  # torchlib's functions by qualified name: (torch op or None, functions)
+_METAS: dict[str, list] = {}  # the registry entries made for a qualified name (kept for the process)
 
 
 class Unsupported(Exception):
@@ -294,22 +295,60 @@ def _promote_types(gm: torch.fx.GraphModule) -> None:
     pass_.run()
 
 
-def _registry(opset: int) -> Any:
-    """torchlib's translations for `opset`, as torch.onnx.export builds them (~1 s to build;
-    only read here, so kept for the process)."""
-    from torch.onnx._internal.exporter import _constants, _registration
+def _registry_opset(opset: int) -> int:
+    from torch.onnx._internal.exporter import _constants
 
-    registry_opset = max(opset, _constants.TORCHLIB_OPSET)
-    if registry_opset not in _REGISTRIES:
-        _REGISTRIES[registry_opset] = _registration.ONNXRegistry.from_torchlib(opset_version=registry_opset)
-    return _REGISTRIES[registry_opset]
+    return max(opset, _constants.TORCHLIB_OPSET)  # as torch.onnx.export picks it
+
+
+def _torchlib_names() -> dict[str, Any]:
+    """torchlib's functions by qualified name, and the torch op each translates (None: not in this torch)."""
+    if not _TORCHLIB:
+        from onnxscript.function_libs.torch_lib import ops  # noqa: F401  # registers the functions
+        from onnxscript.function_libs.torch_lib import registration
+        from torch.onnx._internal.exporter import _registration
+
+        for name, functions in registration.default_registry.items():
+            if not name.startswith("internal::"):
+                _TORCHLIB[name] = (_registration._get_overload(name), functions)
+    return _TORCHLIB
 
 
 def translated_ops(opset: int) -> set:
-    """The torch ops torchlib translates at `opset`."""
-    from torch.onnx._internal.exporter import _decomp
+    """The torch ops torchlib translates at `opset` (what the registry torch.onnx.export builds
+    holds, read off the names: building that registry takes ~1 s, mostly parsing the source of
+    ~500 functions this graph does not use)."""
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
 
-    return set(_decomp.get_onnx_implemented_overloads(_registry(opset)))
+    own = {m.fx_target for m in _torchlib_registry.get_torchlib_ops() if m.opset_introduced <= _registry_opset(opset)}
+    return own | {target for target, _ in _torchlib_names().values() if target is not None}
+
+
+def _registry_for(opset: int, targets: set) -> Any:
+    """torch.onnx.export's registry (`ONNXRegistry.from_torchlib`), built the same way but for
+    the ops in `targets` only: the graph's, which are all its translation looks up."""
+    from torch.onnx._internal.exporter import _registration
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+    registry = _registration.ONNXRegistry()
+    registry._opset_version = _registry_opset(opset)
+    for meta in _torchlib_registry.get_torchlib_ops():
+        registry._register(meta.fx_target, meta)
+    for name, (target, functions) in _torchlib_names().items():
+        if target is None or target not in targets:
+            continue
+        if name not in _METAS:
+            _METAS[name] = [
+                _registration.OnnxDecompMeta(
+                    onnx_function=function, fx_target=target, signature=None, is_custom=False, is_complex=complex_
+                )
+                for functions_, complex_ in ((functions.overloads, False), (functions.complex, True))
+                for function in functions_
+            ]
+        for meta in _METAS[name]:
+            registry._register(target, meta)
+    registry._cleanup_registry_based_on_opset_version()
+    return registry
 
 
 @contextlib.contextmanager
@@ -349,7 +388,6 @@ def export_training_ir(
 
     @_flags.set_onnx_exporting_flag  # torch.onnx.is_in_onnx_export() is True inside, as in export()
     def run() -> Any:
-        registry = _registry(opset)
         export_shapes, rename_axes = _dynamic_shapes.convert_str_to_export_dim(shapes)
         capture = _capture_strategies.TorchExportNonStrictStrategy(verbose=False)
         with _no_stack_traces():
@@ -366,6 +404,8 @@ def export_training_ir(
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # as torch.onnx
             _promote_types(program.graph_module)
             program._graph_module = _fx_passes.remove_assertion_nodes(program.graph_module)
+        targets = {n.target for m in program.graph_module.modules() for n in m.graph.nodes if n.op == "call_function"}
+        registry = _registry_for(opset, targets)
         onnx_program = _core._exported_program_to_onnx_program(program, registry=registry)
         onnx_program.model = onnxscript_apis.convert_version(onnx_program.model, opset)
         _ir_passes.rename_inputs(onnx_program.model, list(inputs))
