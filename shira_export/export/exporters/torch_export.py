@@ -16,8 +16,9 @@ dynamic axis whose sample size is 0 or 1, so the sample has batch 2, 3 new token
 of 4 (all different, so no two axes are unified); parity is checked at other shapes.
 
 Tracing goes through `training_ir` (one torch.export trace, lowered in place, instead of the
-trace and re-trace of `torch.onnx.export`), else `torch.onnx.export` itself; the graph is the
-same either way, and its metadata (`shira_export.trace_route`) says which route traced it.
+trace and re-trace of `torch.onnx.export`), else `torch.onnx.export` itself. Both write the
+same names, axes and outputs (to the bit; the one-trace graph at most drops reshapes to a
+tensor's own shape); the model's metadata (`shira_export.trace_route`) says which ran.
 """
 
 from __future__ import annotations
