@@ -106,11 +106,11 @@ def test_synthetic_graph_r1_and_mixed_rows_match_numpy(tokens):
     assert unused == [] and {s.module: s.transposed for s in sites} == {"m": False, "g": True}
     insert_sparse_deltas(model, sites)
     inputs = {i.name: i for i in model.graph.input}
-    assert [d.dim_value for d in inputs[indices_name("m")].type.tensor_type.shape.dim] == [0, 0]  # symbolic
+    assert [d.dim_value for d in inputs[indices_name("m")].type.tensor_type.shape.dim] == [0, 1, 0]  # symbolic
     assert {tuple(i.dims) for i in model.graph.initializer if i.name.startswith("shira.")} == {
-        (1, 0),
-        (1, 0, HID),
-        (1, 0, OUT),
+        (1, 1, 0),
+        (1, 1, HID),  # K = 1 of padding slots
+        (1, 1, OUT),
     }
     session = _session(model)
     rows = [_random_adapter(1, 9, weights), _random_adapter(2, 4, weights), None]
@@ -134,7 +134,8 @@ def test_wrong_row_count_is_an_error_not_a_result():
     sites, _ = locate_targets(model, weights)
     insert_sparse_deltas(model, sites)
     feeds = batch_parameters([_random_adapter(1, 5, weights)] * 2, ["m", "g"])  # R = 2 on a batch of 3
-    with pytest.raises(ort.capi.onnxruntime_pybind11_state.Fail, match="cannot be reshaped"):
+    errors = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument)
+    with pytest.raises(errors, match="(?i)expand|broadcast|reshape"):
         _session(model).run(None, {"x": np.zeros((3, 1, IN), np.float32), **feeds})
 
 
@@ -146,16 +147,17 @@ def test_batch_parameters_pads_both_parts_with_noop_entries():
     a = AdapterArrays({"m": part([[1, 2, 0]], [3, 7], [1.0, 2.0])}, {"m": 4})
     b = AdapterArrays({"m": part([[0, 1, 1], [2, 0, 3]], [5], [4.0]), "g": part([], [1], [0.5])}, {"m": 4, "g": 4})
     p = batch_parameters([a, None, b], ["m", "g", "other"])
-    assert p[indices_name("m")].tolist() == [[3, 7], [0, 0], [5, 0]]
-    assert p[values_name("m")].tolist() == [[1.0, 2.0], [0.0, 0.0], [4.0, 0.0]]
-    assert p[ell_indices_name("m")].tolist() == [
-        [[1, 2, 0], [0, 0, 0]],
-        [[0, 0, 0], [0, 0, 0]],
-        [[0, 1, 1], [2, 0, 3]],
+    assert p[indices_name("m")].tolist() == [[[3, 7]], [[0, 0]], [[5, 0]]]  # [R, 1, nnz]
+    assert p[values_name("m")].tolist() == [[[1.0, 2.0]], [[0.0, 0.0]], [[4.0, 0.0]]]
+    assert p[ell_indices_name("m")].tolist() == [  # [R, 1, K * out], slot k of feature j at k * out + j
+        [[1, 2, 0, 0, 0, 0]],
+        [[0, 0, 0, 0, 0, 0]],
+        [[0, 1, 1, 2, 0, 3]],
     ]
-    assert p[ell_values_name("m")][0].tolist() == [[2.0, 3.0, 1.0], [0.0, 0.0, 0.0]]
-    assert p[indices_name("g")].tolist() == [[0], [0], [1]] and p[values_name("g")].tolist() == [[0.0], [0.0], [0.5]]
-    assert p[ell_indices_name("g")].shape == (3, 0, 3)
+    assert p[ell_values_name("m")][0].tolist() == [[2.0, 3.0, 1.0, 0.0, 0.0, 0.0]]
+    assert p[indices_name("g")].tolist() == [[[0]], [[0]], [[1]]]
+    assert p[values_name("g")].tolist() == [[[0.0]], [[0.0]], [[0.5]]]
+    assert p[ell_indices_name("g")].tolist() == [[[0, 0, 0]]] * 3  # K >= 1: one slot of padding
     assert indices_name("other") not in p  # no row touches it: the graph's empty defaults
 
 
@@ -173,7 +175,10 @@ def test_schema_1_adapter_is_refused_with_re_export(tmp_path):
         read_adapter_file(path, [site], fingerprint=fingerprint)
     text = str(err.value)
     assert (
-        "old.onnx_adapter" in text and "schema 1" in text and "expected one of [2, 3]" in text and "re-export" in text
+        "old.onnx_adapter" in text
+        and "schema 1" in text
+        and "expected one of [2, 3, 4]" in text
+        and "re-export" in text
     )
 
 
@@ -321,14 +326,17 @@ def test_long_inputs_prefill_branch_equals_decode_branch(opt_folders, precision)
     manifest = read_sparse_manifest(folder)
     model = onnx.load(str(folder / "model.onnx"))
     if precision == "int4":
-        ops = {
-            n.op_type
-            for n in model.graph.node
-            for a in n.attribute
-            if a.type == onnx.AttributeProto.GRAPH
-            for n in a.g.node
-        }
-        assert "GatherBlockQuantized" in ops  # the packed sites dequantize in their prefill branch
+
+        def ops(nodes) -> set:  # every op type, If branches included
+            found = set()
+            for n in nodes:
+                found.add(n.op_type)
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.GRAPH:
+                        found |= ops(a.g.node)
+            return found
+
+        assert "GatherBlockQuantized" in ops(model.graph.node)  # the packed sites dequantize in their prefill branch
     prefill, decode = _session(_with_limit(model, 0)), _session(_with_limit(model, 10**15))  # every site forced
     adapters = [
         read_adapter_file(folder / e["file"], manifest.targets, fingerprint=manifest.base_fingerprint)
@@ -343,5 +351,11 @@ def test_long_inputs_prefill_branch_equals_decode_branch(opt_folders, precision)
         want = decode.run(["logits"], {**_decoder_feeds(decode, ids, mask), **feeds})[0]
         base = decode.run(["logits"], _decoder_feeds(decode, ids, mask))[0]
         real = mask.astype(bool)
-        assert np.abs(got[real] - want[real]).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+        diff = np.abs(got[real] - want[real]).max(axis=-1)  # per position
+        scale = max(1.0, float(np.abs(want).max()))
+        if precision == "int4":  # its 8-bit sites quantize activations per block: a 1e-7 change of an input
+            # (the two branches sum the delta in another order) can flip one rounding at a position
+            assert diff.max() <= 5e-3 * scale and (diff > 1e-4 * scale).mean() <= 0.05
+        else:
+            assert diff.max() <= 1e-4 * scale
         assert np.abs(want[real] - base[real]).max() > 1e-3  # the adapter changes the logits

@@ -24,7 +24,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["edited", "constant", "op", "replace", "redirect", "detach", "graph_values", "sole_consumer", "is_unused"]
+__all__ = [
+    "edited",
+    "infer_shapes",
+    "constant",
+    "op",
+    "replace",
+    "redirect",
+    "detach",
+    "graph_values",
+    "sole_consumer",
+    "is_unused",
+]
 
 
 @contextmanager
@@ -39,6 +50,26 @@ def edited(model: onnx.ModelProto) -> Iterator[ir.Model]:
     _write_back(model, view, original)
     if [value.name for value in view.graph.inputs] != inputs:
         _write_inputs(model.graph, view.graph)
+
+
+def infer_shapes(view: ir.Model, values: Iterable[str]) -> None:
+    """ONNX shape inference on `view` (in place, initializers left out of the call) when a
+    value named in `values` has no shape: the sites read their input's rank (delta_sites).
+    A graph it cannot infer is left as it is (its sites take the general path)."""
+    known = {v.name: v for node in view.graph for v in node.outputs}
+    known.update({v.name: v for v in view.graph.inputs})
+    if all(known.get(name) is None or known[name].shape is not None for name in values):
+        return
+    import logging
+
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    log = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    level, log.level = log.level, logging.ERROR  # a graph it cannot infer is not the user's problem
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(view)
+    finally:
+        log.setLevel(level)
 
 
 def _write_inputs(graph: onnx.GraphProto, view: ir.Graph) -> None:
@@ -116,6 +147,14 @@ def op(
     )
 
 
+def _inherit(before: ir.Value, after: ir.Value) -> None:
+    """What the graph knew of a value's type and shape, kept by its replacement."""
+    if after.type is None:
+        after.type = before.type
+    if after.shape is None and before.shape is not None:
+        after.shape = before.shape
+
+
 def replace(
     graph: ir.Graph,
     old: Sequence[ir.Node],
@@ -124,9 +163,11 @@ def replace(
     new_values: Sequence[ir.Value],
 ) -> None:
     """Put `new` where the first of `old` (given in graph order) was; each of `old_values` is
-    replaced by the matching `new_values` (its name, graph outputs included), then `old` goes."""
+    replaced by the matching `new_values` (its name, type and shape where the new one has
+    none, graph outputs included), then `old` goes."""
     graph.insert_before(old[0], new)
     for before, after in zip(old_values, new_values):
+        _inherit(before, after)
         before.replace_all_uses_with(after, replace_graph_outputs=True)
         name = before.name
         before.name = None
@@ -136,7 +177,9 @@ def replace(
 
 def redirect(graph: ir.Graph, old: ir.Value, new: ir.Value, uses: Iterable[tuple[ir.Node, int]]) -> None:
     """The readers `uses` of `old` (taken before the nodes that write `new` read `old`) and,
-    where `old` is a graph output, that output now read `new`; names are the caller's."""
+    where `old` is a graph output, that output now read `new`; names are the caller's (type
+    and shape move to `new` where it has none)."""
+    _inherit(old, new)
     for node, slot in uses:  # Value.uses(): (node, input index)
         node.replace_input_with(slot, new)
     for i, output in enumerate(graph.outputs):

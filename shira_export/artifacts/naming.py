@@ -2,10 +2,10 @@
 
 Per targeted module `m` (its PyTorch path):
 
-    shira.<m>.indices       int32 [R, nnz]     graph input + .onnx_adapter parameter (flat out * in_features + in)
-    shira.<m>.values        fp32  [R, nnz]     graph input + .onnx_adapter parameter
-    shira.<m>.ell_indices   int32 [R, K, out]  graph input + .onnx_adapter parameter (input feature of slot k of
-    shira.<m>.ell_values    fp32  [R, K, out]  output j, and its value; export.site_layout splits an adapter)
+    shira.<m>.indices       int32 [R, 1, nnz]      graph input + .onnx_adapter parameter (flat out * in_features + in)
+    shira.<m>.values        fp32  [R, 1, nnz]      graph input + .onnx_adapter parameter
+    shira.<m>.ell_indices   int32 [R, 1, K * out]  graph input + .onnx_adapter parameter (input feature of slot k
+    shira.<m>.ell_values    fp32  [R, 1, K * out]  of output j at k * out + j, and its value; export.site_layout)
     shira.<m>.weight                  the runtime's dense variant: the merged weight fed per call
 
 `TargetSite` says where `m` lives in the graph (node, initializer, layout); a sparse

@@ -4,16 +4,17 @@ Parameters, per module `m` the adapter touches (modules it does not touch, and e
 are left out: the graph's defaults are empty, i.e. no delta), in the two parts of
 export.site_layout:
 
-    shira.<m>.ell_indices  int32 [1, K, out]  slot k of output feature j: its input feature
-    shira.<m>.ell_values   fp32  [1, K, out]  ... and value (padding: index 0 / value 0.0)
-    shira.<m>.indices      int32 [1, nnz]     the rest: flat index out * in_features + in
-    shira.<m>.values       fp32  [1, nnz]     (PyTorch's (out, in) layout; repeats add up)
+    shira.<m>.ell_indices  int32 [1, 1, K * out]  slot k of output feature j (at k * out + j): its input
+    shira.<m>.ell_values   fp32  [1, 1, K * out]  feature and value (padding: index 0 / value 0.0)
+    shira.<m>.indices      int32 [1, 1, nnz]      the rest: flat index out * in_features + in
+    shira.<m>.values       fp32  [1, 1, nnz]      (PyTorch's (out, in) layout; repeats add up)
 
 8 bytes per slot or entry; the ELL padding is bounded (site_layout.MAX_BYTES_PER_NONZERO).
 The leading 1 is the graph's adapter-row axis (R = 1: one adapter for the whole batch; a
-mixed batch feeds R = batch rows, see `batch_parameters`). Schema 3 files have both parts;
-schema 2 (scattered part only) is still read; schema 1 (1-D [nnz] arrays, before #18) is
-refused: re-export the adapter. The file's model_version is the graph's short fingerprint
+mixed batch feeds R = batch rows, see `batch_parameters`); the second is the tokens' axis the
+decode gathers broadcast over. Schema 4 files have these shapes; schema 3 ([1, nnz] and
+[1, K, out]) and 2 (scattered part only) are still read and fed in schema 4's shapes; schema 1
+(1-D [nnz] arrays, before #18) is refused: re-export the adapter. The file's model_version is the graph's short fingerprint
 (first 28 bits of the manifest's `base_fingerprint`), its adapter_version the format
 schema; plain-onnxruntime users can compare `get_model_version()` themselves.
 """
@@ -40,7 +41,14 @@ from shira_export._io import (
 )
 from shira_export.errors import ShiraInputError
 from shira_export.export.graph_delta import TargetSite, adapter_input_names
-from shira_export.export.site_layout import MAX_BYTES_PER_NONZERO, SiteArrays, checked_part, join, split
+from shira_export.export.site_layout import (
+    MAX_BYTES_PER_NONZERO,
+    SiteArrays,
+    checked_part,
+    graph_arrays,
+    join,
+    split,
+)
 
 __all__ = [
     "ADAPTER_SCHEMA",
@@ -56,8 +64,8 @@ __all__ = [
     "batch_parameters",
 ]
 
-ADAPTER_SCHEMA = 3  # 3: ELL + scattered parts; 2: scattered [1, nnz] only (read); 1: [nnz], refused
-_READABLE_SCHEMAS = (2, 3)
+ADAPTER_SCHEMA = 4  # 4: [1, 1, n] arrays; 3: [1, nnz] + [1, K, out] (read); 2: [1, nnz] only (read); 1: refused
+_READABLE_SCHEMAS = (2, 3, 4)
 SUFFIX = ".onnx_adapter"
 # Reports call the model without an adapter "base": an adapter may not take that name.
 RESERVED_NAMES = frozenset({"base"})
@@ -112,14 +120,16 @@ class AdapterArrays:
         return int(sum(part.nbytes for part in self.parts.values()))
 
     def parameters(self) -> dict[str, np.ndarray]:
-        """The graph's inputs for this adapter alone, [1, ...] views of `parts`; an empty part is left out."""
+        """The graph's inputs for this adapter alone, [1, 1, ...] views of `parts`
+        (site_layout.graph_arrays); an empty part is left out (the graph's defaults add nothing)."""
         params: dict[str, np.ndarray] = {}
         for module, part in sorted(self.parts.items()):
             idx, vals, ell_idx, ell_vals = adapter_input_names(module)
+            arrays = graph_arrays(part)
             if part.indices.size:
-                params[idx], params[vals] = part.indices.reshape(1, -1), part.values.reshape(1, -1)
+                params[idx], params[vals] = arrays[:2]
             if part.ell_indices.size:
-                params[ell_idx], params[ell_vals] = part.ell_indices[None], part.ell_values[None]
+                params[ell_idx], params[ell_vals] = arrays[2:]
         return params
 
 
@@ -128,8 +138,8 @@ def batch_parameters(rows: Sequence[Optional[AdapterArrays]], modules: Sequence[
 
     Returns {input name: [B, ...] array} for every module in `modules` that some row
     touches, both parts with R = B, padded with index 0 / value 0.0 (a padding entry adds 0:
-    a no-op) to the longest row's nnz and K; modules no row touches are left out (the graph's
-    empty defaults: no delta)."""
+    a no-op) to the longest row's nnz and K (at least 1: the graph reads K from the ELL part's
+    size); modules no row touches are left out (the graph's empty defaults: no delta)."""
     params: dict[str, np.ndarray] = {}
     for module in modules:
         parts = [r.parts.get(module) if r is not None else None for r in rows]
@@ -137,7 +147,7 @@ def batch_parameters(rows: Sequence[Optional[AdapterArrays]], modules: Sequence[
         if not present:
             continue
         width = max(p.indices.size for p in present)
-        k = max(p.ell_indices.shape[0] for p in present)
+        k = max(1, max(p.ell_indices.shape[0] for p in present))
         out_f = present[0].ell_indices.shape[1]
         idx = np.zeros((len(rows), width), np.int32)
         vals = np.zeros((len(rows), width), np.float32)
@@ -149,7 +159,9 @@ def batch_parameters(rows: Sequence[Optional[AdapterArrays]], modules: Sequence[
                 n = part.ell_indices.shape[0]
                 ell_idx[b, :n], ell_vals[b, :n] = part.ell_indices, part.ell_values
         names = adapter_input_names(module)
-        params.update(zip(names, (idx, vals, ell_idx, ell_vals)))
+        rows_ = len(rows)
+        shaped = (idx[:, None], vals[:, None], ell_idx.reshape(rows_, 1, -1), ell_vals.reshape(rows_, 1, -1))
+        params.update(zip(names, shaped))
     return params
 
 
@@ -366,7 +378,7 @@ def read_adapter_file(
         if not any(n in params for n in names):
             continue
         given = [params.pop(n, None) for n in names]
-        part = checked_part(module, site.out_features, site.in_features, names, given, problems)
+        part = checked_part(module, site.out_features, site.in_features, names, given, problems, schema=version)
         if part is not None:
             parts[module] = part
     problems += [f"unexpected parameter {k!r} (not an input of this graph)" for k in sorted(params)]

@@ -58,8 +58,8 @@ def _weight_branch_rows(
     flat_idx = idx if transposed else p + "t"  # the graph holds W [out, in]: the flat index is its own
     if not transposed:  # W^T [in, out]: position (col, row) is col * out + row
         b.const(p + "out_f", np.array(out_f, np.int32))
-        b.op("Mul", [p + "col", p + "out_f"], p + "col_start")
-        b.op("Add", [p + "col_start", p + "row"], flat_idx)
+        b.op("Mul", [p + "col2", p + "out_f"], p + "col_start")
+        b.op("Add", [p + "col_start", p + "row2"], flat_idx)
     b.op("Squeeze", [p + "R"], p + "R_s")
     b.const(p + "zero64", np.array(0, np.int64))
     b.const(p + "one64", np.array(1, np.int64))
@@ -119,8 +119,8 @@ def _flat_entries(
         b.const(q + "j", np.arange(out_f, dtype=np.int32)[None, None, :])
         b.op("Mul", [ell_idx, q + "out_f"], q + "e_start")
         b.op("Add", [q + "e_start", q + "j"], q + "e_at")
-        b.op("Mul", [p + "col", q + "out_f"], q + "c_start")
-        coo = b.op("Add", [q + "c_start", p + "row"], q + "c_at")
+        b.op("Mul", [p + "col2", q + "out_f"], q + "c_start")
+        coo = b.op("Add", [q + "c_start", p + "row2"], q + "c_at")
     b.const(q + "flat", np.array([-1], np.int64))
     b.op("Reshape", [q + "e_at", q + "flat"], q + "e_at1")
     b.op("Reshape", [coo, q + "flat"], q + "c_at1")
@@ -192,6 +192,14 @@ def weight_branch(
     """If(R == 1, one copy of W and the base op, R copies and a batched MatMul): the If
     costs nothing next to a long input's MatMul."""
     kw = dict(base=base, y_base=y_base, transposed=transposed, value_type=value_type)
+    # the decode's shapes ([R, 1, n]) as this branch's: [R, nnz] and [R, K, out]
+    b.const(p + "sq1", np.array([1], np.int64))
+    idx, vals = b.op("Squeeze", [idx, p + "sq1"], p + "idx2"), b.op("Squeeze", [vals, p + "sq1"], p + "vals2")
+    b.op("Squeeze", [p + "row", p + "sq1"], p + "row2")
+    b.op("Squeeze", [p + "col", p + "sq1"], p + "col2")
+    b.const(p + "k_out3", np.array([0, -1, out_f], np.int64))  # K >= 1
+    ell_idx = b.op("Reshape", [ell_idx, p + "k_out3"], p + "ell_idx3")
+    ell_vals = b.op("Reshape", [ell_vals, p + "k_out3"], p + "ell_vals3")
     one, rows = b.branch(), b.branch()
     one_out = _weight_branch_one(one, p, x, idx, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]
     rows_out = _weight_branch_rows(rows, p, x, idx, vals, ell_idx, ell_vals, in_f, out_f, **kw)  # type: ignore[arg-type]

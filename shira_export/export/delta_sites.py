@@ -3,33 +3,32 @@ quantized graph (quant_delta) and genai builder graphs (genai_sites).
 
 Inputs per site, two parts of one delta (export.site_layout splits an adapter between them):
 
-    ell_idx  int32 [R, K, out]  slot k of output feature j reads input feature ell_idx[r, k, j]
-    ell_vals fp32  [R, K, out]  ... with this value (ELLPACK: the output feature is the position)
-    idx      int32 [R, nnz]     the entries that do not fit K slots: flat out * in_features + in
-    vals     fp32  [R, nnz]     (PyTorch's (out, in) layout)
+    ell_idx  int32 [R, 1, K * out]  slot k of output feature j (at k * out + j) reads input
+    ell_vals fp32  [R, 1, K * out]  feature ell_idx[r, 0, k * out + j] with this value (ELLPACK)
+    idx      int32 [R, 1, nnz]      the entries that do not fit K slots: flat out * in_features + in
+    vals     fp32  [R, 1, nnz]      (PyTorch's (out, in) layout)
 
 R = 1 applies one adapter to the whole batch, R = B gives batch row b the adapter of row b.
-Padding anywhere is index 0 / value 0.0 (adds 0: a no-op); the defaults are [1, 0, out] and
-[1, 0]: no delta. Every slot says where it goes, so any order of entries is valid. x is
-viewed as [R, n, in] (n = rows per adapter row), so a [B, S, in] input and a flattened
-[B*S, in] one (OPT's fc1, GPT-2's Conv1D Gemm) map alike.
+Padding anywhere is index 0 / value 0.0 (adds 0: a no-op); the defaults are [1, 1, out]
+(K = 1, all padding: K >= 1 always, read from the part's size) and [1, 1, 0]: no delta.
+Every slot says where it goes, so any order of entries is valid. The middle axis of 1 is
+the tokens' axis, which the decode gathers broadcast over.
 
-    row, col = idx / in, idx - row * in
-    y = If(n > threshold and nnz + K > 0,                                         # or rows x entries
-           then: MatMul(x3, W + scatter(ell) + scatter(col * out + row, vals))  # weight side: long inputs
-                 (quantized: y_base + MatMul(x3, the same scatters into zeros); a MatMulNBits
-                  site dequantizes W first: export.packed_weight)
-           else: base op(x, W) + sum_k(x3[..., ell_idx] * ell_vals)             # activation side: decode
-                               + scatter(row, x3[..., col] * vals))
+    n = tokens per sequence (x [B, S, in]: S; any other x is viewed as [R, n, in])
+    d = sum_k(x[..., ell_idx] * ell_vals) + scatter(row, x[..., col] * vals)   # on min(n, 1) rows when long
+    y = If(n > threshold, then: MatMul(x, W + both parts scattered)            # weight side: prefill
+                          else: base op(x, W) + d)                             # activation side: decode
 
-The ELL part needs no scatter at decode (a gather, a product and a sum over K, about 2 ns
-per slot against ~9 ns per entry of the scattered part: docs/sparse_format.md).
-
-An empty adapter takes the activation branch, where zero-size tensors make every op a
-no-op. The activation branch keeps the base op's constant weight, which onnxruntime
-prepacks; the weight branch (export.delta_prefill, with a second If on R == 1) copies W
-once per adapter row, cheap next to the MatMul of many rows. Measured per op:
-docs/sparse_format.md.
+The decode delta runs in the model's graph, not in the If's branch: onnxruntime 1.32 runs a
+branch's nodes at about 2.5 us more each on the development CPU (tools/bench_site.py), and a
+decode step is ~15 small ops per site; on long inputs it sees one row (a gather index of
+[lead, 1, ...]), whose result the weight branch ignores. Its shapes are spelled from the
+inputs (no Reshape to [.., -1, ..] of a possibly empty tensor). The ELL part needs no
+scatter at decode (a gather, a product and a GEMV over K, ~2 ns per slot against ~8 ns per
+entry of the scattered part: docs/sparse_format.md). The activation branch keeps the base
+op's constant weight, which onnxruntime prepacks; the weight branch (export.delta_prefill,
+with a second If on R == 1) copies W once per adapter row, cheap next to the MatMul of many
+rows; an empty adapter takes the base op there.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from shira_export.export.delta_prefill import weight_branch
 from shira_export.artifacts.onnx_nodes import Nodes, Op
@@ -47,71 +46,72 @@ __all__ = ["site_nodes", "BASE_NODE"]
 BASE_NODE = "base"  # name suffix of the site's base op inside its activation branch
 
 
-def _views(b: Nodes, p: str, x: str, idx: str, ell_idx: str, in_f: int) -> None:
-    """row / col [R, nnz], R, and x as [R, n, in]: what both branches read. R is the larger
-    of the two parts' (a part with R = 1, e.g. its empty default, broadcasts)."""
-    b.const(p + "in_f", np.array(in_f, np.int32))
-    b.op("Div", [idx, p + "in_f"], p + "row")  # output index
-    b.op("Mul", [p + "row", p + "in_f"], p + "row_start")
-    b.op("Sub", [idx, p + "row_start"], p + "col")  # input index
+def _rank(b: Nodes, x: str) -> Optional[int]:
+    shape = b[x].shape
+    return None if shape is None else len(shape)
+
+
+def _adapter_rows(b: Nodes, p: str, idx: str, ell_idx: str) -> str:
+    """R: the larger of the two parts' (a part fed with R = 1, e.g. its default, broadcasts)."""
     b.op("Shape", [idx], p + "R_coo", start=0, end=1)
     b.op("Shape", [ell_idx], p + "R_ell", start=0, end=1)
-    b.op("Max", [p + "R_coo", p + "R_ell"], p + "R")
+    return b.op("Max", [p + "R_coo", p + "R_ell"], p + "R")
+
+
+def _view(b: Nodes, p: str, x: str, in_f: int) -> str:
+    """x as [R, n, in] (R = p + "R")."""
     b.const(p + "m1_in", np.array([-1, in_f], np.int64))
     b.op("Concat", [p + "R", p + "m1_in"], p + "x3_shape", axis=0)
-    b.op("Reshape", [x, p + "x3_shape"], p + "x3")  # [R, n, in]
+    return b.op("Reshape", [x, p + "x3_shape"], p + "x3")
 
 
-def _activation_branch(
+def _gate(b: Nodes, p: str, xv: str, lead: str, limit: int, entries: Optional[str]) -> tuple[str, str]:
+    """(long, bs1): whether the weight branch runs (n rows of `xv` per adapter row above
+    `limit`, or with `entries` n x entries above it), and [lead, n or 1 when long, 1], the
+    shape the decode delta's gather indices broadcast to."""
+    b.op("Shape", [xv], p + "n", start=1, end=2)
+    b.const(p + "limit", np.array([limit], np.int64))
+    work = p + "n" if entries is None else b.op("Mul", [p + "n", entries], p + "work")
+    long_ = b.op("Greater", [work, p + "limit"], p + "long")
+    b.const(p + "one", np.array([1], np.int64))
+    b.op("Where", [long_, p + "one", p + "n"], p + "n_short")
+    return long_, b.op("Concat", [lead, p + "n_short", p + "one"], p + "bs1", axis=0)
+
+
+def _decode_delta(
     b: Nodes,
     p: str,
+    xv: str,
+    bs1: str,
+    idx: str,
     vals: str,
     ell_idx: str,
     ell_vals: str,
+    in_f: int,
     out_f: int,
-    y0: str,
-    base: Optional[Op],
     value_type: int,
 ) -> str:
-    """y[r, n, j] += sum_k x[r, n, ell_idx[r, k, j]] * ell_vals[r, k, j], then
-    y[r, n, row] += x[r, n, col] * value for the scattered entries: no copy of W."""
-    if base is not None:
-        b.copy(base, p + BASE_NODE, {}, y0)
-    b.const(p + "ax1", np.array([1], np.int64))
-    b.op("Unsqueeze", [p + "col", p + "ax1"], p + "col3")  # [R, 1, nnz]
-    b.op("Unsqueeze", [p + "row", p + "ax1"], p + "row3")
-    b.op("Unsqueeze", [vals, p + "ax1"], p + "vals3")
-    b.op("Shape", [p + "x3"], p + "rn", start=0, end=2)
-    b.const(p + "one", np.array([1], np.int64))
-    b.op("Concat", [p + "rn", p + "one"], p + "rn1", axis=0)
-    b.op("Expand", [p + "col3", p + "rn1"], p + "cols")  # [R, n, nnz]
-    b.op("Expand", [p + "row3", p + "rn1"], p + "rows")
-    b.op("GatherElements", [p + "x3", p + "cols"], p + "g", axis=2)
-    b.op("Mul", [p + "g", p + "vals3"], p + "u")
-    b.const(p + "m1_out", np.array([-1, out_f], np.int64))
-    b.op("Concat", [p + "R", p + "m1_out"], p + "y3_shape", axis=0)
-    b.op("Reshape", [y0, p + "y3_shape"], p + "y3")
-    b.const(p + "flat_k", np.array([0, 1, -1], np.int64))  # [R, K, out] -> [R, 1, K * out]
-    b.op("Reshape", [ell_idx, p + "flat_k"], p + "ek")
-    b.op("Reshape", [ell_vals, p + "flat_k"], p + "ev")
-    b.op("Expand", [p + "ek", p + "rn1"], p + "eks")  # [R, n, K * out]
-    b.op("GatherElements", [p + "x3", p + "eks"], p + "eg", axis=2)
-    b.op("Mul", [p + "eg", p + "ev"], p + "eu")
-    b.const(p + "k_out", np.array([0, 0, -1, out_f], np.int64))
-    b.op("Reshape", [p + "eu", p + "k_out"], p + "eu4")  # [R, n, K, out]
-    # the sum over K as ones[1, K] @ [.., K, out]: a GEMV, ~10x cheaper than ReduceSum over
-    # a middle axis in onnxruntime 1.32 (docs/sparse_format.md)
-    b.op("Shape", [ell_idx], p + "K", start=1, end=2)
-    b.const(p + "one_k", np.array([1], np.int64))
-    b.op("Concat", [p + "one_k", p + "K"], p + "ones_shape", axis=0)
-    b.filled(p + "ones", p + "ones_shape", value_type, 1)
-    b.op("MatMul", [p + "ones", p + "eu4"], p + "ed4")  # [R, n, 1, out]; K = 0: zeros
-    b.const(p + "n_out", np.array([0, 0, out_f], np.int64))
-    b.op("Reshape", [p + "ed4", p + "n_out"], p + "ed")
-    b.op("Add", [p + "y3", p + "ed"], p + "y3e")
-    b.op("ScatterElements", [p + "y3e", p + "rows", p + "u"], p + "ys", axis=2, reduction="add")
-    b.op("Shape", [y0], p + "y_shape")
-    return b.op("Reshape", [p + "ys", p + "y_shape"], p + "y_short")
+    """d[l, t, j] = sum_k xv[l, t, ell_idx[., 0, k * out + j]] * ell_vals[...], then
+    d[l, t, row] += xv[l, t, col] * value for the scattered entries: [lead, n or 1, out]."""
+    b.op("Expand", [ell_idx, bs1], p + "eks")  # [lead, n, K * out]
+    b.op("GatherElements", [xv, p + "eks"], p + "eg", axis=2)
+    b.op("Mul", [p + "eg", ell_vals], p + "eu")
+    b.const(p + "k_out", np.array([0, 0, -1, out_f], np.int64))  # K * out > 0: K >= 1 (the default's 1)
+    b.op("Reshape", [p + "eu", p + "k_out"], p + "eu4")  # [lead, n, K, out]
+    # the sum over K as ones[K] @ [.., K, out]: a GEMV, ~10x cheaper than ReduceSum over a
+    # middle axis in onnxruntime 1.32 (docs/sparse_format.md)
+    b.op("Shape", [p + "eu4"], p + "K", start=2, end=3)
+    b.filled(p + "ones", p + "K", value_type, 1)
+    b.op("MatMul", [p + "ones", p + "eu4"], p + "ed")  # [lead, n, out]
+    b.const(p + "in_f", np.array(in_f, np.int32))
+    b.op("Div", [idx, p + "in_f"], p + "row")  # [R, 1, nnz] output index
+    b.op("Mul", [p + "row", p + "in_f"], p + "row_start")
+    b.op("Sub", [idx, p + "row_start"], p + "col")  # input index
+    b.op("Expand", [p + "col", bs1], p + "cols")  # [lead, n, nnz]
+    b.op("Expand", [p + "row", bs1], p + "rows")
+    b.op("GatherElements", [xv, p + "cols"], p + "g", axis=2)
+    b.op("Mul", [p + "g", vals], p + "u")
+    return b.op("ScatterElements", [p + "ed", p + "rows", p + "u"], p + "d", axis=2, reduction="add")
 
 
 def site_nodes(
@@ -141,26 +141,57 @@ def site_nodes(
     activations). `decode_base` replaces `base` in the decode branch and `weight_prelude`
     adds the first nodes of the prefill branch (export.packed_weight: a MatMulNBits op
     decodes, its dequantized weight in fp32 prefills). The prefill branch runs above
-    `threshold` rows per adapter row, or, with `work_threshold`, above that many rows x
-    entries (the decode branch's work)."""
+    `threshold` tokens (rows per adapter row), or, with `work_threshold`, above that many
+    rows x entries (the decode delta's work)."""
     if (base is None) == (y_base is None):
         raise ValueError("site_nodes: pass exactly one of base (float weight) and y_base (quantized base output)")
     transposed = transposed and base is not None  # a quantized site's delta is built [in, out], whatever W was
-    _views(b, p, x, idx, ell_idx, in_f)
+    direct = _rank(b, x) == 3  # [B, S, in]: R is 1 or B, no view needed
     if value_type != TensorProto.FLOAT:
         vals = b.op("Cast", [vals], p + "vals", to=value_type)
         ell_vals = b.op("Cast", [ell_vals], p + "ell_vals", to=value_type)
-    y0 = p + "y0" if base is not None else y_base
+    entries = None
+    if work_threshold is not None:
+        b.op("Size", [vals], p + "nnz")
+        b.op("Size", [ell_vals], p + "slots")
+        entries = b.op("Add", [p + "nnz", p + "slots"], p + "entries")
+    if direct:
+        xv, lead = x, b.op("Shape", [x], p + "lead", start=0, end=1)
+    else:
+        lead = _adapter_rows(b, p, idx, ell_idx)
+        xv = _view(b, p, x, in_f)
+    long_, bs1 = _gate(b, p, xv, lead, threshold if work_threshold is None else work_threshold, entries)
+    d = _decode_delta(b, p, xv, bs1, idx, vals, ell_idx, ell_vals, in_f, out_f, value_type)
+
+    short = b.branch()  # the base op and the delta's Add (and its view back for a viewed x)
+    decode_op = decode_base if decode_base is not None else base
+    y0 = short.copy(decode_op, p + BASE_NODE, {}, p + "y0") if decode_op is not None else y_base
     assert y0 is not None
-    short = b.branch()
-    short_out = _activation_branch(
-        short, p, vals, ell_idx, ell_vals, out_f, y0, decode_base if decode_base is not None else base, value_type
-    )
-    long = b.branch()
+    if not direct:
+        short.op("Shape", [y0], p + "y_shape")
+        d = short.op("Reshape", [d, p + "y_shape"], p + "d_y")
+    short_out = short.op("Add", [y0, d], p + "y_short")
+
+    long = b.branch()  # W + delta, unless the adapter is empty (then the base op)
+    if direct:
+        _adapter_rows(long, p, idx, ell_idx)
+        _view(long, p, x, in_f)
+    # an adapter (this row's or any) with a scattered entry or a nonzero slot: the defaults'
+    # K = 1 of padding slots (and an all-zero adapter) take the base op
+    if entries is None:
+        long.op("Size", [vals], p + "nnz")
+    long.const(p + "zero", np.array(0, np.int64))
+    long.op("Greater", [p + "nnz", p + "zero"], p + "any_coo")
+    long.op("Abs", [ell_vals], p + "ell_abs")
+    long.op("ReduceMax", [p + "ell_abs"], p + "ell_max", keepdims=0)
+    long.const(p + "zero_v", np.array(0, helper.tensor_dtype_to_np_dtype(value_type)))
+    long.op("Greater", [p + "ell_max", p + "zero_v"], p + "any_ell")
+    long.op("Or", [p + "any_coo", p + "any_ell"], p + "any")
+    with_delta = long.branch()
     if weight_prelude is not None:
-        weight_prelude(long)
-    long_out = weight_branch(
-        long,
+        weight_prelude(with_delta)
+    weight_out = weight_branch(
+        with_delta,
         p,
         x,
         idx,
@@ -174,21 +205,20 @@ def site_nodes(
         transposed=transposed,
         value_type=value_type,
     )
-    b.op("Shape", [p + "x3"], p + "n", start=1, end=2)  # rows of x per adapter row
-    b.op("Size", [vals], p + "nnz")
-    b.op("Size", [ell_vals], p + "slots")
-    b.op("Add", [p + "nnz", p + "slots"], p + "entries")
-    b.const(p + "limit", np.array(threshold if work_threshold is None else work_threshold, np.int64))
-    if work_threshold is None:  # rows, or rows x entries: the decode branch's work
-        b.op("Greater", [p + "n", p + "limit"], p + "long")
-    else:
-        b.op("Mul", [p + "n", p + "entries"], p + "work")
-        b.op("Greater", [p + "work", p + "limit"], p + "long")
-    b.const(p + "zero", np.array(0, np.int64))
-    b.op("Greater", [p + "entries", p + "zero"], p + "any")
-    b.op("And", [p + "long", p + "any"], p + "use_weight")
+    plain = long.branch()
+    if decode_op is not None:
+        plain_out = plain.copy(decode_op, p + "base_long", {}, p + "y_plain")
+    else:  # a branch's output is made in it
+        plain_out = plain.op("Identity", [y_base], p + "y_plain")  # type: ignore[list-item]
+    long_out = long.if_(
+        p + "any",
+        p + "y_long_out",
+        p + "If_any",
+        with_delta.graph(p + "delta_g", weight_out, value_type),
+        plain.graph(p + "plain_g", plain_out, value_type),
+    )
     return b.if_(
-        p + "use_weight",
+        long_,
         y,
         p + "If",
         long.graph(p + "weight_g", long_out, value_type),

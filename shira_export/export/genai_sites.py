@@ -34,7 +34,7 @@ from shira_export.artifacts.naming import GENAI_GROUPS_KEY
 from shira_export.errors import ShiraInputError
 from shira_export.export import graph_delta, quant_delta
 from shira_export.export.graph_delta import TargetSite, indices_name, values_name
-from shira_export.artifacts.ir_edits import edited, graph_values
+from shira_export.artifacts.ir_edits import edited, graph_values, infer_shapes
 from shira_export.artifacts.onnx_nodes import Nodes, Op
 
 __all__ = [
@@ -185,7 +185,7 @@ def _group_key(output: str) -> str:
 
 
 def _packed_ell(b: Nodes, p: str, key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> None:
-    """`shira.<key>.ell_indices` / `.ell_values` [R, K, node_out]: every piece's ELL slots at its
+    """`shira.<key>.ell_indices` / `.ell_values` [R, 1, K * node_out]: every piece's ELL slots at its
     columns (a split module's slice of them; a slot names an input feature, which packing does not
     move), each padded to the largest K and the columns no piece owns filled with no-op slots
     (index 0, value 0), all broadcast to one R. So a packed site decodes its slots with one
@@ -193,6 +193,9 @@ def _packed_ell(b: Nodes, p: str, key: str, pieces: Sequence[Piece], module_rows
     ells = []
     for i, piece in enumerate(pieces):
         _, _, ei, ev = graph_delta.adapter_input_names(piece.module)
+        b.const(f"{p}eshape{i}", np.array([0, -1, module_rows[piece.module]], np.int64))  # [R, K, out]: K >= 1
+        ei = b.op("Reshape", [ei, f"{p}eshape{i}"], f"{p}ei3_{i}")
+        ev = b.op("Reshape", [ev, f"{p}eshape{i}"], f"{p}ev3_{i}")
         if piece.row_start or piece.rows != module_rows[piece.module]:  # part of a split module
             b.const(f"{p}es{i}", np.array([piece.row_start], np.int64))
             b.const(f"{p}ee{i}", np.array([piece.row_start + piece.rows], np.int64))
@@ -229,15 +232,18 @@ def _packed_ell(b: Nodes, p: str, key: str, pieces: Sequence[Piece], module_rows
         col = piece.offset + piece.rows
     if col < pieces[0].node_out:
         filler(col, pieces[0].node_out)
-    b.op("Concat", idx_parts, graph_delta.ell_indices_name(key), name=f"{p}ell_indices", axis=2)
-    b.op("Concat", val_parts, graph_delta.ell_values_name(key), name=f"{p}ell_values", axis=2)
+    b.op("Concat", idx_parts, f"{p}ell_idx3", axis=2)
+    b.op("Concat", val_parts, f"{p}ell_vals3", axis=2)
+    b.const(f"{p}eflat", np.array([0, 1, -1], np.int64))  # the site's [R, 1, K * out]
+    b.op("Reshape", [f"{p}ell_idx3", f"{p}eflat"], graph_delta.ell_indices_name(key), name=f"{p}ell_indices")
+    b.op("Reshape", [f"{p}ell_vals3", f"{p}eflat"], graph_delta.ell_values_name(key), name=f"{p}ell_values")
 
 
 def _prelude(b: Nodes, key: str, pieces: Sequence[Piece], module_rows: Mapping[str, int]) -> None:
-    """Packed [R, nnz] indices and values of the scattered part of every piece of one node, as
+    """Packed [R, 1, nnz] indices and values of the scattered part of every piece of one node, as
     `shira.<key>.indices / .values`: each piece's entries moved to the node's columns, entries of a split module
     that belong to another piece turned into padding (index 0, value 0: a no-op), modules
-    fed with different R ([1, 0] defaults next to a mixed batch's [B, nnz]) broadcast to one R."""
+    fed with different R ([1, 1, 0] defaults next to a mixed batch's [B, 1, nnz]) broadcast to one R."""
     p = f"{graph_delta.PREFIX}/{key}/pk_"  # apart from the site's own names (delta_sites)
     b.const(f"{p}zero_i", np.array(0, np.int32))
     b.const(f"{p}zero_f", np.array(0, np.float32))
@@ -266,13 +272,13 @@ def _prelude(b: Nodes, key: str, pieces: Sequence[Piece], module_rows: Mapping[s
     if len(pieces) > 1:  # one R for all: Concat along nnz needs equal rows
         rows = [b.op("Shape", [merged[piece.module][0]], f"{p}r{i}", start=0, end=1) for i, piece in enumerate(pieces)]
         b.op("Max", rows, f"{p}R")
-        b.const(f"{p}one", np.array([1], np.int64))
-        b.op("Concat", [f"{p}R", f"{p}one"], f"{p}R1", axis=0)
+        b.const(f"{p}one", np.array([1, 1], np.int64))
+        b.op("Concat", [f"{p}R", f"{p}one"], f"{p}R1", axis=0)  # [R, 1, 1]
         for parts, tag in ((idx_parts, "ie"), (val_parts, "ve")):
             for i, name in enumerate(list(parts)):
                 parts[i] = b.op("Expand", [name, f"{p}R1"], f"{p}{tag}{i}")
-    b.op("Concat", idx_parts, indices_name(key), name=f"{p}indices", axis=1)
-    b.op("Concat", val_parts, values_name(key), name=f"{p}values", axis=1)
+    b.op("Concat", idx_parts, indices_name(key), name=f"{p}indices", axis=2)
+    b.op("Concat", val_parts, values_name(key), name=f"{p}values", axis=2)
 
 
 def _float_site(b: Nodes, site: TargetSite, base: Op, y: str, threshold: int, value_type: int) -> bool:
@@ -299,6 +305,7 @@ def insert_builder_deltas(
     with edited(model) as view:
         graph = view.graph
         graph_delta.add_adapter_inputs(graph, sorted({p.module for p in pieces}), module_rows)
+        infer_shapes(view, [n.inputs[0].name or "" for n in graph if n.name in by_node and n.inputs[0] is not None])
         values = graph_values(graph)
         for node in list(graph):
             group = by_node.get(node.name or "")

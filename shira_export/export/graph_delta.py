@@ -4,19 +4,19 @@ sparse-delta site fed by overridable inputs, and derive the runtime's dense vari
 Per targeted module `m`, the base node `Y = MatMul(X, W)` (or `Gemm(X, W, C)`) becomes one
 site (export.delta_sites):
 
-    Y = If(n > threshold and the adapter is not empty,
-           then: MatMul(X3, W + both parts scattered) per adapter row  # long inputs (prefill)
-           else: base op(X, W) + sum_k(X3[..., ell_indices] * ell_values)  # decode; no adapter: no-op
-                               + scatter(row, X3[..., col] * values))
+    D = sum_k(X[..., ell_indices] * ell_values) + scatter(row, X[..., col] * values)  # in the graph
+    Y = If(tokens > threshold,
+           then: MatMul(X, W + both parts scattered) per adapter row  # long inputs (prefill)
+           else: base op(X, W) + D)                                   # decode; no adapter: adds 0
 
-`shira.<m>.ell_indices` / `.ell_values` (int32 / fp32 [R, K, out], defaults [1, 0, out]) and
-`shira.<m>.indices` / `.values` (int32 / fp32 [R, nnz], defaults [1, 0]) are graph inputs
-with initializers of the same name (export.site_layout: the two parts of one adapter), so
-with no adapter the graph is the base model. R = 1: one adapter for the whole batch (an
-`.onnx_adapter` file, LoraAdapter, genai); R = batch: row b of the batch uses row b of the
-arrays (a mixed batch, padded with index 0 / value 0.0). Short inputs never copy W, whose
-copy would dominate a decode step (ANCHORS 4b), and keep its prepacked constant; long
-inputs pay one copy per adapter row.
+`shira.<m>.ell_indices` / `.ell_values` (int32 / fp32 [R, 1, K * out], defaults [1, 1, out]
+zeros: K = 1 of padding) and `shira.<m>.indices` / `.values` (int32 / fp32 [R, 1, nnz],
+defaults [1, 1, 0]) are graph inputs with initializers of the same name (export.site_layout:
+the two parts of one adapter), so with no adapter the graph is the base model. R = 1: one
+adapter for the whole batch (an `.onnx_adapter` file, LoraAdapter, genai); R = batch: row b
+of the batch uses row b of the arrays (a mixed batch, padded with index 0 / value 0.0).
+Short inputs never copy W, whose copy would dominate a decode step (ANCHORS 4b), and keep
+its prepacked constant; long inputs pay one copy per adapter row.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from shira_export.errors import ShiraInputError
 from shira_export.export.delta_sites import site_nodes
-from shira_export.artifacts.ir_edits import edited, graph_values, replace
+from shira_export.artifacts.ir_edits import edited, graph_values, infer_shapes, replace
 from shira_export.artifacts.onnx_nodes import Nodes, Op
 
 __all__ = [
@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 PREFIX = "shira"
-# Above this many rows of x per adapter row (tokens x batch / R) the weight branch runs.
+# Above this many tokens per sequence (x [B, S, in]: S; a flattened x: rows per adapter row) the
+# weight branch runs.
 # Measured on one 768x768 site with 12,288 nonzeros (ORT 1.32, CPU): activation/weight branch
 # 148/215 us at 1 row, 282/284 us at 2, 481/313 us at 4, 1420/451 us at 16 (tools/bench_site.py).
 DEFAULT_TOKEN_THRESHOLD = 2
@@ -233,6 +234,7 @@ def insert_sparse_deltas(
     by_node = {s.node: s for s in sites}
     with edited(model) as view:
         graph = view.graph
+        infer_shapes(view, [(n.inputs[0].name or "") for n in graph if n.name in by_node and n.inputs[0] is not None])
         add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
         values = graph_values(graph)
         for node in list(graph):
@@ -262,25 +264,25 @@ def _dim_key(module: str) -> str:
 
 
 def add_adapter_inputs(graph: ir.Graph, modules: Sequence[str], out_features: Mapping[str, int]) -> None:
-    """Per module, `shira.<m>.indices` int32 / `.values` fp32 [R, nnz] inputs with [1, 0]
-    defaults and `.ell_indices` int32 / `.ell_values` fp32 [R, K, out] with [1, 0, out]
-    defaults: no delta."""
+    """Per module, `shira.<m>.indices` int32 / `.values` fp32 [R, 1, nnz] inputs with [1, 1, 0]
+    defaults and `.ell_indices` int32 / `.ell_values` fp32 [R, 1, K * out] with [1, 1, out]
+    zeros (K = 1, all padding: the decode reads K from the part's size): no delta."""
     for module in modules:
         key, out_f = _dim_key(module), int(out_features[module])
         idx, vals, ell_idx, ell_vals = adapter_input_names(module)
-        flat_dims: list[str | int] = [f"rows_{key}", f"nnz_{key}"]
-        ell_dims: list[str | int] = [f"rows_{key}", f"slots_{key}", out_f]
+        flat_dims: list[str | int] = [f"rows_{key}", 1, f"nnz_{key}"]
+        ell_dims: list[str | int] = [f"rows_{key}", 1, f"slots_{key}"]
         for name, dtype, dims, default in (
-            (idx, TensorProto.INT32, flat_dims, [1, 0]),
-            (vals, TensorProto.FLOAT, flat_dims, [1, 0]),
-            (ell_idx, TensorProto.INT32, ell_dims, [1, 0, out_f]),
-            (ell_vals, TensorProto.FLOAT, ell_dims, [1, 0, out_f]),
+            (idx, TensorProto.INT32, flat_dims, [1, 1, 0]),
+            (vals, TensorProto.FLOAT, flat_dims, [1, 1, 0]),
+            (ell_idx, TensorProto.INT32, ell_dims, [1, 1, out_f]),
+            (ell_vals, TensorProto.FLOAT, ell_dims, [1, 1, out_f]),
         ):
             value = ir.Value(
                 name=name,
                 type=ir.TensorType(ir.DataType(dtype)),
                 shape=ir.Shape(dims),
-                const_value=ir.serde.TensorProtoTensor(helper.make_tensor(name, dtype, default, [])),
+                const_value=ir.tensor(np.zeros(default, helper.tensor_dtype_to_np_dtype(dtype)), name=name),
             )
             graph.inputs.append(value)
             graph.register_initializer(value)

@@ -11,13 +11,13 @@ computed in-graph leaves that layer fp32 (ANCHORS 6). So the order is:
 3. `attach_quantized_deltas`: per targeted layer, `y = y_base + delta(x)`, W untouched,
    with the same site as the fp32 graph (export.delta_sites, `y_base` form):
 
-       y = If(n > threshold and nnz > 0,
-              then: y_base + MatMul(x3, scatter(zeros[R, in, out], values))   # long inputs
-              else: scatter(y_base, row, x3[..., col] * values))              # decode
+       d = delta(x) on the activations                           # in the graph
+       y = If(n > threshold, then: y_base + MatMul(x, scatter(zeros, both parts)),   # long inputs
+                             else: y_base + d)                                        # decode
 
-The adapter inputs keep their names and the [R, nnz] contract (`shira.<m>.indices`
-int32, `shira.<m>.values` fp32, [1, 0] defaults), so the fp32 export's `.onnx_adapter`
-files and mixed batches work unchanged, the delta in full precision.
+The adapter inputs keep their names and shapes (`shira.<m>.indices` int32 / `.values` fp32
+[R, 1, nnz], `.ell_indices` / `.ell_values` [R, 1, K * out]), so the fp32 export's
+`.onnx_adapter` files and mixed batches work unchanged, the delta in full precision.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from shira_export.export.graph_delta import (
     add_adapter_inputs,
     site_base_node,
 )
-from shira_export.artifacts.ir_edits import detach, edited, graph_values, redirect, replace
+from shira_export.artifacts.ir_edits import infer_shapes, detach, edited, graph_values, redirect, replace
 from shira_export.artifacts.onnx_nodes import Nodes, Op
 from shira_export.export.packed_weight import PACKED_WORK_THRESHOLD, dequantized_nodes, packed_int4
 
@@ -191,6 +191,7 @@ def attach_quantized_deltas(
         if missing:
             module, y = missing[0]
             raise ShiraInputError(f"quantized graph: no node writes {y!r}, the output of target {module!r}")
+        infer_shapes(view, [io[s.module][0] for s in sites])
         add_adapter_inputs(graph, [s.module for s in sites], {s.module: s.out_features for s in sites})
         values = graph_values(graph)
         for site in sites:

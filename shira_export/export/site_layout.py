@@ -13,7 +13,9 @@ per entry): docs/sparse_format.md. `split` picks K per module from the row count
 minimizing that cost, among those whose file stays within `max_bytes_per_nonzero` (8 bytes
 per slot or entry; the default allows 25 % padding). K = 0 (every entry scattered) is the
 fallback a skewed mask gets, e.g. a few dense rows. Any arrangement the graph is fed is
-valid: every slot names its row by its position and its column by its value.
+valid: every slot names its row by its position and its column by its value. The graph
+reads both parts flat, with an adapter-row and a token axis in front (`graph_arrays`:
+[1, 1, K * out] and [1, 1, nnz'], schema 4).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["SiteArrays", "split", "join", "checked_part", "MAX_BYTES_PER_NONZERO"]
+__all__ = ["SiteArrays", "split", "join", "checked_part", "graph_arrays", "MAX_BYTES_PER_NONZERO"]
 
 MAX_BYTES_PER_NONZERO = 10.0
 # Decode cost per ELL slot and per scattered entry, ns, onnxruntime 1.32 CPU (tools/bench_site.py
@@ -107,6 +109,37 @@ def join(site: SiteArrays, in_features: int) -> tuple[np.ndarray, np.ndarray]:
     return flat.astype(np.int32), vals
 
 
+def graph_arrays(part: SiteArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The site's four inputs for one adapter (R = 1), as the graph reads them (schema 4):
+    indices / values [1, 1, nnz], ell_indices / ell_values [1, 1, K * out] (slot k of output
+    feature j at k * out + j): views, no copies."""
+    return (
+        part.indices.reshape(1, 1, -1),
+        part.values.reshape(1, 1, -1),
+        part.ell_indices.reshape(1, 1, -1),
+        part.ell_values.reshape(1, 1, -1),
+    )
+
+
+def _as_schema3(
+    module: str, out_f: int, found: Sequence[Optional[np.ndarray]], problems: list[str]
+) -> list[Optional[np.ndarray]]:
+    """Schema 4's [1, 1, nnz] / [1, 1, K * out] arrays as schema 3's [1, nnz] / [1, K, out]
+    (views), so one set of checks reads both."""
+    idx, vals, ell_idx, ell_vals = found
+    out: list[Optional[np.ndarray]] = []
+    for a, ell in ((idx, False), (vals, False), (ell_idx, True), (ell_vals, True)):
+        if a is None:
+            out.append(None)
+        elif a.ndim != 3 or a.shape[:2] != (1, 1) or (ell and (a.size == 0 or a.size % out_f)):
+            want = f"[1, 1, K * {out_f}] with K >= 1" if ell else "[1, 1, nnz]"
+            problems.append(f"{module}: expected {want} arrays, found {a.dtype}{list(a.shape)}")
+            return [None] * 4
+        else:
+            out.append(a.reshape(1, -1, out_f) if ell else a.reshape(1, -1))
+    return out
+
+
 def checked_part(
     module: str,
     out_f: int,
@@ -114,11 +147,17 @@ def checked_part(
     names: Sequence[str],
     found: Sequence[Optional[np.ndarray]],
     problems: list[str],
+    schema: int = 4,
 ) -> Optional[SiteArrays]:
-    """One module's four parameters as read from a file ([1, ...] arrays, None where absent)
-    as a SiteArrays, or None with what is wrong appended to `problems`."""
-    idx, vals, ell_idx, ell_vals = found
+    """One module's four parameters as read from a file ([1, ...] arrays, None where absent;
+    `schema` 4: graph_arrays' shapes, 2-3: [1, nnz] and [1, K, out]) as a SiteArrays, or None
+    with what is wrong appended to `problems`."""
     before = len(problems)
+    if schema >= 4:
+        found = _as_schema3(module, out_f, found, problems)
+        if len(problems) > before:
+            return None
+    idx, vals, ell_idx, ell_vals = found
     for (a, b), (na, nb) in (((idx, vals), names[:2]), ((ell_idx, ell_vals), names[2:])):
         if (a is None) != (b is None):
             problems.append(f"{na if a is None else nb}: missing (its pair is present)")

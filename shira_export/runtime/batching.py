@@ -1,10 +1,10 @@
 """Feeds for one call whose rows use different adapters (mixed batches).
 
 The sparse graph takes per site two parts (export.site_layout): `shira.<m>.ell_indices` /
-`.ell_values` [R, K, out] and `shira.<m>.indices` / `.values` [R, nnz]: R == 1 applies one
+`.ell_values` [R, 1, K * out] and `shira.<m>.indices` / `.values` [R, 1, nnz]: R == 1 applies one
 adapter to every row (what an `.onnx_adapter` feeds), R == batch applies row b of the arrays
-to row b of the batch. Rows are padded to the site's largest K and nnz with index 0 / value
-0.0 (adds nothing); a base-model row (None) and a row whose adapter does not touch the site
+to row b of the batch. Rows are padded to the site's largest K (at least 1) and nnz with
+index 0 / value 0.0 (adds nothing); a base-model row (None) and a row whose adapter does not touch the site
 are all padding. A site no row touches is not fed at all (its empty defaults are "no adapter").
 
 Stacking copies every row's arrays, so the stacked OrtValues are cached per adapter
