@@ -65,14 +65,14 @@ def _view(b: Nodes, p: str, x: str, in_f: int) -> str:
     return b.op("Reshape", [x, p + "x3_shape"], p + "x3")
 
 
-def _gate(b: Nodes, p: str, xv: str, lead: str, limit: int, entries: Optional[str]) -> tuple[str, str]:
+def _gate(b: Nodes, p: str, xv: str, lead: str, limit: int) -> tuple[str, str]:
     """(long, bs1): whether the weight branch runs (n rows of `xv` per adapter row above
-    `limit`, or with `entries` n x entries above it), and [lead, n or 1 when long, 1], the
-    shape the decode delta's gather indices broadcast to."""
+    `limit`), and [lead, n or 1 when long, 1], the shape the decode delta's gather indices
+    broadcast to. It reads x alone, so the sites of one x (q, k, v) share it once onnxruntime's
+    common-subexpression pass has run."""
     b.op("Shape", [xv], p + "n", start=1, end=2)
     b.const(p + "limit", np.array([limit], np.int64))
-    work = p + "n" if entries is None else b.op("Mul", [p + "n", entries], p + "work")
-    long_ = b.op("Greater", [work, p + "limit"], p + "long")
+    long_ = b.op("Greater", [p + "n", p + "limit"], p + "long")
     b.const(p + "one", np.array([1], np.int64))
     b.op("Where", [long_, p + "one", p + "n"], p + "n_short")
     return long_, b.op("Concat", [lead, p + "n_short", p + "one"], p + "bs1", axis=0)
@@ -105,8 +105,7 @@ def _decode_delta(
     b.op("MatMul", [p + "ones", p + "eu4"], p + "ed")  # [lead, n, out]
     b.const(p + "in_f", np.array(in_f, np.int32))
     b.op("Div", [idx, p + "in_f"], p + "row")  # [R, 1, nnz] output index
-    b.op("Mul", [p + "row", p + "in_f"], p + "row_start")
-    b.op("Sub", [idx, p + "row_start"], p + "col")  # input index
+    b.op("Mod", [idx, p + "in_f"], p + "col")  # input index (indices are >= 0: Mod's sign rule is moot)
     b.op("Expand", [p + "col", bs1], p + "cols")  # [lead, n, nnz]
     b.op("Expand", [p + "row", bs1], p + "rows")
     b.op("GatherElements", [xv, p + "cols"], p + "g", axis=2)
@@ -133,7 +132,6 @@ def site_nodes(
     transposed: bool = False,
     decode_base: Optional[Op] = None,
     weight_prelude: Optional[Callable[[Nodes], object]] = None,
-    work_threshold: Optional[int] = None,
 ) -> str:
     """Append to `b` the nodes computing `y` for one site, all named under prefix `p`; returns
     `y`. Either `base` (the fp32/fp16 MatMul or Gemm they replace, its weight a constant) or
@@ -141,8 +139,7 @@ def site_nodes(
     activations). `decode_base` replaces `base` in the decode branch and `weight_prelude`
     adds the first nodes of the prefill branch (export.packed_weight: a MatMulNBits op
     decodes, its dequantized weight in fp32 prefills). The prefill branch runs above
-    `threshold` tokens (rows per adapter row), or, with `work_threshold`, above that many
-    rows x entries (the decode delta's work)."""
+    `threshold` tokens (rows per adapter row)."""
     if (base is None) == (y_base is None):
         raise ValueError("site_nodes: pass exactly one of base (float weight) and y_base (quantized base output)")
     transposed = transposed and base is not None  # a quantized site's delta is built [in, out], whatever W was
@@ -150,17 +147,12 @@ def site_nodes(
     if value_type != TensorProto.FLOAT:
         vals = b.op("Cast", [vals], p + "vals", to=value_type)
         ell_vals = b.op("Cast", [ell_vals], p + "ell_vals", to=value_type)
-    entries = None
-    if work_threshold is not None:
-        b.op("Size", [vals], p + "nnz")
-        b.op("Size", [ell_vals], p + "slots")
-        entries = b.op("Add", [p + "nnz", p + "slots"], p + "entries")
     if direct:
         xv, lead = x, b.op("Shape", [x], p + "lead", start=0, end=1)
     else:
         lead = _adapter_rows(b, p, idx, ell_idx)
         xv = _view(b, p, x, in_f)
-    long_, bs1 = _gate(b, p, xv, lead, threshold if work_threshold is None else work_threshold, entries)
+    long_, bs1 = _gate(b, p, xv, lead, threshold)
     d = _decode_delta(b, p, xv, bs1, idx, vals, ell_idx, ell_vals, in_f, out_f, value_type)
 
     short = b.branch()  # the base op and the delta's Add (and its view back for a viewed x)
@@ -178,8 +170,7 @@ def site_nodes(
         _view(long, p, x, in_f)
     # an adapter (this row's or any) with a scattered entry or a nonzero slot: the defaults'
     # K = 1 of padding slots (and an all-zero adapter) take the base op
-    if entries is None:
-        long.op("Size", [vals], p + "nnz")
+    long.op("Size", [vals], p + "nnz")
     long.const(p + "zero", np.array(0, np.int64))
     long.op("Greater", [p + "nnz", p + "zero"], p + "any_coo")
     long.op("Abs", [ell_vals], p + "ell_abs")

@@ -22,13 +22,15 @@ from onnx import TensorProto
 
 from shira_export.artifacts.onnx_nodes import Nodes
 
-__all__ = ["PACKED_WORK_THRESHOLD", "packed_int4", "dequantized_nodes"]
+__all__ = ["PACKED_TOKEN_THRESHOLD", "packed_int4", "dequantized_nodes"]
 
-# Above this many rows x entries (slots + scattered) the dequantizing branch runs: the decode
-# branch costs ~2.7 ns per row and entry, the dequantizing one a fixed ~2.5 ms per 768x768 site
-# on the development machine (tools/bench_site.py --only int4,int4_new): r=8 crosses at ~64
-# rows, r=32 at ~17.
-PACKED_WORK_THRESHOLD = 1_000_000
+# Above this many tokens per sequence the dequantizing branch runs. Its cost is fixed (~2.5 ms
+# per 768x768 site on the development machine), the decode delta's grows with rows x entries
+# (tools/bench_site.py --only int4,int4_new): r=8 crosses near 60 rows, r=32 near 18. A token
+# limit, not rows x entries, so that the gate is the same nodes for the sites that read one
+# input (onnxruntime merges them) and costs no per-site ops at decode; 32 keeps both ranks
+# within ~2x of their crossing.
+PACKED_TOKEN_THRESHOLD = 32
 
 
 def _constant(node: ir.Node, slot: int) -> Optional[ir.TensorProtocol]:

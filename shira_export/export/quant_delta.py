@@ -39,7 +39,7 @@ from shira_export.export.graph_delta import (
 )
 from shira_export.artifacts.ir_edits import infer_shapes, detach, edited, graph_values, redirect, replace
 from shira_export.artifacts.onnx_nodes import Nodes, Op
-from shira_export.export.packed_weight import PACKED_WORK_THRESHOLD, dequantized_nodes, packed_int4
+from shira_export.export.packed_weight import PACKED_TOKEN_THRESHOLD, dequantized_nodes, packed_int4
 
 __all__ = ["QPREFIX", "strip_sparse_deltas", "site_io", "attach_quantized_deltas", "quantized_site", "place_site"]
 
@@ -133,8 +133,7 @@ def quantized_site(
         *names,
         site.in_features,
         site.out_features,
-        threshold=threshold,
-        work_threshold=PACKED_WORK_THRESHOLD,
+        threshold=max(threshold, PACKED_TOKEN_THRESHOLD),
         base=prefill,
         transposed=True,
         decode_base=decode,
