@@ -131,14 +131,14 @@ def site_nodes(
     y_base: Optional[str] = None,
     transposed: bool = False,
     decode_base: Optional[Op] = None,
-    weight_prelude: Optional[Callable[[Nodes], object]] = None,
+    weight_prelude: Optional[Callable[[Nodes, str], str]] = None,
 ) -> str:
     """Append to `b` the nodes computing `y` for one site, all named under prefix `p`; returns
     `y`. Either `base` (the fp32/fp16 MatMul or Gemm they replace, its weight a constant) or
     `y_base` (the output of a quantized base op left in the graph: the delta is added on the
-    activations). `decode_base` replaces `base` in the decode branch and `weight_prelude`
-    adds the first nodes of the prefill branch (export.packed_weight: a MatMulNBits op
-    decodes, its dequantized weight in fp32 prefills). The prefill branch runs above
+    activations). `decode_base` replaces `base` in the decode branch and `weight_prelude(branch,
+    tag)` adds the first nodes of each prefill branch, returning the weight `base` reads there
+    (export.packed_weight: a MatMulNBits op decodes, its dequantized weight in fp32 prefills). The prefill branch runs above
     `threshold` tokens (rows per adapter row)."""
     if (base is None) == (y_base is None):
         raise ValueError("site_nodes: pass exactly one of base (float weight) and y_base (quantized base output)")
@@ -178,11 +178,14 @@ def site_nodes(
     long.const(p + "zero_v", np.array(0, helper.tensor_dtype_to_np_dtype(value_type)))
     long.op("Greater", [p + "ell_max", p + "zero_v"], p + "any_ell")
     long.op("Or", [p + "any_coo", p + "any_ell"], p + "any")
-    with_delta = long.branch()
-    if weight_prelude is not None:
-        weight_prelude(with_delta)
-    weight_out = weight_branch(
-        with_delta,
+
+    def plain(branch: Nodes) -> str:
+        if decode_op is not None:
+            return branch.copy(decode_op, p + "base_long", {}, p + "y_plain")
+        return branch.op("Identity", [y_base], p + "y_plain")  # type: ignore[list-item]  # made in the branch
+
+    long_out = weight_branch(
+        long,
         p,
         x,
         idx,
@@ -195,18 +198,9 @@ def site_nodes(
         y_base=y_base,
         transposed=transposed,
         value_type=value_type,
-    )
-    plain = long.branch()
-    if decode_op is not None:
-        plain_out = plain.copy(decode_op, p + "base_long", {}, p + "y_plain")
-    else:  # a branch's output is made in it
-        plain_out = plain.op("Identity", [y_base], p + "y_plain")  # type: ignore[list-item]
-    long_out = long.if_(
-        p + "any",
-        p + "y_long_out",
-        p + "If_any",
-        with_delta.graph(p + "delta_g", weight_out, value_type),
-        plain.graph(p + "plain_g", plain_out, value_type),
+        any_delta=p + "any",
+        plain=plain,
+        prelude=weight_prelude,
     )
     return b.if_(
         long_,

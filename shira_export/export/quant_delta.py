@@ -122,8 +122,8 @@ def quantized_site(
     # [out, in] read with transB: a Transpose of the dequantized weight would copy it per call
     prefill = Op("FusedMatMul", (x, w_nk), "com.microsoft", (ir.Attr("transB", ir.AttributeType.INT, 1),))
 
-    def prelude(branch: Nodes) -> None:
-        dequantized_nodes(branch, p + "deq/", decode.inputs, info, p + "R")
+    def prelude(branch: Nodes, tag: str) -> str:  # the dequantized weight of one branch
+        return dequantized_nodes(branch, p + "deq/" + tag, decode.inputs, info, p + "R")
 
     site_nodes(
         b,
