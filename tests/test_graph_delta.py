@@ -105,6 +105,9 @@ def test_synthetic_graph_r1_and_mixed_rows_match_numpy(tokens):
     sites, unused = locate_targets(model, weights)
     assert unused == [] and {s.module: s.transposed for s in sites} == {"m": False, "g": True}
     insert_sparse_deltas(model, sites)
+    names = {n.name for n in model.graph.node}
+    assert "shira/m/x3" not in names and "shira/m/lead" in names  # [B, S, in]: read as it is
+    assert "shira/g/x3" in names  # the flattened Gemm input: viewed as [R, n, in]
     inputs = {i.name: i for i in model.graph.input}
     assert [d.dim_value for d in inputs[indices_name("m")].type.tensor_type.shape.dim] == [0, 1, 0]  # symbolic
     assert {tuple(i.dims) for i in model.graph.initializer if i.name.startswith("shira.")} == {
@@ -195,6 +198,55 @@ def test_schema_2_adapter_reads_as_the_scattered_part(tmp_path):
     assert arrays.parts["m"].ell_indices.shape == (0, 4)
     idx, vals = arrays.deltas["m"]
     assert idx.tolist() == [1, 6] and vals.tolist() == [0.5, 1.5]
+
+
+def _adapter_file(path, version: int, fingerprint: str, params: dict) -> None:
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(version)
+    fmt.set_model_version(short_fingerprint(fingerprint))
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    fmt.export_adapter(str(path))
+
+
+def test_schema_3_adapter_reads_and_feeds_schema_4_shapes(tmp_path):
+    """A release-before file ([1, nnz], [1, K, out]) loads; what it feeds is schema 4's."""
+    site = TargetSite("m", "mm", "w", 3, 4, False, "0" * 40)  # out 3, in 4
+    fingerprint = "c" * 64
+    ell_i = np.array([[[1, 2, 0], [3, 0, 1]]], np.int32)  # [1, K=2, out=3]
+    ell_v = np.array([[[0.5, 1.0, 0.0], [2.0, 0.0, 3.0]]], np.float32)
+    old = {
+        indices_name("m"): np.array([[5, 9]], np.int32),
+        values_name("m"): np.array([[4.0, 5.0]], np.float32),
+        ell_indices_name("m"): ell_i,
+        ell_values_name("m"): ell_v,
+    }
+    _adapter_file(tmp_path / "v3.onnx_adapter", 3, fingerprint, old)
+    arrays = read_adapter_file(tmp_path / "v3.onnx_adapter", [site], fingerprint=fingerprint)
+    fed = arrays.parameters()
+    assert fed[indices_name("m")].tolist() == [[[5, 9]]] and fed[values_name("m")].shape == (1, 1, 2)
+    assert fed[ell_indices_name("m")].tolist() == [[[1, 2, 0, 3, 0, 1]]]  # slot k of feature j at k * out + j
+    assert fed[ell_values_name("m")].tolist() == [[[0.5, 1.0, 0.0, 2.0, 0.0, 3.0]]]
+    _adapter_file(tmp_path / "v4.onnx_adapter", 4, fingerprint, fed)  # and back: the same adapter
+    again = read_adapter_file(tmp_path / "v4.onnx_adapter", [site], fingerprint=fingerprint)
+    for (i1, v1), (i2, v2) in zip(arrays.deltas.values(), again.deltas.values()):
+        assert i1.tolist() == i2.tolist() and v1.tolist() == v2.tolist()
+
+
+@pytest.mark.parametrize(
+    "ell_shape", [(1, 1, 0), (1, 1, 5), (1, 2, 3), (3, 3)]
+)  # K = 0, not a multiple of out, a second axis, rank 2
+def test_schema_4_ell_part_of_a_wrong_shape_is_refused(tmp_path, ell_shape):
+    site = TargetSite("m", "mm", "w", 3, 4, False, "0" * 40)
+    fingerprint = "d" * 64
+    bad = {
+        ell_indices_name("m"): np.zeros(ell_shape, np.int32),
+        ell_values_name("m"): np.zeros(ell_shape, np.float32),
+    }
+    _adapter_file(tmp_path / "bad.onnx_adapter", 4, fingerprint, bad)
+    with pytest.raises(ShiraInputError) as err:
+        read_adapter_file(tmp_path / "bad.onnx_adapter", [site], fingerprint=fingerprint)
+    text = str(err.value)
+    assert "bad.onnx_adapter" in text and "[1, 1, K * 3] with K >= 1" in text and str(list(ell_shape)) in text
 
 
 # ---- tiny OPT exports: a mixed batch with padding and a KV cache equals each row alone ----
