@@ -195,8 +195,7 @@ def weight_branch(
 ) -> str:
     """If(R == 1 and `any_delta`: one copy of W and the base op, else If(`any_delta`: R copies
     and a batched MatMul, else `plain(branch)`: the base op)). One adapter (the common
-    prefill) is one If below the site's: each level costs a copy of the output in onnxruntime
-    1.32 (~0.2 ms at 128 x 768). `prelude(branch, tag)` builds a branch's first nodes and
+    prefill) is one If below the site's (each level is a subgraph run: its nodes cost more). `prelude(branch, tag)` builds a branch's first nodes and
     returns the name of the weight the base op reads there (export.packed_weight)."""
     # the decode's shapes ([R, 1, n]) as this branch's: [R, nnz] and [R, K, out]
     b.const(p + "sq1", np.array([1], np.int64))

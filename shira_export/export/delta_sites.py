@@ -20,7 +20,7 @@ the tokens' axis, which the decode gathers broadcast over.
                           else: base op(x, W) + d)                             # activation side: decode
 
 The decode delta runs in the model's graph, not in the If's branch: onnxruntime 1.32 runs a
-branch's nodes at about 2.5 us more each on the development CPU (tools/bench_site.py), and a
+branch's nodes at ~3 us more each on the development CPU (tools/bench_node_cost.py), and a
 decode step is ~15 small ops per site; on long inputs it sees one row (a gather index of
 [lead, 1, ...]), whose result the weight branch ignores. Its shapes are spelled from the
 inputs (no Reshape to [.., -1, ..] of a possibly empty tensor). The ELL part needs no
