@@ -20,14 +20,14 @@ the tokens' axis, which the decode gathers broadcast over.
                           else: base op(x, W) + d)                             # activation side: decode
 
 The decode delta runs in the model's graph, not in the If's branch: onnxruntime 1.32 runs a
-branch's nodes at ~3 us more each on the development CPU (tools/bench_node_cost.py), and a
+branch's nodes at 2-5x their cost in the model's graph (tools/bench_node_cost.py), and a
 decode step is ~15 small ops per site; on long inputs it sees one row (a gather index of
-[lead, 1, ...]), whose result the weight branch ignores. Its shapes are spelled from the
-inputs (no Reshape to [.., -1, ..] of a possibly empty tensor). The ELL part needs no
+[lead, 1, ...]), whose result the weight branch ignores; so it never sees a zero-size
+tensor (K >= 1 too), and a Reshape may infer a dim with -1. The ELL part needs no
 scatter at decode (a gather, a product and a GEMV over K, ~2 ns per slot against ~8 ns per
 entry of the scattered part: docs/sparse_format.md). The activation branch keeps the base
 op's constant weight, which onnxruntime prepacks; the weight branch (export.delta_prefill,
-with a second If on R == 1) copies W once per adapter row, cheap next to the MatMul of many
+with a second If on R == 1 and an entry) copies W once per adapter row, cheap next to the MatMul of many
 rows; an empty adapter takes the base op there.
 """
 
