@@ -214,32 +214,9 @@ def weight_branch(
     kw = dict(y_base=y_base, transposed=transposed, value_type=value_type)
     one, rest = b.branch(), b.branch()
     rows, other = rest.branch(), rest.branch()
-    one_out = _weight_branch_one(
-        one,
-        p,
-        x,
-        idx,
-        vals,
-        ell_idx,
-        ell_vals,
-        in_f,
-        out_f,
-        base=weight_op(one, ""),
-        **kw,  # type: ignore[arg-type]
-    )
-    rows_out = _weight_branch_rows(
-        rows,
-        p,
-        x,
-        idx,
-        vals,
-        ell_idx,
-        ell_vals,
-        in_f,
-        out_f,
-        base=weight_op(rows, "rows_"),
-        **kw,  # type: ignore[arg-type]
-    )
+    parts = (p, x, idx, vals, ell_idx, ell_vals, in_f, out_f)
+    one_out = _weight_branch_one(one, *parts, base=weight_op(one, ""), **kw)  # type: ignore[arg-type]
+    rows_out = _weight_branch_rows(rows, *parts, base=weight_op(rows, "rows_"), **kw)  # type: ignore[arg-type]
     rest_out = rest.if_(
         any_delta,
         p + "y_rest",

@@ -55,8 +55,8 @@ __all__ = [
 PREFIX = "shira"
 # Above this many tokens per sequence (x [B, S, in]: S; a flattened x: rows per adapter row) the
 # weight branch runs.
-# Measured on one 768x768 site with 12,288 nonzeros (ORT 1.32, CPU): activation/weight branch
-# 148/215 us at 1 row, 282/284 us at 2, 481/313 us at 4, 1420/451 us at 16 (tools/bench_site.py).
+# Chosen on the graph before schema 4 (tools/bench_site.py, one 768x768 site, 12,288 nonzeros):
+# the activation branch was cheaper at 1 row, even at 2, and dearer from 4 rows on.
 DEFAULT_TOKEN_THRESHOLD = 2
 
 
