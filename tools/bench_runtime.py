@@ -18,10 +18,10 @@ LoraAdapter against the merged int4 model, both quantized with one fixed plan; `
 it). Then, per r: 8 decode streams (128-token caches) over 8 different adapters, one mixed batch
 of 8 against 8 separate calls (lean mode), tokens/s; and memory: 64 adapters of r=8 loaded
 (resident set, VmRSS) per adapter against the file size, lean and portable.
-All sessions: intra-op threads = ORT's default, spinning off (sessions take turns on shared
+All sessions: intra-op threads = ORT's default (`--threads N` sets it), spinning off (sessions take turns on shared
 cores). Prints the table with the CPU's flags and load; writes tools/results/bench_runtime.json.
 
-Usage: python tools/bench_runtime.py [--rounds 7] [--sessions 3] [--layers 12] [--ranks 8 32] [--work DIR]
+Usage: python tools/bench_runtime.py [--rounds 7] [--sessions 3] [--layers 12] [--ranks 8 32] [--work DIR] [--threads N]
        [--clock wall|cpu]
 
 `--genai` instead times onnxruntime-genai (tools/bench_genai.py).
@@ -151,11 +151,15 @@ def rss() -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024  # type: ignore[union-attr]
 
 
+INTRA_OP_THREADS = 0  # --threads: 0 is onnxruntime's default (one per physical core)
+
+
 def session_options():
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = INTRA_OP_THREADS
     # sessions take turns on shared cores: idle pool threads must not spin into the next run
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
@@ -381,6 +385,12 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--sessions", type=int, default=3, help="sessions per mode, taken in turn (placement noise)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads per session (0: ORT's default; 1: a server's one per stream)",
+    )
     ap.add_argument("--no-int4", action="store_true", help="skip the int4 rows (tools/bench_runtime_int4.py)")
     ap.add_argument(
         "--clock",
@@ -389,8 +399,9 @@ def main() -> None:
         help="wall: elapsed time; cpu: process CPU time per call (robust when other jobs share the cores)",
     )
     args = ap.parse_args()
-    global CLOCK, OTHER_CLOCK
+    global CLOCK, OTHER_CLOCK, INTRA_OP_THREADS
     CLOCK, OTHER_CLOCK = clocks(args.clock)
+    INTRA_OP_THREADS = args.threads
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_runtime_"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(work, args.layers)
@@ -408,7 +419,7 @@ def main() -> None:
         "layers": args.layers,
         "machine": machine(),
         "ort": ort.__version__,
-        "ort_intra_op_threads": "default (0: one per physical core)",
+        "ort_intra_op_threads": args.threads or "default (0: one per physical core)",
         "ranks": {},
         "mixed": {},
     }
@@ -428,6 +439,9 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_runtime_int4
 
+        # it imports this file as `bench_runtime`, a second module beside __main__: give it this run's settings
+        mod = bench_runtime_int4.br
+        mod.CLOCK, mod.OTHER_CLOCK, mod.INTRA_OP_THREADS = CLOCK, OTHER_CLOCK, INTRA_OP_THREADS
         results["int4"] = {r: bench_runtime_int4.bench_rank(r, folder, work, args) for r in args.ranks}
     results["machine"]["load_end"] = list(os.getloadavg())
     report(results)

@@ -12,7 +12,7 @@ body MatMul at 4 bits, the LM head at 8), so they differ only in how the adapter
 Prefill 1x128 and decode with a 128-token cache, medians of interleaved rounds; prints a
 table with the CPU's flags and load and writes tools/results/bench_runtime_int4.json.
 
-Usage: python tools/bench_runtime_int4.py --work DIR [--ranks 8 32] [--rounds 5] [--sessions 3] [--clock cpu|wall]
+Usage: python tools/bench_runtime_int4.py --work DIR [--ranks 8 32] [--rounds 5] [--sessions 3] [--clock cpu|wall] [--threads N]
 (tools/bench_runtime.py runs it too, after its own table, unless given --no-int4.)
 """
 
@@ -106,8 +106,10 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=3, help="sessions per side, taken in turn")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads per session (0: ORT's default)")
     args = ap.parse_args()
     br.CLOCK, br.OTHER_CLOCK = br.clocks(args.clock)
+    br.INTRA_OP_THREADS = args.threads
     args.work.mkdir(parents=True, exist_ok=True)
     model_dir = br.build_model(args.work, args.layers)
     adapters = br.build_adapters(args.work, model_dir, args.ranks)
