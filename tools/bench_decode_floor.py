@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ import onnx
 from onnx import helper
 
 import bench_runtime as br
+import bench_site
 
 
 def no_if(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -111,21 +111,12 @@ def main() -> dict:
     for k in ("no_if", "floor"):
         got = sessions[(k, 0)][0].run_with_ort_values(outs, step_feeds, run_options)[0].numpy()
         assert np.abs(got - want).max() < 1e-4, k  # the edits keep the decode's result
-    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    times: dict = {c: {key: [] for key in sessions} for c in clocks}
     load_start = os.getloadavg()
-    for _ in range(args.rounds):
-        for key, (s, o) in sessions.items():
-            t0 = {c: f() for c, f in clocks.items()}
-            s.run_with_ort_values(outs, step_feeds, o)
-            for c, f in clocks.items():
-                times[c][key].append(f() - t0[c])
+    runs = {key: (lambda s=s, o=o: s.run_with_ort_values(outs, step_feeds, o)) for key, (s, o) in sessions.items()}
+    times = bench_site.interleaved_times(runs, args.rounds)
     result: dict = {"adapter": args.adapter, "int4": args.int4, "rounds": args.rounds, "sessions": args.sessions}
-    for c in clocks:
-        med = {
-            k: float(np.mean([np.median(times[c][(k, j)]) for j in range(args.sessions)])) * 1000
-            for k in ("merged", *graphs)
-        }
+    for c in bench_site.CLOCKS:  # ms per step
+        med = {k: v * 1000 for k, v in bench_site.session_medians(times[c], ("merged", *graphs), args.sessions).items()}
         result[c] = {"merged_ms": med["merged"], **{f"{k}_x_merged": med[k] / med["merged"] for k in graphs}}
     result["machine"] = {**br.machine(), "load_start": load_start, "load_end": list(os.getloadavg())}
     print(

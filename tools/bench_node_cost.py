@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,16 +110,11 @@ def main() -> dict:
     outs = {k: s.run(None, feeds[k])[0] for k, s in sessions.items()}
     assert np.abs(outs["graph"] - outs["branch"]).max() < 1e-5
     load_start = os.getloadavg()
-    clocks = {"cpu": time.process_time, "wall": time.perf_counter}
-    times: dict[str, dict[str, list[float]]] = {c: {k: [] for k in sessions} for c in clocks}
-    for _ in range(args.rounds):
-        for k, s in sessions.items():
-            t0 = {c: f() for c, f in clocks.items()}
-            for _ in range(args.calls):
-                s.run(None, feeds[k])
-            for c, f in clocks.items():
-                times[c][k].append((f() - t0[c]) / args.calls * 1e6)
-    result = {c: _per_site(times[c], args) for c in clocks}  # CPU time first: robust on a shared machine
+    runs = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+    times = bench_site.interleaved_times(runs, args.rounds, args.calls)
+    result = {  # us per call; CPU time first: robust on a shared machine
+        c: _per_site({k: [t * 1e6 for t in v] for k, v in times[c].items()}, args) for c in ("cpu", "wall")
+    }
     result["cpu"]["empty_site_nodes"] = site_nodes
     result.update(
         {

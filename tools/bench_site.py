@@ -306,6 +306,29 @@ def reference(dims, x: np.ndarray, feeds: dict, model: onnx.ModelProto) -> np.nd
     return y
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def interleaved_times(runs: dict, rounds: int, calls: int = 1) -> dict[str, dict]:
+    """{clock: {key: [seconds per call, one per round]}} by the wall clock and by CPU time; each
+    round times `calls` calls of every run in turn. CPU time counts a two-thread GEMV twice and
+    a one-thread small op once, so both are kept."""
+    times: dict[str, dict] = {c: {k: [] for k in runs} for c in CLOCKS}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = {c: f() for c, f in CLOCKS.items()}
+            for _ in range(calls):
+                run()
+            for c, f in CLOCKS.items():
+                times[c][k].append((f() - t0[c]) / calls)
+    return times
+
+
+def session_medians(times: dict, names, sessions: int) -> dict[str, float]:
+    """Per name, the mean over its sessions (keys (name, j)) of each session's median."""
+    return {k: float(np.mean([np.median(times[(k, j)]) for j in range(sessions)])) for k in names}
+
+
 def cpu_flags() -> list[str]:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split()

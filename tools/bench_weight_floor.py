@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,18 +82,12 @@ def main() -> dict:
     sessions = {(k, j): bench_site.session(m) for k, m in models.items() for j in range(args.sessions)}
     outs = {k: s.run(None, feeds[k])[0] for (k, j), s in sessions.items() if j == 0}
     assert np.abs(outs["fed"] - outs["bare"]).max() < 1e-4 and np.abs(outs["runtime"] - outs["bare"]).max() < 1e-4
-    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
-    times: dict = {c: {key: [] for key in sessions} for c in clocks}
     load_start = os.getloadavg()
-    for _ in range(args.rounds):
-        for (k, j), s in sessions.items():
-            t0 = {c: f() for c, f in clocks.items()}
-            s.run(None, feeds[k])
-            for c, f in clocks.items():
-                times[c][(k, j)].append((f() - t0[c]) * 1e6 / args.layers)
+    runs = {key: (lambda s=s, f=feeds[key[0]]: s.run(None, f)) for key, s in sessions.items()}
+    times = bench_site.interleaved_times(runs, args.rounds)
     result: dict = {"rows": args.rows, "layers": args.layers, "rounds": args.rounds, "sessions": args.sessions}
-    for c in clocks:  # per graph: the mean over its sessions of each session's median
-        med = {k: float(np.mean([np.median(times[c][(k, j)]) for j in range(args.sessions)])) for k in models}
+    for c in bench_site.CLOCKS:  # us per site
+        med = {k: v * 1e6 / args.layers for k, v in bench_site.session_medians(times[c], models, args.sessions).items()}
         result[c] = {"bare_us_per_site": med["bare"], **{f"{k}_extra_us": med[k] - med["bare"] for k in models}}
     result["machine"] = {"flags": bench_site.cpu_flags(), "load_start": load_start, "load_end": os.getloadavg()}
     print(
